@@ -74,7 +74,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... for unsafe or bad files
+    except (
+        Exception
+    ) as error:  # torch raises UnpicklingError, RuntimeError, EOFError... for unsafe or bad files
         raise ValueError(
             f"cannot read {path} as a weights-only torch checkpoint ({error}). Only plain tensors are loaded "
             "for safety; re-save the state dict with torch.save(model.state_dict(), ...) or as safetensors."
@@ -110,7 +112,9 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, to
     return backbone, dropped
 
 
-def infer_config(state_dict: dict[str, torch.Tensor], num_attention_heads: int | None = None) -> ExaonePathConfig:
+def infer_config(
+    state_dict: dict[str, torch.Tensor], num_attention_heads: int | None = None
+) -> ExaonePathConfig:
     """The architecture a ViT state dict describes. Head count is not in the shapes: 64-d heads unless given."""
     required = ("pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
     missing = [key for key in required if key not in state_dict]
@@ -135,11 +139,17 @@ def infer_config(state_dict: dict[str, torch.Tensor], num_attention_heads: int |
 
 def config_from_release_json(release_config: dict) -> ExaonePathConfig:
     """Our config from the release's hub `config.json` (timm constructor arguments); LayerNorm eps 1e-6."""
-    kwargs = {ours: release_config[theirs] for theirs, ours in RELEASE_CONFIG_KEYS.items() if theirs in release_config}
+    kwargs = {
+        ours: release_config[theirs]
+        for theirs, ours in RELEASE_CONFIG_KEYS.items()
+        if theirs in release_config
+    }
     image_size = release_config.get("img_size", 224)
     kwargs["image_size"] = image_size[0] if isinstance(image_size, list | tuple) else image_size
     if release_config.get("num_classes", 0):
-        logger.info("release config has num_classes=%s; the classifier head is dropped", release_config["num_classes"])
+        logger.info(
+            "release config has num_classes=%s; the classifier head is dropped", release_config["num_classes"]
+        )
     return ExaonePathConfig(**kwargs)
 
 
@@ -159,7 +169,9 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         if keys
     ]
     if problems:
-        raise CheckpointMismatchError(f"checkpoint {source} does not match the EXAONEPath model:\n" + "\n".join(problems))
+        raise CheckpointMismatchError(
+            f"checkpoint {source} does not match the EXAONEPath model:\n" + "\n".join(problems)
+        )
 
 
 def read_checkpoint(
@@ -174,7 +186,9 @@ def read_checkpoint(
         if not weights:
             raise FileNotFoundError(f"no weights file ({', '.join(WEIGHT_SUFFIXES)}) in {path}")
         if len(weights) > 1:
-            raise ValueError(f"{path} has several weights files {[p.name for p in weights]}; pass one of them.")
+            raise ValueError(
+                f"{path} has several weights files {[p.name for p in weights]}; pass one of them."
+            )
         raw = read_tensors(weights[0])
         if config is None and config_path.is_file():
             folder_config = json.loads(config_path.read_text())
@@ -188,7 +202,9 @@ def read_checkpoint(
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     state_dict, dropped = filter_state_dict(raw)
     if dropped:
-        logger.warning("dropped %d head tensors not part of the backbone: %s", len(dropped), ", ".join(dropped))
+        logger.warning(
+            "dropped %d head tensors not part of the backbone: %s", len(dropped), ", ".join(dropped)
+        )
     config = config or infer_config(state_dict, num_attention_heads)
     return ConvertedCheckpoint(state_dict=state_dict, config=config, dropped_keys=dropped)
 
@@ -255,7 +271,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument(
-        "--num-attention-heads", type=int, help="heads, when the source has no config (default: hidden size / 64)"
+        "--num-attention-heads",
+        type=int,
+        help="heads, when the source has no config (default: hidden size / 64)",
     )
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this hub model repo")
     parser.add_argument("--private", action="store_true", help="create the hub repo as private")

@@ -22,7 +22,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_exaonepath import ExaonePathConfig
 
 
-def interpolate_position_embeddings(pos_embed: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
+def interpolate_position_embeddings(
+    pos_embed: torch.Tensor, height: int, width: int, patch_size: int
+) -> torch.Tensor:
     """Resample the trained position embeddings to a `height` x `width` image, the way DINO does.
 
     DINO scales the square grid by `(side / patch_size + 0.1) / grid` with bicubic interpolation (the 0.1
@@ -240,7 +242,9 @@ class ExaonePathModel(ExaonePathPreTrainedModel):
             The processor's per-image Macenko flags. Accepted so that `model(**processor(images))` works;
             not used by the forward pass.
         """
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_attentions = (
+            output_attentions if output_attentions is not None else self.config.output_attentions
+        )
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )

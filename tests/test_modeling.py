@@ -120,7 +120,9 @@ def test_bad_inputs_are_named():
 
 def test_drop_path_is_stochastic_in_training_only():
     model = ExaonePathModel(ExaonePathConfig(**TINY, drop_path_rate=0.5))
-    assert [block.drop_path.drop_prob if hasattr(block.drop_path, "drop_prob") else 0.0 for block in model.blocks] == [
+    assert [
+        block.drop_path.drop_prob if hasattr(block.drop_path, "drop_prob") else 0.0 for block in model.blocks
+    ] == [
         0.0,
         0.5,
     ]
