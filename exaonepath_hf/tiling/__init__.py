@@ -1,0 +1,50 @@
+"""Whole-slide tiling: MPP-correct, non-overlapping tissue patches from slides, as shards training streams.
+
+    from exaonepath_hf.tiling import TilingConfig, tile_slides, load_patch_dataset
+
+    summary = tile_slides(["a.svs", "b.svs"], "tiles", TilingConfig(), num_workers=8)
+    dataset = load_patch_dataset("tiles", rank=0, world_size=2)  # streaming, this rank's shards
+
+The command line is `exaonepath-tile SLIDES... --out DIR` (see `exaonepath_hf.tiling.cli`).
+"""
+
+from .grid import grid_coordinates, level0_patch_size, tissue_fractions
+from .pipeline import (
+    PatchPlan,
+    SlideFailure,
+    TilingConfig,
+    TilingSummary,
+    plan_patches,
+    read_patch,
+    slide_id_from_path,
+    tile_slide,
+    tile_slides,
+)
+from .shards import PATCH_COLUMNS, completed_shard_files, load_patch_dataset
+from .slide_io import MissingMPPError, SlideReader, open_slide, read_downsampled
+from .tissue import TissueDetectionConfig, TissueMask, detect_tissue
+
+__all__ = [
+    "PATCH_COLUMNS",
+    "MissingMPPError",
+    "PatchPlan",
+    "SlideFailure",
+    "SlideReader",
+    "TilingConfig",
+    "TilingSummary",
+    "TissueDetectionConfig",
+    "TissueMask",
+    "completed_shard_files",
+    "detect_tissue",
+    "grid_coordinates",
+    "level0_patch_size",
+    "load_patch_dataset",
+    "open_slide",
+    "plan_patches",
+    "read_downsampled",
+    "read_patch",
+    "slide_id_from_path",
+    "tile_slide",
+    "tile_slides",
+    "tissue_fractions",
+]

@@ -1,0 +1,542 @@
+"""Tile whole slides into MPP-correct tissue patches: plan, extract, write shards, resume, run in parallel.
+
+Output folder layout (`out_dir`):
+
+    shards/<slide_id>-<part>.parquet   patches (see `shards.py`), at most `patches_per_shard` rows each
+    coords/<slide_id>.csv              kept patches: x, y, level, size, mpp, tissue_fraction
+    thumbnails/<slide_id>.png          thumbnail, tissue mask tinted green, kept patches outlined in blue
+    slides/<slide_id>.json             a slide's record, written last: its presence marks the slide complete
+    manifest.json                      per-slide counts and shard lists of every complete slide
+    failures.json                      slides the latest run could not tile, with the reason
+    tiling_config.json                 the settings the folder was tiled with (a rerun must match them)
+
+Every file is written to a temporary name and renamed into place. A slide's shards are written to
+`.staging/<slide_id>/` and published only once all of them are complete, then its record is written; a rerun
+skips slides with a record and redoes any other slide from scratch, so a killed run resumes with no
+duplicated and no missing patch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .grid import grid_coordinates, level0_patch_size, tissue_fractions
+from .shards import ImageFormat, PatchRecord, encode_patch, write_shard
+from .slide_io import SLIDE_BACKENDS, SlideReader, open_slide, read_downsampled
+from .thumbnail import render_thumbnail
+from .tissue import TissueDetectionConfig, TissueMask, detect_tissue
+
+__all__ = [
+    "TilingConfig",
+    "PatchPlan",
+    "SlideFailure",
+    "TilingSummary",
+    "plan_patches",
+    "read_patch",
+    "slide_id_from_path",
+    "tile_slide",
+    "tile_slides",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How slides are cut into patches and how the patches are stored.
+
+    Attributes:
+        patch_size: patch side in pixels at `target_mpp` (the paper: 256 at 0.5 µm/px).
+        target_mpp: physical resolution (µm/px) that defines the patch's physical size.
+        min_tissue_fraction: a grid patch is kept when at least this fraction of it is tissue.
+        resize_to_target: store patches resized to `patch_size` at `target_mpp` instead of at the slide's
+            native resolution (the paper keeps native size: 512 px on a 0.25 µm/px slide).
+        image_format: "png" (lossless, default) or "jpeg" for the stored patches.
+        jpeg_quality: JPEG quality when image_format is "jpeg".
+        write_images: write image shards; False writes only coordinates, thumbnails and the manifest.
+        patches_per_shard: upper bound on the rows of one shard; a slide's patches are split evenly into
+            ceil(n / patches_per_shard) shards.
+        row_group_size: parquet row group size (the unit a streaming reader holds in memory).
+        thumbnail_size: longest side of the thumbnail PNG.
+        backend: slide reader ("auto", "tiffslide", "openslide", "wsidicom").
+        mpp: level-0 µm/px to use for slides whose metadata has none (the metadata wins when present).
+        tissue: tissue detection parameters.
+    """
+
+    patch_size: int = 256
+    target_mpp: float = 0.5
+    min_tissue_fraction: float = 0.5
+    resize_to_target: bool = False
+    image_format: ImageFormat = "png"
+    jpeg_quality: int = 90
+    write_images: bool = True
+    patches_per_shard: int = 1024
+    row_group_size: int = 64
+    thumbnail_size: int = 1024
+    backend: str = "auto"
+    mpp: float | None = None
+    tissue: TissueDetectionConfig = field(default_factory=TissueDetectionConfig)
+
+    def __post_init__(self):
+        if self.patch_size < 1 or not self.target_mpp > 0:
+            raise ValueError(f"patch_size and target_mpp must be positive ({self.patch_size}, {self.target_mpp})")
+        if not 0.0 < self.min_tissue_fraction <= 1.0:
+            raise ValueError(f"min_tissue_fraction must be in (0, 1], got {self.min_tissue_fraction}")
+        if self.image_format not in ("png", "jpeg"):
+            raise ValueError(f"image_format must be 'png' or 'jpeg', got {self.image_format!r}")
+        if self.patches_per_shard < 1 or self.row_group_size < 1 or self.thumbnail_size < 16:
+            raise ValueError("patches_per_shard and row_group_size must be >= 1, thumbnail_size >= 16")
+        if self.backend not in SLIDE_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(SLIDE_BACKENDS)}, got {self.backend!r}")
+        if self.mpp is not None and not self.mpp > 0:
+            raise ValueError(f"mpp must be positive, got {self.mpp}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TilingConfig:
+        values = dict(values)
+        values["tissue"] = TissueDetectionConfig(**values.get("tissue", {}))
+        return cls(**values)
+
+
+@dataclass
+class PatchPlan:
+    """Where a slide's patches are and how they are read: the grid, the tissue mask, the kept patches."""
+
+    slide_mpp: float
+    mpp_source: str  # "metadata" or "fallback"
+    patch_size_level0: int
+    read_level: int  # pyramid level the patch pixels are read from
+    stored_size: int  # side of a stored patch in pixels
+    stored_mpp: float  # µm per stored pixel
+    coordinates: np.ndarray  # (N, 2) level-0 top-left (x, y) of kept patches, row-major
+    tissue_fractions: np.ndarray  # (N,) tissue fraction of each kept patch
+    num_candidates: int  # whole grid patches inside the slide
+    tissue: TissueMask
+    view: np.ndarray  # the low-resolution RGB view the mask was computed on
+    view_scale: float  # level-0 pixels per view (and mask) pixel
+
+
+@dataclass(frozen=True)
+class SlideFailure:
+    """A slide a run could not tile, and why."""
+
+    slide_id: str
+    path: str
+    error: str
+    message: str
+
+
+@dataclass
+class TilingSummary:
+    """What a `tile_slides` run did."""
+
+    out_dir: Path
+    tiled: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failures: list[SlideFailure] = field(default_factory=list)
+    num_patches: int = 0  # patches of the slides tiled or skipped by this run
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def slide_id_from_path(path: str | Path) -> str:
+    """The file name without its extension(s): `TCGA-XX.svs` -> `TCGA-XX`, `a.ome.tiff` -> `a`."""
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem if Path(name).suffix else name
+
+
+def plan_patches(reader: SlideReader, config: TilingConfig) -> PatchPlan:
+    """Detect tissue on a low-resolution view and keep the grid patches with enough tissue."""
+    recorded = reader.metadata_mpp
+    slide_mpp = reader.mpp(fallback=config.mpp)
+    patch_size = level0_patch_size(config.patch_size, config.target_mpp, slide_mpp)
+    if config.resize_to_target:
+        # The coarsest level still at least as fine as the target; pixels are resized from there.
+        read_level = reader.best_level_for_downsample(patch_size / config.patch_size)
+        stored_size, stored_mpp = config.patch_size, patch_size * slide_mpp / config.patch_size
+    else:
+        read_level, stored_size, stored_mpp = 0, patch_size, slide_mpp
+    view, view_scale = read_downsampled(reader, max(1.0, config.tissue.detection_mpp / slide_mpp))
+    tissue = detect_tissue(view, config.tissue, mpp=view_scale * slide_mpp)
+    width, height = reader.dimensions
+    candidates = grid_coordinates(width, height, patch_size)
+    fractions = tissue_fractions(tissue.mask, view_scale, candidates, patch_size)
+    keep = fractions >= config.min_tissue_fraction
+    return PatchPlan(
+        slide_mpp=slide_mpp,
+        mpp_source="metadata" if recorded is not None else "fallback",
+        patch_size_level0=patch_size,
+        read_level=read_level,
+        stored_size=stored_size,
+        stored_mpp=stored_mpp,
+        coordinates=candidates[keep],
+        tissue_fractions=fractions[keep],
+        num_candidates=len(candidates),
+        tissue=tissue,
+        view=view,
+        view_scale=view_scale,
+    )
+
+
+def read_patch(reader: SlideReader, x: int, y: int, plan: PatchPlan) -> np.ndarray:
+    """Pixels of the patch whose level-0 top-left is (x, y), as they are stored (RGB uint8).
+
+    Native size reads `patch_size_level0` pixels of level 0; otherwise the plan's level is read and resized
+    (bicubic, antialiased) to `stored_size`.
+    """
+    side = max(1, round(plan.patch_size_level0 / reader.level_downsamples[plan.read_level]))
+    pixels = reader.read_region((x, y), plan.read_level, (side, side))
+    if side != plan.stored_size:
+        resized = Image.fromarray(pixels).resize((plan.stored_size,) * 2, Image.Resampling.BICUBIC)
+        pixels = np.asarray(resized)
+    return pixels
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def _atomic_write_json(path: Path, value: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def _shard_name(slide_id: str, part: int) -> str:
+    return f"{slide_id}-{part:05d}.parquet"
+
+
+def _remove_partial_outputs(out_dir: Path, slide_id: str) -> None:
+    """Delete what an interrupted run left of a slide: its staging folder and any published shard."""
+    shutil.rmtree(out_dir / ".staging" / slide_id, ignore_errors=True)
+    pattern = re.compile(re.escape(slide_id) + r"-\d{5}\.parquet")
+    shard_dir = out_dir / "shards"
+    if shard_dir.is_dir():
+        for path in shard_dir.iterdir():
+            if pattern.fullmatch(path.name):
+                path.unlink()
+
+
+def _coords_csv(plan: PatchPlan) -> bytes:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["x", "y", "level", "size", "mpp", "tissue_fraction"])
+    for (x, y), fraction in zip(plan.coordinates, plan.tissue_fractions, strict=True):
+        writer.writerow(
+            [int(x), int(y), plan.read_level, plan.patch_size_level0, repr(plan.stored_mpp), f"{fraction:.4f}"]
+        )
+    return text.getvalue().encode()
+
+
+def _thumbnail_png(reader: SlideReader, plan: PatchPlan, config: TilingConfig) -> bytes:
+    view, view_scale = plan.view, plan.view_scale
+    if max(view.shape[:2]) < config.thumbnail_size:
+        # The detection view is coarser than the thumbnail: read a finer one (still block by block).
+        wanted = max(reader.dimensions) / config.thumbnail_size
+        if wanted < view_scale:
+            view, view_scale = read_downsampled(reader, max(1.0, wanted))
+    image = render_thumbnail(
+        view, view_scale, plan.tissue.mask, plan.coordinates, plan.patch_size_level0, config.thumbnail_size
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _slide_record_path(out_dir: Path, slide_id: str) -> Path:
+    return out_dir / "slides" / f"{slide_id}.json"
+
+
+def _complete_record(out_dir: Path, slide_id: str) -> dict[str, Any] | None:
+    """The slide's record when all its outputs exist (the slide is done), else None."""
+    path = _slide_record_path(out_dir, slide_id)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    outputs = [out_dir / "shards" / name for name in record["shards"]]
+    outputs += [out_dir / record["coords"], out_dir / record["thumbnail"]]
+    return record if all(p.is_file() for p in outputs) else None
+
+
+def _check_folder_config(out_dir: Path, config: TilingConfig) -> None:
+    """Record the settings on first use of `out_dir`; refuse to mix patches cut with other settings."""
+    path = out_dir / "tiling_config.json"
+    wanted = config.to_dict()
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing != wanted:
+            changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
+            raise ValueError(
+                f"{out_dir} was tiled with other settings ({', '.join(changed)} differ; see {path}); "
+                "rerun with the same settings to resume, or choose a new --out folder"
+            )
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(path, wanted)
+
+
+def tile_slide(
+    path: str | Path, out_dir: str | Path, config: TilingConfig | None = None, slide_id: str | None = None
+) -> dict[str, Any]:
+    """Tile one slide into `out_dir` and return its record (see the module docstring for the layout).
+
+    Raises on any problem with the slide (missing MPP, unreadable file, ...); `tile_slides` turns those into
+    entries of failures.json instead.
+    """
+    config = config or TilingConfig()
+    out_dir = Path(out_dir)
+    slide_id = slide_id or slide_id_from_path(path)
+    start = time.perf_counter()
+    for sub in ("shards", "coords", "thumbnails", "slides"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    _remove_partial_outputs(out_dir, slide_id)
+
+    with open_slide(path, config.backend) as reader:
+        plan = plan_patches(reader, config)
+        count = len(plan.coordinates)
+
+        def records(indices: np.ndarray) -> Iterator[PatchRecord]:
+            for i in indices:
+                x, y = (int(v) for v in plan.coordinates[i])
+                yield PatchRecord(
+                    image=encode_patch(read_patch(reader, x, y, plan), config.image_format, config.jpeg_quality),
+                    slide_id=slide_id,
+                    x=x,
+                    y=y,
+                    level=plan.read_level,
+                    size=plan.patch_size_level0,
+                    mpp=plan.stored_mpp,
+                    tissue_fraction=float(plan.tissue_fractions[i]),
+                )
+
+        shard_names: list[str] = []
+        shard_rows: list[int] = []
+        if config.write_images and count:
+            staging = out_dir / ".staging" / slide_id
+            staging.mkdir(parents=True, exist_ok=True)
+            num_shards = -(-count // config.patches_per_shard)
+            for part, indices in enumerate(np.array_split(np.arange(count), num_shards)):
+                name = _shard_name(slide_id, part)
+                shard_rows.append(write_shard(staging / name, records(indices), config.row_group_size))
+                shard_names.append(name)
+            for name in shard_names:
+                os.replace(staging / name, out_dir / "shards" / name)
+            staging.rmdir()
+
+        coords_path = Path("coords") / f"{slide_id}.csv"
+        thumbnail_path = Path("thumbnails") / f"{slide_id}.png"
+        _atomic_write_bytes(out_dir / coords_path, _coords_csv(plan))
+        _atomic_write_bytes(out_dir / thumbnail_path, _thumbnail_png(reader, plan, config))
+        record = {
+            "slide_id": slide_id,
+            "path": str(Path(path).resolve()),
+            "reader": type(reader).__name__,
+            "dimensions": list(reader.dimensions),
+            "level_count": reader.level_count,
+            "slide_mpp": plan.slide_mpp,
+            "mpp_source": plan.mpp_source,
+            "patch_size_level0": plan.patch_size_level0,
+            "read_level": plan.read_level,
+            "stored_patch_size": plan.stored_size,
+            "stored_mpp": plan.stored_mpp,
+            "num_candidates": plan.num_candidates,
+            "num_patches": count,
+            "tissue_threshold": plan.tissue.threshold,
+            "tissue_area_fraction": round(plan.tissue.tissue_fraction, 6),
+            "shards": shard_names,
+            "shard_rows": shard_rows,
+            "coords": coords_path.as_posix(),
+            "thumbnail": thumbnail_path.as_posix(),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+    _atomic_write_json(_slide_record_path(out_dir, slide_id), record)
+    return record
+
+
+@dataclass(frozen=True)
+class _Task:
+    path: str
+    slide_id: str
+    out_dir: str
+    config: TilingConfig
+
+
+_Outcome = dict[str, Any] | SlideFailure
+
+
+def _run_task(task: _Task) -> _Outcome:
+    """Tile one slide; any error becomes a `SlideFailure` so that one bad slide never stops a run."""
+    try:
+        return tile_slide(task.path, task.out_dir, task.config, task.slide_id)
+    except Exception as error:
+        logger.debug("slide %s failed:\n%s", task.slide_id, traceback.format_exc())
+        _remove_partial_outputs(Path(task.out_dir), task.slide_id)
+        return SlideFailure(task.slide_id, task.path, type(error).__name__, str(error))
+
+
+def _run_isolated(task: _Task, context) -> _Outcome:
+    """Run a slide alone in a fresh process, so a hard crash (a reader's segfault, OOM kill) is pinned on it."""
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        try:
+            return pool.submit(_run_task, task).result()
+        except BrokenProcessPool:
+            _remove_partial_outputs(Path(task.out_dir), task.slide_id)
+            return SlideFailure(
+                task.slide_id,
+                task.path,
+                "WorkerCrashed",
+                "the worker process died while tiling this slide (a crash in the slide reader or out of memory)",
+            )
+
+
+def _run_in_processes(tasks: Sequence[_Task], num_workers: int, on_done: Callable[[_Task, _Outcome], None]) -> None:
+    """Tile slides in `num_workers` spawned processes, at most one slide in flight per worker.
+
+    Keeping the window that small bounds memory and, when a worker dies and takes the pool down, limits the
+    slides whose fate is unknown to the ones in flight: each of those is retried alone, the rest go on in a
+    fresh pool.
+    """
+    context = multiprocessing.get_context("spawn")  # fork is unsafe with the readers' threads
+    queue = list(reversed(tasks))
+    while queue:
+        suspects: list[_Task] = []
+        pool = ProcessPoolExecutor(num_workers, mp_context=context)
+        running: dict[Future, _Task] = {}
+        try:
+            while (queue or running) and not suspects:
+                while queue and len(running) < num_workers:
+                    task = queue.pop()
+                    running[pool.submit(_run_task, task)] = task
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    task = running.pop(future)
+                    try:
+                        outcome = future.result()
+                    except BrokenProcessPool:
+                        suspects.append(task)
+                        continue
+                    on_done(task, outcome)
+            suspects.extend(running.values())
+        finally:
+            pool.shutdown(wait=not suspects, cancel_futures=True)
+        for task in suspects:
+            logger.warning("a worker died; retrying slide %s alone", task.slide_id)
+            on_done(task, _run_isolated(task, context))
+
+
+def _write_manifest(out_dir: Path, config: TilingConfig, failures: Sequence[SlideFailure]) -> dict[str, Any]:
+    """Summarise every complete slide in `out_dir` (not only this run's) into manifest.json."""
+    slides = {}
+    for record_path in sorted((out_dir / "slides").glob("*.json")):
+        record = _complete_record(out_dir, record_path.stem)
+        if record is not None:
+            slides[record["slide_id"]] = record
+    manifest = {
+        "format_version": MANIFEST_VERSION,
+        "config": config.to_dict(),
+        "num_slides": len(slides),
+        "num_patches": sum(r["num_patches"] for r in slides.values()),
+        "num_shards": sum(len(r["shards"]) for r in slides.values()),
+        "slides": slides,
+        "failures": [asdict(f) for f in failures],
+    }
+    _atomic_write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def tile_slides(
+    slides: Sequence[str | Path],
+    out_dir: str | Path,
+    config: TilingConfig | None = None,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> TilingSummary:
+    """Tile many slides into `out_dir`, in parallel processes, resuming a previous run.
+
+    Slides already complete in `out_dir` are skipped; a slide that fails is recorded in failures.json and the
+    others go on. Writes manifest.json at the end. `num_workers=1` tiles in this process.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or TilingConfig()
+    out_dir = Path(out_dir)
+    tasks = [_Task(str(p), slide_id_from_path(p), str(out_dir), config) for p in slides]
+    ids: dict[str, str] = {}
+    for task in tasks:
+        if task.slide_id in ids:
+            raise ValueError(
+                f"two slides share the id {task.slide_id!r} ({ids[task.slide_id]} and {task.path}); slide ids "
+                "come from file names and must be unique within one output folder: rename one or tile them "
+                "into separate folders"
+            )
+        ids[task.slide_id] = task.path
+    _check_folder_config(out_dir, config)
+
+    summary = TilingSummary(out_dir=out_dir)
+    start = time.perf_counter()
+    todo = []
+    for task in tasks:
+        record = _complete_record(out_dir, task.slide_id)
+        if record is None:
+            todo.append(task)
+        else:
+            summary.skipped.append(task.slide_id)
+            summary.num_patches += record["num_patches"]
+    if summary.skipped:
+        logger.info("%d of %d slides already complete in %s: skipped", len(summary.skipped), len(tasks), out_dir)
+
+    bar = tqdm(total=len(todo), desc="tiling", unit="slide", disable=not progress)
+
+    def on_done(task: _Task, outcome: _Outcome) -> None:
+        if isinstance(outcome, SlideFailure):
+            summary.failures.append(outcome)
+            logger.warning("slide %s failed: %s: %s", task.slide_id, outcome.error, outcome.message)
+            _atomic_write_json(out_dir / "failures.json", [asdict(f) for f in summary.failures])
+        else:
+            summary.tiled.append(task.slide_id)
+            summary.num_patches += outcome["num_patches"]
+            logger.info("slide %s: %d patches in %.1f s", task.slide_id, outcome["num_patches"], outcome["seconds"])
+        bar.update(1)
+        bar.set_postfix(patches=summary.num_patches, failed=len(summary.failures))
+
+    try:
+        if num_workers <= 1:
+            for task in todo:
+                on_done(task, _run_task(task))
+        else:
+            _run_in_processes(todo, num_workers, on_done)
+    finally:
+        bar.close()
+        _atomic_write_json(out_dir / "failures.json", [asdict(f) for f in summary.failures])
+        _write_manifest(out_dir, config, summary.failures)
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,329 @@
+"""Whole-slide image readers behind one small interface.
+
+Every backend answers in the OpenSlide convention: `read_region(location, level, size)` takes the top-left
+corner in level-0 pixels, a pyramid level index and a size in pixels of that level, and returns an RGB
+`uint8` array of shape (height, width, 3). Backends:
+
+- `tiffslide` (default): SVS, generic pyramidal TIFF, NDPI and the other formats tifffile understands.
+- `openslide` (optional, `pip install openslide-python openslide-bin`): the C library's wider format list.
+- `wsidicom` (optional, `pip install wsidicom`): DICOM VL whole-slide images (a `.dcm` file or a folder).
+
+Regions are always read on demand; nothing here loads a whole level. `read_downsampled` builds a low-resolution
+view of a slide block by block, so slides without a low-resolution level stay within a fixed memory budget.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "SLIDE_BACKENDS",
+    "MissingMPPError",
+    "SlideReader",
+    "TiffSlideReader",
+    "OpenSlideReader",
+    "WsiDicomReader",
+    "open_slide",
+    "read_downsampled",
+]
+
+SLIDE_BACKENDS = ("auto", "tiffslide", "openslide", "wsidicom")
+
+# Relative disagreement tolerated between the x and y pixel sizes before a slide is refused.
+_MPP_ANISOTROPY_TOLERANCE = 0.02
+# Side (in pixels of the level being read) of the blocks `read_downsampled` reads: 2048² RGB is 12 MB.
+_DOWNSAMPLE_BLOCK_SIDE = 2048
+
+
+class MissingMPPError(ValueError):
+    """The slide's metadata has no microns-per-pixel and none was given."""
+
+
+def _to_rgb(region: np.ndarray, what: str) -> np.ndarray:
+    """RGB uint8 (H, W, 3) from a backend's array; transparent pixels (no scanned data) become white."""
+    if region.dtype != np.uint8:
+        raise ValueError(
+            f"{what}: pixels are {region.dtype}, only 8-bit brightfield (RGB) slides are supported; "
+            "convert the slide to 8-bit RGB first"
+        )
+    if region.ndim == 2:
+        return np.repeat(region[..., None], 3, axis=2)
+    channels = region.shape[2]
+    if channels == 3:
+        return region
+    if channels == 4:
+        alpha = region[..., 3:4].astype(np.uint16)
+        rgb = region[..., :3].astype(np.uint16)
+        return ((rgb * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
+    if channels == 1:
+        return np.repeat(region, 3, axis=2)
+    raise ValueError(f"{what}: {channels} channels per pixel; only RGB brightfield slides are supported")
+
+
+class SlideReader(ABC):
+    """A whole-slide image opened for reading; use as a context manager or call `close()`."""
+
+    path: Path
+
+    @property
+    @abstractmethod
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of every pyramid level, level 0 first."""
+
+    @property
+    @abstractmethod
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Level-0 pixels per pixel of every level."""
+
+    @property
+    @abstractmethod
+    def metadata_mpp(self) -> tuple[float, float] | None:
+        """(x, y) microns per level-0 pixel recorded in the slide, or None when the slide has none."""
+
+    @abstractmethod
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Backend read in the OpenSlide convention; may return RGBA or a PIL-style array."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 array (size[1], size[0], 3) whose top-left corner is `location` (level-0 pixels)."""
+        if not 0 <= level < self.level_count:
+            raise IndexError(f"{self.path}: level {level} out of range, the slide has {self.level_count}")
+        region = _to_rgb(np.asarray(self._read(location, level, size)), str(self.path))
+        if region.shape[:2] != (size[1], size[0]):
+            raise OSError(
+                f"{self.path}: asked for a {size[0]}x{size[1]} region at {location} on level {level}, "
+                f"the reader returned {region.shape[1]}x{region.shape[0]}"
+            )
+        return region
+
+    def mpp(self, fallback: float | None = None) -> float:
+        """Microns per level-0 pixel: the slide's own value, else `fallback`, else `MissingMPPError`."""
+        recorded = self.metadata_mpp
+        if recorded is None:
+            if fallback is None:
+                raise MissingMPPError(
+                    f"{self.path}: the slide's metadata has no microns-per-pixel (MPP), so the physical patch "
+                    "size cannot be computed; pass its level-0 resolution with --mpp (Python: mpp=...)"
+                )
+            return float(fallback)
+        mpp_x, mpp_y = recorded
+        if abs(mpp_x - mpp_y) > _MPP_ANISOTROPY_TOLERANCE * max(mpp_x, mpp_y):
+            raise ValueError(
+                f"{self.path}: non-square pixels (mpp x={mpp_x}, y={mpp_y}); square patches of a fixed "
+                "physical size cannot be cut from it"
+            )
+        return float(mpp_x)
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed `downsample` (1% slack for rounding)."""
+        candidates = [i for i, d in enumerate(self.level_downsamples) if d <= downsample * 1.01]
+        return max(candidates, key=lambda i: self.level_downsamples[i]) if candidates else 0
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, dimensions={self.dimensions}, levels={self.level_count})"
+
+
+def _positive_mpp(values: tuple[float | None, float | None]) -> tuple[float, float] | None:
+    x, y = values
+    try:
+        x, y = float(x), float(y)
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0):
+        return None
+    return x, y
+
+
+class TiffSlideReader(SlideReader):
+    """tiffslide backend (pure Python: tifffile + zarr)."""
+
+    def __init__(self, path: str | Path):
+        import tiffslide
+
+        self.path = Path(path)
+        self._slide = tiffslide.TiffSlide(self.path)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self._slide.level_downsamples)
+
+    @property
+    def metadata_mpp(self) -> tuple[float, float] | None:
+        props = self._slide.properties
+        return _positive_mpp((props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y")))
+
+    def _read(self, location, level, size):
+        return self._slide.read_region(location, level, size, as_array=True)
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class OpenSlideReader(SlideReader):
+    """openslide-python backend (needs the OpenSlide C library, e.g. from the `openslide-bin` wheel)."""
+
+    def __init__(self, path: str | Path):
+        try:
+            import openslide
+        except ImportError as error:
+            raise ImportError(
+                "backend 'openslide' needs openslide-python and the OpenSlide library: "
+                "pip install openslide-python openslide-bin"
+            ) from error
+        self.path = Path(path)
+        self._slide = openslide.OpenSlide(str(self.path))
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self._slide.level_downsamples)
+
+    @property
+    def metadata_mpp(self) -> tuple[float, float] | None:
+        props = self._slide.properties
+        return _positive_mpp((props.get("openslide.mpp-x"), props.get("openslide.mpp-y")))
+
+    def _read(self, location, level, size):
+        # RGBA, not premultiplied; alpha 0 marks regions the scanner did not capture.
+        return np.asarray(self._slide.read_region(location, level, size))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class WsiDicomReader(SlideReader):
+    """wsidicom backend for DICOM VL whole-slide images (one `.dcm` file or a folder of instances)."""
+
+    def __init__(self, path: str | Path):
+        try:
+            from wsidicom import WsiDicom
+            from wsidicom.errors import WsiDicomNoResolutionError
+        except ImportError as error:
+            raise ImportError(
+                "DICOM slides need the optional wsidicom package: pip install 'exaonepath-hf[dicom]' "
+                "(or pip install wsidicom)"
+            ) from error
+        self.path = Path(path)
+        self._no_resolution_error = WsiDicomNoResolutionError
+        self._slide = WsiDicom.open(self.path)
+        # wsidicom numbers levels by their power-of-two scale; keep our own 0..n-1 index of what exists.
+        self._levels = list(self._slide.levels)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple((int(lv.size.width), int(lv.size.height)) for lv in self._levels)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        base_width = self._levels[0].size.width
+        return tuple(base_width / lv.size.width for lv in self._levels)
+
+    @property
+    def metadata_mpp(self) -> tuple[float, float] | None:
+        try:
+            mpp = self._levels[0].mpp
+        except self._no_resolution_error:
+            return None
+        return _positive_mpp((mpp.width, mpp.height))
+
+    def _read(self, location, level, size):
+        downsample = self.level_downsamples[level]
+        level_location = (round(location[0] / downsample), round(location[1] / downsample))
+        return self._slide.read_region(level_location, self._levels[level].level, size, as_array=True)
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+_READERS: dict[str, type[SlideReader]] = {
+    "tiffslide": TiffSlideReader,
+    "openslide": OpenSlideReader,
+    "wsidicom": WsiDicomReader,
+}
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.is_dir():
+        return True
+    if path.suffix.lower() == ".dcm":
+        return True
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
+def open_slide(path: str | Path, backend: str = "auto") -> SlideReader:
+    """Open a whole-slide image. `backend="auto"` picks wsidicom for DICOM (a `.dcm` file, a file with the
+    DICM preamble, or a folder) and tiffslide otherwise."""
+    path = Path(path)
+    if backend not in SLIDE_BACKENDS:
+        raise ValueError(f"unknown slide backend {backend!r}; choose one of {', '.join(SLIDE_BACKENDS)}")
+    if not path.exists():
+        raise FileNotFoundError(f"slide not found: {path}")
+    if backend == "auto":
+        backend = "wsidicom" if _is_dicom(path) else "tiffslide"
+    return _READERS[backend](path)
+
+
+def read_downsampled(reader: SlideReader, downsample: float) -> tuple[np.ndarray, float]:
+    """A low-resolution RGB view of the whole slide, about `downsample` level-0 pixels per output pixel.
+
+    Reads the coarsest pyramid level that is at least that fine and averages integer blocks of it, block by
+    block, so memory stays bounded by one block even on a slide with a single level. Returns the image and
+    its exact scale (level-0 pixels per output pixel).
+    """
+    if downsample < 1:
+        raise ValueError(f"downsample must be >= 1 (level-0 pixels per output pixel), got {downsample}")
+    level = reader.best_level_for_downsample(downsample)
+    level_downsample = reader.level_downsamples[level]
+    factor = max(1, int(downsample / level_downsample + 0.01))
+    level_width, level_height = reader.level_dimensions[level]
+    out_width, out_height = level_width // factor, level_height // factor
+    if out_width == 0 or out_height == 0:
+        raise ValueError(
+            f"{reader.path}: the slide ({level_width}x{level_height} at level {level}) is smaller than one "
+            f"pixel of the {downsample:g}x downsampled view; lower the detection resolution"
+        )
+    block = factor * max(1, _DOWNSAMPLE_BLOCK_SIDE // factor)
+    out = np.empty((out_height, out_width, 3), dtype=np.uint8)
+    for top in range(0, out_height * factor, block):
+        height = min(block, out_height * factor - top)
+        for left in range(0, out_width * factor, block):
+            width = min(block, out_width * factor - left)
+            location = (round(left * level_downsample), round(top * level_downsample))
+            region = reader.read_region(location, level, (width, height))
+            sums = region.reshape(height // factor, factor, width // factor, factor, 3).sum(
+                axis=(1, 3), dtype=np.uint32
+            )
+            out[top // factor : (top + height) // factor, left // factor : (left + width) // factor] = (
+                (sums + factor * factor // 2) // (factor * factor)
+            ).astype(np.uint8)
+    return out, level_downsample * factor
