@@ -99,7 +99,9 @@ class TilingConfig:
 
     def __post_init__(self):
         if self.patch_size < 1 or not self.target_mpp > 0:
-            raise ValueError(f"patch_size and target_mpp must be positive ({self.patch_size}, {self.target_mpp})")
+            raise ValueError(
+                f"patch_size and target_mpp must be positive ({self.patch_size}, {self.target_mpp})"
+            )
         if not 0.0 < self.min_tissue_fraction <= 1.0:
             raise ValueError(f"min_tissue_fraction must be in (0, 1], got {self.min_tissue_fraction}")
         if self.image_format not in ("png", "jpeg"):
@@ -113,6 +115,13 @@ class TilingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def output_settings(self) -> dict[str, Any]:
+        """The settings every slide of one output folder must share. How a slide is read (backend, fallback
+        MPP) may change between runs, e.g. to rerun the slides that failed; each slide's record keeps it."""
+        settings = self.to_dict()
+        del settings["backend"], settings["mpp"]
+        return settings
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TilingConfig:
@@ -252,7 +261,14 @@ def _coords_csv(plan: PatchPlan) -> bytes:
     writer.writerow(["x", "y", "level", "size", "mpp", "tissue_fraction"])
     for (x, y), fraction in zip(plan.coordinates, plan.tissue_fractions, strict=True):
         writer.writerow(
-            [int(x), int(y), plan.read_level, plan.patch_size_level0, repr(plan.stored_mpp), f"{fraction:.4f}"]
+            [
+                int(x),
+                int(y),
+                plan.read_level,
+                plan.patch_size_level0,
+                repr(plan.stored_mpp),
+                f"{fraction:.4f}",
+            ]
         )
     return text.getvalue().encode()
 
@@ -290,7 +306,7 @@ def _complete_record(out_dir: Path, slide_id: str) -> dict[str, Any] | None:
 def _check_folder_config(out_dir: Path, config: TilingConfig) -> None:
     """Record the settings on first use of `out_dir`; refuse to mix patches cut with other settings."""
     path = out_dir / "tiling_config.json"
-    wanted = config.to_dict()
+    wanted = config.output_settings()
     if path.is_file():
         existing = json.loads(path.read_text())
         if existing != wanted:
@@ -328,7 +344,9 @@ def tile_slide(
             for i in indices:
                 x, y = (int(v) for v in plan.coordinates[i])
                 yield PatchRecord(
-                    image=encode_patch(read_patch(reader, x, y, plan), config.image_format, config.jpeg_quality),
+                    image=encode_patch(
+                        read_patch(reader, x, y, plan), config.image_format, config.jpeg_quality
+                    ),
                     slide_id=slide_id,
                     x=x,
                     y=y,
@@ -418,7 +436,9 @@ def _run_isolated(task: _Task, context) -> _Outcome:
             )
 
 
-def _run_in_processes(tasks: Sequence[_Task], num_workers: int, on_done: Callable[[_Task, _Outcome], None]) -> None:
+def _run_in_processes(
+    tasks: Sequence[_Task], num_workers: int, on_done: Callable[[_Task, _Outcome], None]
+) -> None:
     """Tile slides in `num_workers` spawned processes, at most one slide in flight per worker.
 
     Keeping the window that small bounds memory and, when a worker dies and takes the pool down, limits the
@@ -512,7 +532,9 @@ def tile_slides(
             summary.skipped.append(task.slide_id)
             summary.num_patches += record["num_patches"]
     if summary.skipped:
-        logger.info("%d of %d slides already complete in %s: skipped", len(summary.skipped), len(tasks), out_dir)
+        logger.info(
+            "%d of %d slides already complete in %s: skipped", len(summary.skipped), len(tasks), out_dir
+        )
 
     bar = tqdm(total=len(todo), desc="tiling", unit="slide", disable=not progress)
 
@@ -524,7 +546,9 @@ def tile_slides(
         else:
             summary.tiled.append(task.slide_id)
             summary.num_patches += outcome["num_patches"]
-            logger.info("slide %s: %d patches in %.1f s", task.slide_id, outcome["num_patches"], outcome["seconds"])
+            logger.info(
+                "slide %s: %d patches in %.1f s", task.slide_id, outcome["num_patches"], outcome["seconds"]
+            )
         bar.update(1)
         bar.set_postfix(patches=summary.num_patches, failed=len(summary.failures))
 

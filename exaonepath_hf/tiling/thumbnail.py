@@ -30,7 +30,9 @@ def render_thumbnail(
 
     base = Image.fromarray(view).resize(size, Image.Resampling.BILINEAR) if size != (width, height) else None
     rgb = np.asarray(base if base is not None else Image.fromarray(view), dtype=np.float32)
-    tissue = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
+    tissue = (
+        np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
+    )
     rgb[tissue] = rgb[tissue] * (1 - _TINT_ALPHA) + _TISSUE_TINT * _TINT_ALPHA
     image = Image.fromarray(np.rint(rgb).astype(np.uint8))
 

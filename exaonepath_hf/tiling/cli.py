@@ -1,0 +1,172 @@
+"""`exaonepath-tile SLIDES... --out DIR`: cut tissue patches from whole-slide images into parquet shards."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .pipeline import TilingConfig, tile_slides
+from .slide_io import SLIDE_BACKENDS
+from .tissue import TissueDetectionConfig
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+_DEFAULTS = TilingConfig()
+_TISSUE_DEFAULTS = TissueDetectionConfig()
+
+
+def _threshold(value: str) -> int | str:
+    if value == "otsu":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'otsu' or an integer 0-254, got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="exaonepath-tile",
+        description=(
+            "Cut non-overlapping tissue patches of a fixed physical size (default 256 px at 0.5 µm/px, CLAM-style "
+            "as in EXAONEPath pretraining) from whole-slide images, into parquet shards that `datasets` streams. "
+            "Reruns resume: complete slides are skipped; failed slides are listed in DIR/failures.json."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "slides", nargs="+", type=Path, help="slide files (SVS, TIFF, NDPI, DICOM .dcm or folder)"
+    )
+    parser.add_argument(
+        "--slide-list", action="store_true", help="treat each SLIDES argument as a text file of slide paths"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--workers", type=int, default=1, help="slides tiled in parallel (processes)")
+
+    grid = parser.add_argument_group("patches")
+    grid.add_argument(
+        "--patch-size", type=int, default=_DEFAULTS.patch_size, help="patch side in px at --target-mpp"
+    )
+    grid.add_argument(
+        "--target-mpp", type=float, default=_DEFAULTS.target_mpp, help="µm/px defining patch size"
+    )
+    grid.add_argument(
+        "--min-tissue",
+        type=float,
+        default=_DEFAULTS.min_tissue_fraction,
+        help="tissue fraction to keep a patch",
+    )
+    grid.add_argument(
+        "--resize", action="store_true", help="store patches resized to --patch-size (default: native size)"
+    )
+    grid.add_argument(
+        "--mpp", type=float, default=None, help="level-0 µm/px for slides whose metadata has none"
+    )
+    grid.add_argument("--backend", choices=SLIDE_BACKENDS, default=_DEFAULTS.backend, help="slide reader")
+
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--format", choices=("png", "jpeg"), default=_DEFAULTS.image_format, help="patch encoding"
+    )
+    out.add_argument("--jpeg-quality", type=int, default=_DEFAULTS.jpeg_quality)
+    out.add_argument(
+        "--shard-size", type=int, default=_DEFAULTS.patches_per_shard, help="max patches per parquet shard"
+    )
+    out.add_argument("--row-group-size", type=int, default=_DEFAULTS.row_group_size)
+    out.add_argument(
+        "--thumbnail-size", type=int, default=_DEFAULTS.thumbnail_size, help="thumbnail longest side"
+    )
+    out.add_argument(
+        "--coords-only", action="store_true", help="write coordinates and thumbnails, no image shards"
+    )
+
+    tissue = parser.add_argument_group("tissue detection")
+    tissue.add_argument("--detection-mpp", type=float, default=_TISSUE_DEFAULTS.detection_mpp)
+    tissue.add_argument("--median-blur", type=int, default=_TISSUE_DEFAULTS.median_blur)
+    tissue.add_argument(
+        "--threshold", type=_threshold, default=_TISSUE_DEFAULTS.threshold, help="'otsu' or 0-254"
+    )
+    tissue.add_argument("--otsu-floor", type=int, default=_TISSUE_DEFAULTS.otsu_floor)
+    tissue.add_argument("--closing", type=int, default=_TISSUE_DEFAULTS.closing)
+    tissue.add_argument(
+        "--min-region-area", type=float, default=_TISSUE_DEFAULTS.min_region_area_mm2, help="mm²"
+    )
+    tissue.add_argument("--min-hole-area", type=float, default=_TISSUE_DEFAULTS.min_hole_area_mm2, help="mm²")
+    tissue.add_argument("--max-holes", type=int, default=_TISSUE_DEFAULTS.max_holes_per_region)
+
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TilingConfig:
+    tissue = TissueDetectionConfig(
+        detection_mpp=args.detection_mpp,
+        median_blur=args.median_blur,
+        threshold=args.threshold,
+        otsu_floor=args.otsu_floor,
+        closing=args.closing,
+        min_region_area_mm2=args.min_region_area,
+        min_hole_area_mm2=args.min_hole_area,
+        max_holes_per_region=args.max_holes,
+    )
+    return TilingConfig(
+        patch_size=args.patch_size,
+        target_mpp=args.target_mpp,
+        min_tissue_fraction=args.min_tissue,
+        resize_to_target=args.resize,
+        image_format=args.format,
+        jpeg_quality=args.jpeg_quality,
+        write_images=not args.coords_only,
+        patches_per_shard=args.shard_size,
+        row_group_size=args.row_group_size,
+        thumbnail_size=args.thumbnail_size,
+        backend=args.backend,
+        mpp=args.mpp,
+        tissue=tissue,
+    )
+
+
+def _slide_paths(args: argparse.Namespace) -> list[Path]:
+    if not args.slide_list:
+        return list(args.slides)
+    paths = []
+    for listing in args.slides:
+        for line in listing.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                paths.append(Path(line.strip()))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns 0 when every slide was tiled, 1 when some failed (the others are done)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
+    )
+    try:
+        config = config_from_args(args)
+        slides = _slide_paths(args)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    try:
+        summary = tile_slides(slides, args.out, config, num_workers=args.workers, progress=not args.quiet)
+    except ValueError as error:  # raised before any slide is touched: duplicate ids, mismatched settings
+        parser.error(str(error))
+    print(
+        f"{len(summary.tiled)} slides tiled, {len(summary.skipped)} already complete, {len(summary.failures)} failed; "
+        f"{summary.num_patches} patches in {args.out / 'shards'} ({summary.seconds:.1f} s)"
+    )
+    if summary.failures:
+        print(f"failed slides are listed in {args.out / 'failures.json'}:", file=sys.stderr)
+        for failure in summary.failures:
+            print(f"  {failure.path}: {failure.error}: {failure.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
