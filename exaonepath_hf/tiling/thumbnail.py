@@ -37,8 +37,8 @@ def render_thumbnail(
     image = Image.fromarray(np.rint(rgb).astype(np.uint8))
 
     draw = ImageDraw.Draw(image)
-    side = patch_size / scale
     for x, y in coordinates:
-        left, top = x / scale, y / scale
-        draw.rectangle([left, top, left + side - 1, top + side - 1], outline=_PATCH_OUTLINE, width=1)
+        left, top = round(x / scale), round(y / scale)
+        right, bottom = round((x + patch_size) / scale) - 1, round((y + patch_size) / scale) - 1
+        draw.rectangle([left, top, right, bottom], outline=_PATCH_OUTLINE, width=1)
     return image
