@@ -1,0 +1,231 @@
+"""Frozen image encoders for evaluation and the explicit preprocessing that feeds them.
+
+`load_encoder(source)` accepts:
+- an EXAONEPath folder or hub id (`save_pretrained` layout): the feature is `pooler_output`, the CLS token
+  after the final LayerNorm;
+- a release `.ckpt` or a timm/DINO ViT state-dict file: loaded strictly by `exaonepath_hf.convert.load_backbone`;
+- any other `AutoModel` image encoder (ViT, DINOv2, ...): the feature is the CLS token of
+  `last_hidden_state` (not ViT's tanh pooler), or `--pooling mean|pooler`;
+- a timm model, `timm:NAME` or `hf-hub:ORG/NAME`: timm's pooled `forward_features` / `forward_head(pre_logits)`.
+
+`Preprocessing` is the one pipeline every encoder goes through (the project's `ExaonePathImageProcessor`:
+optional Macenko with a recorded reference, resize shortest edge, center crop, rescale, mean/std), so that
+an experiment changes only what it says it changes. Its `to_dict()` goes into the feature-cache key and the
+run record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+import exaonepath_hf
+from exaonepath_hf.stain_normalization import DEFAULT_STAIN_REFERENCE, StainReference
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "Encoder", "load_encoder"]
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
+Pooling = Literal["auto", "pooler", "cls", "mean"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Inference preprocessing of the paper's linear evaluation (resize 256 -> center crop 224, no augmentation).
+
+    `stain_reference=None` means the processor's default (`DEFAULT_STAIN_REFERENCE`); the resolved numbers are
+    always recorded.
+    """
+
+    stain_normalize: bool = True
+    stain_reference: StainReference | None = None
+    resize_shortest_edge: int = 256
+    crop_size: int = 224
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def resolved_reference(self) -> StainReference:
+        return self.stain_reference or DEFAULT_STAIN_REFERENCE
+
+    def processor(self):
+        """The `ExaonePathImageProcessor` that implements these settings."""
+        from exaonepath_hf.image_processing_exaonepath import ExaonePathImageProcessor
+
+        return ExaonePathImageProcessor(
+            do_stain_normalize=self.stain_normalize,
+            stain_reference=self.resolved_reference.to_dict(),
+            size={"shortest_edge": self.resize_shortest_edge},
+            crop_size={"height": self.crop_size, "width": self.crop_size},
+            image_mean=list(self.image_mean),
+            image_std=list(self.image_std),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        record["stain_reference"] = self.resolved_reference.to_dict() if self.stain_normalize else None
+        record["image_mean"], record["image_std"] = list(self.image_mean), list(self.image_std)
+        record["pipeline"] = (
+            ("macenko -> " if self.stain_normalize else "")
+            + f"resize shortest edge {self.resize_shortest_edge} bicubic -> center crop {self.crop_size} "
+            "-> rescale 1/255 -> normalize mean/std"
+        )
+        return record
+
+
+@dataclass
+class Encoder:
+    """A frozen encoder: `features(pixel_values) -> [N, feature_dim]` plus what identifies it."""
+
+    model: nn.Module
+    source: str
+    revision: str
+    kind: Literal["exaonepath", "transformers", "timm"]
+    pooling: str
+    feature_dim: int
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+
+    @torch.no_grad()
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.kind == "timm":
+            tokens = self.model.forward_features(pixel_values)
+            if self.pooling == "mean":
+                return tokens[:, getattr(self.model, "num_prefix_tokens", 1) :].mean(dim=1)
+            return self.model.forward_head(tokens, pre_logits=True)
+        outputs = self.model(pixel_values=pixel_values)
+        if self.pooling == "pooler":
+            if getattr(outputs, "pooler_output", None) is None:
+                raise ValueError(f"{self.source} returns no pooler_output; use --pooling cls or mean")
+            return outputs.pooler_output
+        if self.pooling == "mean":
+            return outputs.last_hidden_state[:, 1:].mean(dim=1)
+        return outputs.last_hidden_state[:, 0]
+
+    def identity(self) -> dict[str, Any]:
+        """What the feature cache key and the run record need to tell this encoder apart from others."""
+        return {
+            "source": self.source,
+            "revision": self.revision,
+            "kind": self.kind,
+            "pooling": self.pooling,
+            "feature_dim": self.feature_dim,
+            "class": type(self.model).__name__,
+        }
+
+    def default_preprocessing(self, stain_normalize: bool = True, **overrides: Any) -> Preprocessing:
+        return Preprocessing(
+            stain_normalize=stain_normalize, image_mean=self.image_mean, image_std=self.image_std, **overrides
+        )
+
+
+def _content_hash(paths: list[Path]) -> str:
+    """sha256 of the weight files' bytes: a local folder has no commit, its content is its revision."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json"]
+
+
+def _feature_dim(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for name in ("hidden_size", "embed_dim", "hidden_sizes"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return value[-1] if isinstance(value, (list, tuple)) else int(value)
+    return int(model.num_features)
+
+
+def _load_timm(name: str, pooling: Pooling) -> Encoder:
+    import timm
+
+    model = timm.create_model(name, pretrained=True, num_classes=0).eval()
+    config = model.pretrained_cfg
+    return Encoder(
+        model=model,
+        source=name if name.startswith("hf-hub:") else f"timm:{name}",
+        revision=str(config.get("hf_hub_id") or config.get("tag") or "timm-default"),
+        kind="timm",
+        pooling="timm-default" if pooling == "auto" else pooling,
+        feature_dim=model.num_features,
+        image_mean=tuple(config.get("mean", IMAGENET_MEAN)),
+        image_std=tuple(config.get("std", IMAGENET_STD)),
+    )
+
+
+def _processor_stats(source: str, revision: str | None) -> tuple[tuple, tuple]:
+    """The encoder's own normalization mean/std when it ships a processor, else ImageNet's."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as error:
+        logger.info("%s ships no image processor (%s); using ImageNet mean/std", source, type(error).__name__)
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(processor.image_mean), tuple(processor.image_std)
+
+
+def load_encoder(
+    source: str | os.PathLike,
+    pooling: Pooling = "auto",
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+) -> Encoder:
+    """Load a frozen encoder from any supported source (see the module docstring); `eval()`, on `device`."""
+    text = str(source)
+    if text.startswith("timm:"):
+        encoder = _load_timm(text.removeprefix("timm:"), pooling)
+    elif text.startswith("hf-hub:"):
+        encoder = _load_timm(text, pooling)
+    elif Path(text).is_file() and Path(text).suffix in CHECKPOINT_SUFFIXES:
+        from exaonepath_hf.convert import load_backbone
+
+        model = load_backbone(text)
+        encoder = Encoder(
+            model=model,
+            source=str(Path(text).resolve()),
+            revision=_content_hash([Path(text)]),
+            kind="exaonepath",
+            pooling="pooler" if pooling == "auto" else pooling,
+            feature_dim=model.config.hidden_size,
+        )
+    else:
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(text, revision=revision)
+        is_ours = isinstance(config, exaonepath_hf.ExaonePathConfig)
+        model = AutoModel.from_pretrained(text, revision=revision).eval()
+        local = Path(text).is_dir()
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if is_ours else _processor_stats(text, revision)
+        encoder = Encoder(
+            model=model,
+            source=str(Path(text).resolve()) if local else text,
+            revision=_content_hash(_weight_files(Path(text)))
+            if local
+            else str(getattr(config, "_commit_hash", None) or revision or "main"),
+            kind="exaonepath" if is_ours else "transformers",
+            pooling=("pooler" if is_ours else "cls") if pooling == "auto" else pooling,
+            feature_dim=_feature_dim(model),
+            image_mean=mean,
+            image_std=std,
+        )
+    encoder.model.to(device).eval().requires_grad_(False)
+    return encoder

@@ -1,0 +1,362 @@
+"""Feature extraction with an on-disk cache: one forward pass per (model, dataset revision, split, preprocessing).
+
+Layout of one cache entry, `ROOT/<digest>/` with `digest = sha256(key.json)[:20]`:
+
+    key.json                      the full key: encoder identity, dataset id/revision/fingerprint, split,
+                                  preprocessing (Macenko on/off, reference numbers, resize/crop, mean/std), precision
+    chunks/chunk_000012.safetensors   finished chunks of `chunk_size` rows (resume unit)
+    features.safetensors          features [N, D] float32, labels [N], indices [N] (row in the split),
+                                  stain_normalized [N] bool
+    meta.json                     slide_ids, patient_ids, failed rows and their errors, timings; written last,
+                                  so its presence means the entry is complete
+
+Every file is written to a temporary name and `os.replace`d. Extraction is resumable (finished chunks are
+skipped) and distributed: under `accelerate launch` every process takes every `world_size`-th chunk and
+the main process merges. Unreadable images are counted, listed in meta.json with their error and left
+out; one bad file never stops a job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import PartialState
+from PIL import Image
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ._io import atomic_save_tensors, write_json
+from .backbones import Encoder, Preprocessing
+
+__all__ = [
+    "FeatureSet",
+    "cache_key",
+    "cache_dir_for",
+    "load_cached",
+    "extract_features",
+    "default_cache_root",
+]
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+
+
+def default_cache_root() -> Path:
+    """`$EXAONEPATH_FEATURE_CACHE`, else `~/.cache/exaonepath_hf/features`."""
+    return Path(
+        os.environ.get("EXAONEPATH_FEATURE_CACHE", Path.home() / ".cache" / "exaonepath_hf" / "features")
+    )
+
+
+@dataclass
+class FeatureSet:
+    """Cached features of one split with their labels and slide/patient ids, row-aligned."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    stain_normalized: torch.Tensor
+    slide_ids: list[str]
+    patient_ids: list[str]
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+def cache_key(
+    encoder: Encoder,
+    dataset_id: str,
+    dataset_revision: str,
+    dataset_fingerprint: str,
+    split: str,
+    preprocessing: Preprocessing,
+    precision: str,
+) -> dict[str, Any]:
+    return {
+        "format": CACHE_FORMAT_VERSION,
+        "model": encoder.identity(),
+        "dataset": {
+            "id": dataset_id,
+            "revision": dataset_revision,
+            "fingerprint": dataset_fingerprint,
+            "split": split,
+        },
+        "preprocessing": preprocessing.to_dict(),
+        "precision": precision,
+    }
+
+
+def cache_dir_for(root: Path, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(root) / digest
+
+
+def load_cached(entry: Path) -> FeatureSet | None:
+    """The finished cache entry at `entry`, or None when it is absent or incomplete."""
+    meta_path = entry / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    tensors = load_file(str(entry / "features.safetensors"))
+    return FeatureSet(
+        features=tensors["features"],
+        labels=tensors["labels"],
+        indices=tensors["indices"],
+        stain_normalized=tensors["stain_normalized"].bool(),
+        slide_ids=meta["slide_ids"],
+        patient_ids=meta["patient_ids"],
+        failed=meta["failed"],
+        stats={**meta["stats"], "cache_hit": True, "forward_batches": 0, "cache_dir": str(entry)},
+    )
+
+
+class _EncodedImages(Dataset):
+    """Rows of a split as (row index, PIL image or None, error or None); decoding happens in the workers."""
+
+    def __init__(self, dataset: datasets.Dataset, rows: Sequence[int]):
+        self.dataset = dataset.cast_column("image", datasets.Image(decode=False))
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int):
+        row = self.rows[position]
+        record = self.dataset[row]["image"]
+        try:
+            source = io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]
+            with Image.open(source) as image:
+                return row, image.convert("RGB"), None
+        except Exception as error:  # any decoder failure: counted and reported, never fatal
+            return row, None, f"{record.get('path') or 'bytes'}: {type(error).__name__}: {error}"
+
+
+class _Collate:
+    """Runs the image processor in the DataLoader worker; isolates images the processor rejects."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def _process(self, images):
+        out = self.processor(images, return_tensors="pt")
+        return out["pixel_values"], out["stain_normalized"].bool()
+
+    def __call__(self, items):
+        rows, images, failed = [], [], []
+        for row, image, error in items:
+            if image is None:
+                failed.append({"index": row, "error": error})
+            else:
+                rows.append(row)
+                images.append(image)
+        pixel_values = stain_normalized = None
+        if images:
+            try:
+                pixel_values, stain_normalized = self._process(images)
+            except Exception:  # find the offending image(s) one by one instead of losing the batch
+                kept_rows, parts = [], []
+                for row, image in zip(rows, images, strict=True):
+                    try:
+                        parts.append(self._process([image]))
+                        kept_rows.append(row)
+                    except Exception as error:
+                        failed.append(
+                            {"index": row, "error": f"preprocessing: {type(error).__name__}: {error}"}
+                        )
+                rows = kept_rows
+                if parts:
+                    pixel_values = torch.cat([p for p, _ in parts])
+                    stain_normalized = torch.cat([s for _, s in parts])
+        return {
+            "rows": torch.tensor(rows, dtype=torch.long),
+            "pixel_values": pixel_values,
+            "stain_normalized": stain_normalized,
+            "failed": failed,
+        }
+
+
+def _chunk_path(entry: Path, chunk: int) -> Path:
+    return entry / "chunks" / f"chunk_{chunk:06d}.safetensors"
+
+
+def _flush_chunk(entry: Path, chunk: int, parts: list[dict[str, Any]]) -> None:
+    rows = [p["rows"] for p in parts if len(p["rows"])]
+    has_rows = bool(rows)
+    tensors = {
+        "rows": torch.cat(rows) if has_rows else torch.zeros(0, dtype=torch.long),
+        "features": torch.cat([p["features"] for p in parts if len(p["rows"])])
+        if has_rows
+        else torch.zeros(0, 0),
+        "stain_normalized": torch.cat([p["stain_normalized"] for p in parts if len(p["rows"])])
+        if has_rows
+        else torch.zeros(0, dtype=torch.bool),
+    }
+    failed = [f for p in parts for f in p["failed"]]
+    write_json(entry / "chunks" / f"chunk_{chunk:06d}.failed.json", failed)
+    atomic_save_tensors(_chunk_path(entry, chunk), tensors)
+
+
+def _merge(entry: Path, dataset: datasets.Dataset, num_chunks: int, stats: dict[str, Any]) -> FeatureSet:
+    rows, features, normalized, failed = [], [], [], []
+    for chunk in range(num_chunks):
+        tensors = load_file(str(_chunk_path(entry, chunk)))
+        if len(tensors["rows"]):
+            rows.append(tensors["rows"])
+            features.append(tensors["features"])
+            normalized.append(tensors["stain_normalized"].bool())
+        failed.extend(json.loads((entry / "chunks" / f"chunk_{chunk:06d}.failed.json").read_text()))
+    if not rows:
+        raise RuntimeError(f"no image of {entry} could be read; first errors: {failed[:3]}")
+    indices = torch.cat(rows)
+    labels = torch.tensor(dataset["label"], dtype=torch.long)[indices]
+    slide_ids, patient_ids = dataset["slide_id"], dataset["patient_id"]
+    feature_set = FeatureSet(
+        features=torch.cat(features).float(),
+        labels=labels,
+        indices=indices,
+        stain_normalized=torch.cat(normalized),
+        slide_ids=[slide_ids[i] for i in indices.tolist()],
+        patient_ids=[patient_ids[i] for i in indices.tolist()],
+        failed=failed,
+        stats=stats,
+    )
+    atomic_save_tensors(
+        entry / "features.safetensors",
+        {
+            "features": feature_set.features,
+            "labels": feature_set.labels,
+            "indices": feature_set.indices,
+            "stain_normalized": feature_set.stain_normalized,
+        },
+    )
+    write_json(
+        entry / "meta.json",
+        {
+            "slide_ids": feature_set.slide_ids,
+            "patient_ids": feature_set.patient_ids,
+            "failed": failed,
+            "stats": stats,
+            "num_rows": len(dataset),
+            "num_features": len(feature_set),
+        },
+    )
+    if failed:
+        logger.warning(
+            "%d of %d images could not be read and were left out (see %s)",
+            len(failed),
+            len(dataset),
+            entry / "meta.json",
+        )
+    return feature_set
+
+
+def extract_features(
+    encoder: Encoder,
+    dataset: datasets.Dataset,
+    preprocessing: Preprocessing,
+    key: dict[str, Any],
+    cache_root: str | os.PathLike,
+    batch_size: int = 64,
+    num_workers: int = 4,
+    chunk_size: int = 4096,
+    precision: str = "auto",
+    state: PartialState | None = None,
+) -> FeatureSet:
+    """Features of every row of `dataset` (columns image, label, slide_id, patient_id), from cache if present."""
+    entry = cache_dir_for(Path(cache_root), key)
+    cached = load_cached(entry)
+    if cached is not None:
+        logger.info("feature cache hit: %s (%d rows)", entry, len(cached))
+        return cached
+    state = state or PartialState()
+    if state.is_main_process:
+        write_json(entry / "key.json", key)
+    num_chunks = max(1, math.ceil(len(dataset) / chunk_size))
+    mine = [c for c in range(num_chunks) if c % state.num_processes == state.process_index]
+    pending = [c for c in mine if not _chunk_path(entry, c).is_file()]
+    if len(pending) < len(mine):
+        logger.info("resuming %s: %d of %d chunks already done", entry, len(mine) - len(pending), len(mine))
+    rows = [r for c in pending for r in range(c * chunk_size, min((c + 1) * chunk_size, len(dataset)))]
+
+    device = state.device
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    encoder.model.to(device)
+    loader = DataLoader(
+        _EncodedImages(dataset, rows),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_Collate(preprocessing.processor()),
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    buffers: dict[int, list[dict[str, Any]]] = {}
+    seen: dict[int, int] = {}
+    forward_batches, started = 0, time.perf_counter()
+    with tqdm(
+        total=len(rows), desc=f"features {key['dataset']['split']}", unit="img", disable=not rows
+    ) as bar:
+        for batch in loader:
+            features = torch.zeros(0, encoder.feature_dim)
+            if batch["pixel_values"] is not None:
+                pixel_values = batch["pixel_values"].to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    features = encoder.features(pixel_values).float().cpu()
+                forward_batches += 1
+            # split the batch by chunk so that each chunk is flushed as soon as all its rows are done
+            chunk_of_row = (batch["rows"] // chunk_size).tolist()
+            chunk_of_failed = [f["index"] // chunk_size for f in batch["failed"]]
+            for chunk in sorted(set(chunk_of_row) | set(chunk_of_failed)):
+                select = torch.tensor([c == chunk for c in chunk_of_row], dtype=torch.bool)
+                failed = [f for f, c in zip(batch["failed"], chunk_of_failed, strict=True) if c == chunk]
+                buffers.setdefault(chunk, []).append(
+                    {
+                        "rows": batch["rows"][select],
+                        "features": features[select],
+                        "stain_normalized": batch["stain_normalized"][select]
+                        if batch["stain_normalized"] is not None
+                        else torch.zeros(0, dtype=torch.bool),
+                        "failed": failed,
+                    }
+                )
+                seen[chunk] = seen.get(chunk, 0) + int(select.sum()) + len(failed)
+                if seen[chunk] == min(chunk_size, len(dataset) - chunk * chunk_size):
+                    _flush_chunk(entry, chunk, buffers.pop(chunk))
+            bar.update(len(batch["rows"]) + len(batch["failed"]))
+    seconds = time.perf_counter() - started
+    stats = {
+        "cache_hit": False,
+        "forward_batches": forward_batches,
+        "images_extracted": len(rows),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(rows) / seconds, 2) if rows and seconds > 0 else None,
+        "num_processes": state.num_processes,
+        "precision": "bf16" if use_bf16 else "fp32",
+        "device": str(device),
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "cache_dir": str(entry),
+    }
+    state.wait_for_everyone()
+    if state.is_main_process:
+        feature_set = _merge(entry, dataset, num_chunks, stats)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        feature_set = load_cached(entry)
+        feature_set.stats = stats
+    return feature_set

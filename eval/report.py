@@ -1,0 +1,152 @@
+"""Run records and the Table 1 report (the paper's numbers beside ours, with the difference).
+
+Each probing run writes one JSON record (`eval.linear_probe`); this module renders a directory of them:
+
+    python -m eval.report results/linear_probe            # prints and writes results/linear_probe/report.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import sys
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_write_bytes
+from .tasks import PAPER_MEAN_TOP1, PAPER_TASK_ORDER, TASKS
+
+__all__ = ["environment", "load_records", "render_table1", "render_details", "write_report"]
+
+RECORD_SUFFIX = ".record.json"
+_PACKAGES = (
+    "exaonepath-hf",
+    "torch",
+    "torchvision",
+    "transformers",
+    "timm",
+    "datasets",
+    "evaluate",
+    "accelerate",
+    "safetensors",
+    "scikit-learn",
+    "numpy",
+)
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, Python and platform, for the run record."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "packages": versions,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv,
+    }
+
+
+def load_records(root: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(Path(root).rglob(f"*{RECORD_SUFFIX}"))]
+
+
+def _cell(summary: dict[str, Any] | None) -> str:
+    if not summary or summary.get("mean") is None:
+        return "–"
+    if summary.get("n", 1) > 1:
+        return f"{summary['mean']:.3f} ± {summary['sd']:.3f}"
+    return f"{summary['mean']:.3f}"
+
+
+def render_table1(records: Iterable[dict[str, Any]], protocol: str = "paper", metric: str = "top1") -> str:
+    """Markdown in the paper's Table 1 layout: one row per model, the paper's EXAONEPath row and the differences."""
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for record in records:
+        if record["probe"]["name"] != protocol:
+            continue
+        label = record["model"]["label"]
+        by_model.setdefault(label, {})[record["task"]["name"]] = record["results"]["summary"][metric]
+    header = ["Model"] + [TASKS[t].display_name for t in PAPER_TASK_ORDER] + ["Mean"]
+    lines = [
+        f"Linear probing, {metric} ({protocol} protocol); mean over the six tasks only when all six ran.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    paper = [TASKS[t].paper_top1 for t in PAPER_TASK_ORDER]
+    if metric == "top1":
+        lines.append(
+            "| EXAONEPath (paper) | " + " | ".join(f"{v:.3f}" for v in paper) + f" | {PAPER_MEAN_TOP1:.3f} |"
+        )
+    for label, results in by_model.items():
+        means = [results.get(t, {}).get("mean") if results.get(t) else None for t in PAPER_TASK_ORDER]
+        complete = all(v is not None for v in means)
+        mean_cell = f"{sum(means) / len(means):.3f}" if complete else "–"
+        lines.append(
+            f"| {label} | "
+            + " | ".join(_cell(results.get(t)) for t in PAPER_TASK_ORDER)
+            + f" | {mean_cell} |"
+        )
+        if metric == "top1":
+            diffs = [f"{m - p:+.3f}" if m is not None else "–" for m, p in zip(means, paper, strict=True)]
+            mean_diff = f"{sum(means) / len(means) - PAPER_MEAN_TOP1:+.3f}" if complete else "–"
+            lines.append(f"| Δ {label} − paper | " + " | ".join(diffs) + f" | {mean_diff} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_details(records: Iterable[dict[str, Any]]) -> str:
+    """Every run: all four metrics, protocol, preprocessing and where the features came from."""
+    lines = [
+        "| Model | Task | Protocol | Seeds | Top-1 | Balanced acc. | Macro-F1 | AUROC | Macenko | Features |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        summary = record["results"]["summary"]
+        stain = "on" if record["preprocessing"]["stain_normalize"] else "off"
+        cached = "cached" if all(s["cache_hit"] for s in record["extraction"].values()) else "extracted"
+        lines.append(
+            f"| {record['model']['label']} | {record['task']['display_name']} | {record['probe']['name']} | "
+            f"{len(record['probe']['seeds'])} | {_cell(summary['top1'])} | {_cell(summary['balanced_accuracy'])} | "
+            f"{_cell(summary['macro_f1'])} | {_cell(summary['auroc'])} | {stain} | {cached} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(root: str | Path, out: str | Path | None = None) -> Path:
+    records = load_records(root)
+    if not records:
+        raise FileNotFoundError(
+            f"no run records (*{RECORD_SUFFIX}) under {root}; run eval.linear_probe first"
+        )
+    protocols = sorted({r["probe"]["name"] for r in records})
+    parts = ["# Linear probing results", ""]
+    for protocol in protocols:
+        parts += [f"## {protocol} protocol", "", render_table1(records, protocol), ""]
+    parts += ["## All runs", "", render_details(records)]
+    target = Path(out) if out else Path(root) / "report.md"
+    atomic_write_bytes(target, "\n".join(parts).encode())
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("results", type=Path, help="directory with *.record.json files")
+    parser.add_argument("--out", type=Path, default=None, help="markdown file (default RESULTS/report.md)")
+    args = parser.parse_args(argv)
+    target = write_report(args.results, args.out)
+    print(target.read_text())
+
+
+if __name__ == "__main__":
+    main()

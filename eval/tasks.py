@@ -1,0 +1,384 @@
+"""Registry of the six linear-probing benchmarks of the EXAONEPath paper (Table 1) plus local imagefolders.
+
+A `TaskSpec` pins everything that makes a probing number reproducible: where the data comes from (hub id
+and revision, or a local imagefolder written by `eval.converters`), which source split plays train / val /
+test (with the seeded 80:20 train/val split where the field derives one), the label order (never the
+alphabetical order `imagefolder` would pick: MSS=0/MSIMUT=1, HP=0/SSA=1), and where slide and patient
+identities live. `load_task` turns a spec into `TaskData`: one `datasets.Dataset` per split with the
+columns `image` (undecoded, so one bad file cannot stop a job), `label` (pinned int), `slide_id` and
+`patient_id` (empty strings when unknown).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+__all__ = [
+    "SPLIT_NAMES",
+    "SplitPlan",
+    "TaskSpec",
+    "TaskData",
+    "TASKS",
+    "get_task",
+    "load_task",
+    "imagefolder_task",
+    "parse_tcga_ids",
+    "derive_validation_split",
+]
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "test")
+# Split names a local metadata.csv or folder layout may use, mapped to ours.
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
+_TCGA_SLIDE = re.compile(r"(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})(-[0-9]{2}[A-Z]?-[0-9]{2}-[A-Z0-9]{2,4})?")
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which source split feeds each of train / val / test.
+
+    `val=None` derives the validation split from the training split: `val_fraction` of it, drawn with
+    sklearn's `train_test_split(random_state=val_seed)`, stratified by label when `val_stratified`.
+    """
+
+    train: str
+    test: str
+    val: str | None = None
+    val_fraction: float = 0.2
+    val_seed: int = 42
+    val_stratified: bool = True
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One benchmark: data source, pinned label order, split plan and provenance notes."""
+
+    name: str
+    display_name: str
+    class_names: tuple[str, ...]
+    splits: SplitPlan
+    hub_id: str | None = None
+    hub_revision: str | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+    # Raw label values (bool, str) of the source mapped to `class_names` entries, for sources whose labels
+    # are not already these names.
+    label_aliases: Mapping[Any, str] = field(default_factory=dict)
+    # For local sets: `python -m eval.converters <converter> SRC OUT` builds the imagefolder.
+    converter: str | None = None
+    # Source splits whose images the dataset authors already Macenko-normalized.
+    stain_normalized_by_source: tuple[str, ...] = ()
+    paper_top1: float | None = None
+    notes: str = ""
+
+    @property
+    def is_local(self) -> bool:
+        return self.hub_id is None
+
+    def label_index(self, raw: Any) -> int:
+        """Pinned class index of one raw label value (a class name, an alias, or a bool)."""
+        name = self.label_aliases.get(raw, raw)
+        if isinstance(name, str) and name in self.class_names:
+            return self.class_names.index(name)
+        raise ValueError(
+            f"task {self.name!r}: label {raw!r} is not one of {list(self.class_names)}"
+            f"{' or aliases ' + str(list(self.label_aliases)) if self.label_aliases else ''}; "
+            "check the dataset's label column or pass --class_names"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["label_aliases"] = {str(k): v for k, v in self.label_aliases.items()}
+        return record
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec(
+            name="pcam",
+            display_name="PCAM",
+            class_names=("normal", "metastatic"),
+            hub_id="1aurent/PatchCamelyon",
+            splits=SplitPlan(train="train", val="valid", test="test"),
+            label_aliases={False: "normal", True: "metastatic"},  # 0 == False, 1 == True as keys
+            paper_top1=0.901,
+            notes="official splits, no WSI overlap; slide ids (Zenodo meta CSV `wsi`) are not in the hub copy",
+        ),
+        TaskSpec(
+            name="mhist",
+            display_name="MHIST",
+            class_names=("HP", "SSA"),
+            converter="mhist",
+            splits=SplitPlan(train="train", test="test", val_fraction=0.2, val_seed=42, val_stratified=False),
+            paper_top1=0.818,
+            notes="research-use agreement, no hub copy; val = train_test_split(train_size=0.8, random_state=42)",
+        ),
+        TaskSpec(
+            name="crc100k",
+            display_name="CRC-100K",
+            class_names=("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"),
+            hub_id="1aurent/NCT-CRC-HE",
+            splits=SplitPlan(train="NCT_CRC_HE_100K", test="CRC_VAL_HE_7K", val_seed=42),
+            stain_normalized_by_source=("NCT_CRC_HE_100K", "CRC_VAL_HE_7K"),
+            paper_top1=0.946,
+            notes="NCT-CRC-HE-100K and CRC-VAL-HE-7K were Macenko-normalized by their authors "
+            "(NCT_CRC_HE_100K_NONORM is the raw copy); val = stratified 80:20 of train",
+        ),
+        TaskSpec(
+            name="til",
+            display_name="TIL",
+            class_names=("til-negative", "til-positive"),
+            converter="til",
+            splits=SplitPlan(train="train", val="val", test="test"),
+            label_aliases={"0": "til-negative", "1": "til-positive", 0: "til-negative", 1: "til-positive"},
+            paper_top1=0.939,
+            notes="Zenodo 6604094 partitions; slide id = TCGA barcode",
+        ),
+        TaskSpec(
+            name="msi_crc",
+            display_name="MSI-CRC",
+            class_names=("MSS", "MSIMUT"),
+            converter="msi_crc",
+            splits=SplitPlan(train="train", test="test", val_seed=42),
+            paper_top1=0.756,
+            notes="Zenodo 2530835 CRC_DX; patient-level official train/test; val = stratified 80:20 of train",
+        ),
+        TaskSpec(
+            name="msi_stad",
+            display_name="MSI-STAD",
+            class_names=("MSS", "MSIMUT"),
+            converter="msi_stad",
+            splits=SplitPlan(train="train", test="test", val_seed=42),
+            paper_top1=0.804,
+            notes="Zenodo 2530835 STAD; patient-level official train/test; val = stratified 80:20 of train",
+        ),
+    )
+}
+PAPER_TASK_ORDER = ("pcam", "mhist", "crc100k", "til", "msi_crc", "msi_stad")
+PAPER_MEAN_TOP1 = 0.861
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)} or 'imagefolder'") from None
+
+
+def imagefolder_task(
+    data_dir: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
+    val_fraction: float = 0.2,
+    val_seed: int = 42,
+    name: str = "imagefolder",
+) -> TaskSpec:
+    """A spec for any local imagefolder (class subfolders, or a metadata.csv with `file_name,label[,split,...]`).
+
+    Without `class_names` the label order is the sorted set of labels found, which is what imagefolder
+    itself does; pass it to pin another order.
+    """
+    return TaskSpec(
+        name=name,
+        display_name=Path(data_dir).name,
+        class_names=tuple(class_names or ()),
+        splits=SplitPlan(train="train", test="test", val_fraction=val_fraction, val_seed=val_seed),
+        converter="imagefolder",
+        notes=f"local imagefolder {Path(data_dir).resolve()}",
+    )
+
+
+@dataclass
+class TaskData:
+    """A loaded task: per-split datasets with `image`, `label`, `slide_id`, `patient_id` columns."""
+
+    spec: TaskSpec
+    splits: dict[str, datasets.Dataset]
+    class_names: tuple[str, ...]
+    dataset_id: str
+    dataset_revision: str
+    provenance: dict[str, Any]
+
+    def fingerprint(self, split: str) -> str:
+        return self.splits[split]._fingerprint
+
+
+def parse_tcga_ids(text: str) -> tuple[str, str]:
+    """(slide id, patient id) from a TCGA barcode anywhere in `text`; ("", "") when there is none.
+
+    `blk-ABCD-TCGA-AA-3516-01Z-00-DX1.png` -> ("TCGA-AA-3516-01Z-00-DX1", "TCGA-AA-3516").
+    """
+    match = _TCGA_SLIDE.search(text)
+    if match is None:
+        return "", ""
+    return match.group(0), match.group(1)
+
+
+def derive_validation_split(
+    labels: Sequence[int], fraction: float, seed: int, stratified: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices) of the field's seeded 80:20-style split, via sklearn's train_test_split."""
+    indices = np.arange(len(labels))
+    train_idx, val_idx = train_test_split(
+        indices,
+        test_size=fraction,
+        random_state=seed,
+        stratify=np.asarray(labels) if stratified else None,
+    )
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def local_fingerprint(root: Path) -> str:
+    """Content identity of a local imagefolder: relative paths, sizes and mtimes of every file."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _load_local(root: Path) -> datasets.Dataset:
+    """All images of a local imagefolder as one dataset with a `split` column ("" when the layout has none)."""
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data directory {root} does not exist; build it with `python -m eval.converters` or pass --data_dir"
+        )
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(root))
+    parts = []
+    for source_split, part in loaded.items():
+        if "label" not in part.column_names:
+            raise ValueError(
+                f"{root}: no labels found; use class subfolders (optionally under train/ val/ test/) or a "
+                "metadata.csv with columns file_name,label[,split,slide_id,patient_id]"
+            )
+        if isinstance(part.features["label"], datasets.ClassLabel):
+            names = part.features["label"].names
+            folder_labels = [names[i] for i in part["label"]]
+            part = part.remove_columns("label").add_column("label", folder_labels)
+        if "split" not in part.column_names:
+            split_name = source_split if len(loaded) > 1 else ""
+            part = part.add_column("split", [split_name] * len(part))
+        parts.append(part)
+    combined = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return combined.cast_column("image", datasets.Image(decode=False))
+
+
+def _standardize(ds: datasets.Dataset, spec: TaskSpec, class_names: tuple[str, ...]) -> datasets.Dataset:
+    """Rename and map columns to image / label (pinned int) / slide_id / patient_id."""
+    if spec.image_column != "image":
+        ds = ds.rename_column(spec.image_column, "image")
+    if spec.label_column != "label":
+        ds = ds.rename_column(spec.label_column, "label")
+    raw = ds["label"]
+    label_feature = ds.features["label"]
+    if isinstance(label_feature, datasets.ClassLabel):
+        raw = [label_feature.names[i] for i in raw]
+    pinned = dataclasses.replace(spec, class_names=class_names)
+    index_of = {value: pinned.label_index(value) for value in set(raw)}
+    ds = ds.remove_columns("label").add_column("label", [index_of[v] for v in raw])
+    for column in ("slide_id", "patient_id"):
+        if column not in ds.column_names:
+            ds = ds.add_column(column, [""] * len(ds))
+        else:
+            values = ["" if v is None else str(v) for v in ds[column]]
+            ds = ds.remove_columns(column).add_column(column, values)
+    keep = ["image", "label", "slide_id", "patient_id"]
+    ds = ds.remove_columns([c for c in ds.column_names if c not in keep])
+    return ds.cast_column("image", datasets.Image(decode=False))
+
+
+def load_task(
+    spec: TaskSpec,
+    data_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    test_fraction: float | None = None,
+) -> TaskData:
+    """Load a task's train / val / test splits with pinned labels (see the module docstring)."""
+    provenance: dict[str, Any] = {"derived_val": spec.splits.val is None}
+    if spec.is_local:
+        if data_dir is None:
+            raise ValueError(
+                f"task {spec.name!r} has no hub copy: pass --data_dir with the imagefolder built by "
+                f"`python -m eval.converters {spec.converter} SRC OUT`"
+            )
+        root = Path(data_dir)
+        everything = _load_local(root)
+        dataset_id, dataset_revision = str(root.resolve()), local_fingerprint(root)
+        raw_labels = everything["label"]
+        class_names = spec.class_names or tuple(sorted(set(raw_labels)))
+        split_of = [_SPLIT_ALIASES.get(str(s).lower(), "") for s in everything["split"]]
+        sources = {name: [i for i, s in enumerate(split_of) if s == name] for name in SPLIT_NAMES}
+        if not sources["test"]:
+            if not test_fraction:
+                raise ValueError(
+                    f"{root}: no test split (a `split` column or a test/ folder); pass --test_fraction to "
+                    "hold out a stratified share of the images"
+                )
+            pool = sources["train"] or [i for i, s in enumerate(split_of) if s in ("", "train")]
+            train_part, test_part = derive_validation_split(
+                [raw_labels[i] for i in pool], test_fraction, spec.splits.val_seed, stratified=True
+            )
+            sources["train"], sources["test"] = [pool[i] for i in train_part], [pool[i] for i in test_part]
+            provenance["derived_test"] = {"fraction": test_fraction, "seed": spec.splits.val_seed}
+        elif not sources["train"]:
+            raise ValueError(f"{root}: no training images (split column / train folder) found")
+        raw_splits = {name: everything.select(idx) for name, idx in sources.items() if idx}
+        provenance["derived_val"] = "val" not in raw_splits
+    else:
+        loaded = datasets.load_dataset(spec.hub_id, revision=revision or spec.hub_revision)
+        dataset_id, dataset_revision = spec.hub_id, revision or spec.hub_revision or "main"
+        plan = spec.splits
+        wanted = {"train": plan.train, "test": plan.test, **({"val": plan.val} if plan.val else {})}
+        missing = [source for source in wanted.values() if source not in loaded]
+        if missing:
+            raise ValueError(f"{spec.hub_id}: splits {missing} not found (has {list(loaded)})")
+        raw_splits = {ours: loaded[source] for ours, source in wanted.items()}
+        class_names = spec.class_names
+        provenance["stain_normalized_by_source"] = {
+            ours: source in spec.stain_normalized_by_source for ours, source in wanted.items()
+        }
+    splits = {name: _standardize(ds, spec, class_names) for name, ds in raw_splits.items()}
+    if "val" not in splits:
+        plan = spec.splits
+        train_idx, val_idx = derive_validation_split(
+            splits["train"]["label"], plan.val_fraction, plan.val_seed, plan.val_stratified
+        )
+        splits["val"] = splits["train"].select(val_idx)
+        splits["train"] = splits["train"].select(train_idx)
+        provenance["val_split"] = {
+            "fraction": plan.val_fraction,
+            "seed": plan.val_seed,
+            "stratified": plan.val_stratified,
+            "how": "sklearn.model_selection.train_test_split",
+        }
+    provenance["sizes"] = {name: len(ds) for name, ds in splits.items()}
+    return TaskData(
+        spec=spec,
+        splits={name: splits[name] for name in SPLIT_NAMES},
+        class_names=class_names,
+        dataset_id=dataset_id,
+        dataset_revision=dataset_revision,
+        provenance=provenance,
+    )
