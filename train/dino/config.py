@@ -1,0 +1,161 @@
+"""Typed run configuration: one YAML file holds every hyperparameter; `key.sub=value` arguments override it."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .augmentations import AugmentationConfig
+
+__all__ = [
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PretrainConfig",
+    "RunConfig",
+    "load_config",
+]
+
+
+@dataclass
+class ModelConfig:
+    """The backbone (an `ExaonePathConfig`) and the DINO head."""
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    image_size: int = 224
+    drop_path_rate: float = 0.1  # stochastic depth of the student; the teacher runs in eval mode
+    # ImageNet initialization: an `exaonepath-convert` folder or a timm/DINO ViT state dict; null = random.
+    init_weights: str | None = None
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_num_layers: int = 3
+    out_dim: int = 65536
+    norm_last_layer: bool = True
+
+
+@dataclass
+class DataConfig:
+    # A folder of images, an `exaonepath-tile` output folder, a parquet/webdataset glob, or a hub dataset id.
+    source: str = ""
+    split: str = "train"
+    image_column: str | None = None  # null: the first Image column
+    # Samples per epoch; null = counted from the files (folders, parquet). Required for hub ids and tar shards.
+    num_samples: int | None = None
+    shuffle_buffer: int = 10000
+    num_workers: int = 10
+    stain_normalize: bool = True  # Macenko on every image (p = 1) before the augmentations, as in the paper
+    # null = the package default reference; a path = a target image to fit; a dict = a `StainReference`.
+    stain_reference: str | dict | None = None
+    prefetch_factor: int = 2
+
+
+@dataclass
+class LossConfig:
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    teacher_temp_warmup_epochs: float = 1.25
+    center_momentum: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    # Peak lr reached at `lr_reference_batch_size`; the lr used is lr * global_batch / lr_reference_batch_size.
+    # DINO's convention is lr_reference_batch_size = 256; a value equal to the global batch makes `lr` absolute.
+    lr: float = 0.005
+    lr_reference_batch_size: int = 5120
+    min_lr: float = 2e-6
+    warmup_steps: int = 1000
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    clip_grad: float = 3.0  # per parameter; 0 disables
+    freeze_last_layer_epochs: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/dino"
+    seed: int = 0
+    epochs: float = 10.0
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size_per_device: int = 64
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "bf16"  # "no", "bf16" ("fp16" is known to diverge on ViT-B DINO)
+    checkpoint_every: int = 2000
+    keep_last_checkpoints: int = 3
+    log_every: int = 10
+    export_dir: str | None = None  # null: <output_dir>/export
+    push_to_hub: str | None = None  # repo id for the exported backbone
+    hub_private: bool = True
+    record_samples: bool = False  # write the sample ids each rank trained on (for data-sharding checks)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augmentations: AugmentationConfig = field(default_factory=AugmentationConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} in '{where}'; valid keys: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"config section '{where}.{name}' must be a mapping, got {value!r}")
+            value = _build(hint, value, f"{where}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override '{dotted}': '{part}' is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
+    """Read a YAML config and apply `section.key=value` overrides (values parsed as YAML: 3, 1e-4, [1, 2], null)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"config {path} must be a YAML mapping of sections")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. run.max_steps=20)")
+        _set_dotted(tree, key.lstrip("-"), yaml.safe_load(raw))
+    return _build(PretrainConfig, tree, str(path or "<defaults>"))

@@ -1,0 +1,312 @@
+"""Streaming patch data for DINO: every rank and loader worker reads its own shards exactly once.
+
+Sources (all read through `datasets`, streaming): a local folder of images, an `exaonepath-tile` output
+folder or any parquet glob, webdataset `.tar` shards, or a hub dataset id. The pipeline per image, in the
+loader workers: read bytes → decode (an unreadable image is skipped, logged and counted) → Macenko with the
+package normalizer (p = 1; a fallback returns the image unchanged and is counted) → DINO multi-crop.
+
+Distribution: `split_dataset_by_node` gives each rank its shards and `datasets` gives each worker a subset of
+those; the loader is *not* passed to `accelerator.prepare` (that would shard a second time). Each worker's
+stream is endless (it starts its next epoch itself), so ranks never run out at different steps, and every
+example's augmentation is seeded from its position, so a run resumes exactly: the checkpoint stores each
+worker's position and the next worker in the loader's round-robin order (`StreamState`).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import logging
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from .augmentations import DINOMultiCrop
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "OrderedBatches",
+    "PatchSource",
+    "PatchStream",
+    "StreamState",
+    "count_samples",
+    "decode_image",
+    "load_patch_dataset",
+    "resolve_source",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class PatchSource:
+    """Where the patches come from: `kind` is imagefolder, parquet, webdataset or hub."""
+
+    kind: str
+    files: tuple[str, ...] = ()
+    hub_id: str | None = None
+
+
+def resolve_source(source: str) -> PatchSource:
+    if not source:
+        raise ValueError(
+            "data.source is empty: give an image folder, a tiler output folder, shard glob or hub id"
+        )
+    path = Path(source).expanduser()
+    if path.is_dir():
+        for pattern, kind in (
+            ("shards/*.parquet", "parquet"),
+            ("**/*.parquet", "parquet"),
+            ("**/*.tar", "webdataset"),
+        ):
+            files = sorted(str(p) for p in path.glob(pattern))
+            if files:
+                return PatchSource(kind, tuple(files))
+        files = sorted(
+            str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        if not files:
+            raise ValueError(
+                f"data.source {source} holds no images ({', '.join(IMAGE_EXTENSIONS)}) nor shards"
+            )
+        return PatchSource("imagefolder", tuple(files))
+    if path.is_file() or glob.has_magic(source):
+        files = sorted(glob.glob(str(path), recursive=True))
+        if not files:
+            raise ValueError(f"data.source {source} matches no file")
+        suffixes = {Path(f).suffix.lower() for f in files}
+        if suffixes == {".parquet"}:
+            return PatchSource("parquet", tuple(files))
+        if suffixes == {".tar"}:
+            return PatchSource("webdataset", tuple(files))
+        if suffixes <= set(IMAGE_EXTENSIONS):
+            return PatchSource("imagefolder", tuple(files))
+        raise ValueError(f"data.source {source} mixes or holds unsupported files ({sorted(suffixes)})")
+    if source.startswith((".", "/", "~")):
+        raise ValueError(f"data.source {source} does not exist")
+    return PatchSource("hub", hub_id=source)
+
+
+def _image_paths(paths: list[str]) -> Iterator[dict[str, Any]]:
+    for path in paths:
+        yield {"image": {"path": path, "bytes": None}}
+
+
+def load_patch_dataset(source: PatchSource, split: str = "train", image_column: str | None = None):
+    """A streaming `datasets.IterableDataset` whose image column is left undecoded (decoded in `PatchStream`).
+
+    Returns the dataset and the name of its image column.
+    """
+    if source.kind == "imagefolder":
+        # One shard per file (`load_dataset("imagefolder", streaming=True)` makes a single shard, which
+        # would leave one worker per rank and make every rank read every file).
+        features = datasets.Features({"image": datasets.Image(decode=False)})
+        dataset = datasets.IterableDataset.from_generator(
+            _image_paths, gen_kwargs={"paths": list(source.files)}, features=features
+        )
+        return dataset, "image"
+    if source.kind in ("parquet", "webdataset"):
+        dataset = datasets.load_dataset(
+            source.kind, data_files=list(source.files), split="train", streaming=True
+        )
+    else:
+        dataset = datasets.load_dataset(source.hub_id, split=split, streaming=True)
+    features = dataset.features or {}
+    if image_column is None:
+        image_column = next(
+            (name for name, feat in features.items() if isinstance(feat, datasets.Image)), None
+        )
+    if image_column is None or image_column not in features:
+        raise ValueError(
+            f"no image column found in {source.hub_id or source.files[0]} (columns: {list(features)}); "
+            "set data.image_column"
+        )
+    return dataset.cast_column(image_column, datasets.Image(decode=False)), image_column
+
+
+def count_samples(source: PatchSource) -> int | None:
+    """Number of patches, read from file listings and parquet footers; None when unknown without a full pass."""
+    if source.kind == "imagefolder":
+        return len(source.files)
+    if source.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in source.files)
+    return None
+
+
+def decode_image(value: dict[str, Any]) -> torch.Tensor:
+    """A `datasets.Image(decode=False)` value (bytes and/or path) → uint8 tensor 3×H×W (RGB; alpha dropped)."""
+    data = value.get("bytes")
+    with Image.open(io.BytesIO(data) if data is not None else value["path"]) as image:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _example_id(example: dict[str, Any], image_column: str) -> str:
+    if "slide_id" in example and "x" in example and "y" in example:
+        return f"{example['slide_id']}@{example.get('level', 0)}:{example['x']},{example['y']}"
+    value = example[image_column]
+    if value.get("path"):
+        return str(value["path"])
+    return hashlib.blake2b(value["bytes"], digest_size=12).hexdigest()
+
+
+def _example_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass
+class StreamState:
+    """Where a rank's data stream stands: per loader worker (epoch, examples read in that epoch), and the
+    worker whose batch comes next. Valid only for the same world size and number of workers."""
+
+    num_workers: int
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+    next_worker: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "positions": {str(k): list(v) for k, v in self.positions.items()},
+            "next_worker": self.next_worker,
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> StreamState:
+        positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["positions"].items()}
+        return cls(int(state["num_workers"]), positions, int(state["next_worker"]))
+
+
+class PatchStream(torch.utils.data.IterableDataset):
+    """One rank's endless stream of collated multi-crop batches (use with `DataLoader(batch_size=None)`).
+
+    Each yielded batch: `crops` (list of `num_crops` float tensors B×3×h×w), `ids`, `worker`, `position`,
+    `macenko_fallbacks` and `unreadable` (counts since the worker's previous batch).
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.IterableDataset,
+        image_column: str,
+        transform: DINOMultiCrop,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        normalizer: Any = None,
+        start: StreamState | None = None,
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.image_column = image_column
+        self.transform = transform
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.normalizer = normalizer
+        self.start = start
+
+    def _examples(self, worker: int, num_workers: int) -> Iterator[tuple[tuple[int, int], dict | None]]:
+        """(position after the example, example) forever; raw examples, skipping to the resume position."""
+        epoch, skip = 0, 0
+        if self.start is not None and self.start.num_workers == num_workers:
+            epoch, skip = self.start.positions.get(worker, (0, 0))
+        while True:
+            self.dataset.set_epoch(epoch)
+            index = 0
+            for example in self.dataset:
+                index += 1
+                if index <= skip:  # undecoded: cheap
+                    continue
+                yield (epoch, index), example
+            if index == 0:
+                raise RuntimeError(
+                    f"rank {self.rank} loader worker {worker}: its shards are empty; use at least "
+                    "world_size x num_workers shards (or fewer data.num_workers)"
+                )
+            epoch, skip = epoch + 1, 0
+
+    def _process(self, example: dict, position: tuple[int, int], worker: int) -> tuple[list, bool] | None:
+        image_value = example[self.image_column]
+        try:
+            image = decode_image(image_value)
+        except Exception as error:  # any decoder failure: one bad file must not end the run
+            logger.warning("skipping unreadable image %s: %s", image_value.get("path") or "<bytes>", error)
+            return None
+        fallback = False
+        if self.normalizer is not None:
+            output = self.normalizer.normalize(image.unsqueeze(0))
+            fallback = not bool(output.normalized[0])
+            image = output.images[0].mul(255).round_().clamp_(0, 255).to(torch.uint8)
+        generator = torch.random.default_generator
+        state = generator.get_state()
+        generator.manual_seed(_example_seed(self.seed, self.rank, worker, *position))
+        try:
+            crops = self.transform(image)
+        finally:
+            generator.set_state(state)  # the training RNG (drop path) must not depend on the data
+        return crops, fallback
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        crops, ids = [], []
+        fallbacks = unreadable = 0
+        for position, example in self._examples(worker, num_workers):
+            processed = self._process(example, position, worker)
+            if processed is None:
+                unreadable += 1
+                continue
+            crops.append(processed[0])
+            fallbacks += processed[1]
+            ids.append(_example_id(example, self.image_column))
+            if len(crops) == self.batch_size:
+                yield {
+                    "crops": [torch.stack(view) for view in zip(*crops, strict=True)],
+                    "ids": ids,
+                    "worker": worker,
+                    "position": position,
+                    "macenko_fallbacks": fallbacks,
+                    "unreadable": unreadable,
+                }
+                crops, ids = [], []
+                fallbacks = unreadable = 0
+
+
+class OrderedBatches:
+    """Yields a rank's batches in a fixed worker round-robin and records how far each worker was consumed.
+
+    A `DataLoader` always starts its round-robin at worker 0; after a resume the next batch must come from the
+    worker recorded in the checkpoint, so batches that arrive early wait here (at most one per worker).
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader, state: StreamState) -> None:
+        self.loader = loader
+        self.state = state
+        self._buffers: dict[int, deque] = {w: deque() for w in range(max(state.num_workers, 1))}
+        self._iterator: Iterator | None = None
+
+    def __iter__(self) -> OrderedBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._iterator is None:
+            self._iterator = iter(self.loader)
+        wanted = self.state.next_worker
+        while not self._buffers[wanted]:
+            batch = next(self._iterator)
+            self._buffers[batch["worker"]].append(batch)
+        batch = self._buffers[wanted].popleft()
+        self.state.positions[wanted] = tuple(batch["position"])
+        self.state.next_worker = (wanted + 1) % max(self.state.num_workers, 1)
+        return batch

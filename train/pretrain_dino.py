@@ -1,0 +1,347 @@
+"""EXAONEPath pretraining: DINO on Macenko-normalized patches with Accelerate, from one CPU to 10 nodes x 8 GPUs.
+
+    # 2 CPU processes, tiny ViT, a few minutes (gloo; no GPU needed)
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
+        train/pretrain_dino.py --config train/configs/cpu_smoke.yaml data.source=../shared/data/crc-val-he-7k-samples
+    # one GPU / one node of 8 GPUs
+    accelerate launch --config_file train/accelerate_configs/single_gpu.yaml train/pretrain_dino.py \
+        --config train/configs/one_gpu.yaml data.source=/data/tiles model.init_weights=/models/vit_b16_imagenet
+    accelerate launch --config_file train/accelerate_configs/8_gpus.yaml train/pretrain_dino.py --config ...
+    # the paper: 10 nodes x 8 A100, batch 5,120; run on every node with its rank
+    accelerate launch --config_file train/accelerate_configs/multi_node.yaml --machine_rank $NODE_RANK \
+        --main_process_ip $HEAD_NODE train/pretrain_dino.py --config train/configs/paper.yaml data.source=...
+    # continue exactly from the newest checkpoint / only export the teacher of the newest checkpoint
+    ... train/pretrain_dino.py --config ... --resume
+    ... train/pretrain_dino.py --config ... --export_only --push_to_hub my-org/exaonepath-dino
+
+Any `section.key=value` argument overrides the YAML (e.g. run.max_steps=100 data.num_workers=4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+if __package__ in (None, ""):  # run as a file by `accelerate launch train/pretrain_dino.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from exaonepath_hf import ExaonePathConfig, ExaonePathModel  # noqa: E402
+from exaonepath_hf.convert import load_backbone  # noqa: E402
+from exaonepath_hf.stain_normalization import DEFAULT_STAIN_REFERENCE, MacenkoNormalizer, StainReference  # noqa: E402
+from train.dino import data as dino_data  # noqa: E402
+from train.dino.augmentations import DINOMultiCrop  # noqa: E402
+from train.dino.checkpoint import TrainState, export_backbone, latest_checkpoint, save_checkpoint  # noqa: E402
+from train.dino.config import PretrainConfig, load_config  # noqa: E402
+from train.dino.head import DINOHead  # noqa: E402
+from train.dino.loss import DINOLoss  # noqa: E402
+from train.dino.model import MultiCropNetwork  # noqa: E402
+from train.dino.optim import (  # noqa: E402
+    clip_gradients_per_parameter,
+    freeze_last_layer_gradients,
+    parameter_groups,
+    set_optimizer_hyperparameters,
+)
+from train.dino.schedules import DINOSchedules  # noqa: E402
+from train.dino.teacher import build_teacher, ema_update  # noqa: E402
+
+logger = logging.getLogger("pretrain_dino")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="YAML file (train/configs/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--export_only", action="store_true", help="export the newest checkpoint's teacher")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="also upload the exported backbone")
+    parser.add_argument(
+        "--stop_at_step",
+        type=int,
+        help="checkpoint and exit at this step (schedules still span the whole run)",
+    )
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the YAML")
+    return parser.parse_args(argv)
+
+
+def stain_reference_from_config(value) -> StainReference:
+    if value is None:
+        return DEFAULT_STAIN_REFERENCE
+    if isinstance(value, dict):
+        return StainReference.from_dict(value)
+    # A target image: the reference is fitted on it, like the release's 4096² TCGA target.
+    return MacenkoNormalizer().fit(dino_data.decode_image({"path": value, "bytes": None}))
+
+
+def build_student(cfg: PretrainConfig) -> MultiCropNetwork:
+    m = cfg.model
+    config = ExaonePathConfig(
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        mlp_ratio=m.mlp_ratio,
+        patch_size=m.patch_size,
+        image_size=m.image_size,
+        drop_path_rate=m.drop_path_rate,
+    )
+    backbone = load_backbone(m.init_weights, config=config) if m.init_weights else ExaonePathModel(config)
+    head = DINOHead(
+        m.hidden_size,
+        m.out_dim,
+        m.head_hidden_dim,
+        m.head_bottleneck_dim,
+        m.head_num_layers,
+        m.norm_last_layer,
+    )
+    return MultiCropNetwork(backbone.train(), head)
+
+
+def build_loader(
+    cfg, accelerator, stream_state, transform, normalizer
+) -> tuple[torch.utils.data.DataLoader, int, int | None]:
+    """This rank's loader over its own shards (never `accelerator.prepare`d: that would shard a second time)."""
+    from datasets.distributed import split_dataset_by_node
+
+    source = dino_data.resolve_source(cfg.data.source)
+    dataset, image_column = dino_data.load_patch_dataset(source, cfg.data.split, cfg.data.image_column)
+    dataset = dataset.shuffle(seed=cfg.run.seed, buffer_size=cfg.data.shuffle_buffer)
+    world, shards = accelerator.num_processes, dataset.num_shards
+    if shards % world:
+        logger.warning(
+            "%d shards do not divide among %d processes: every rank reads all shards and keeps 1 example in %d",
+            shards, world, world,
+        )  # fmt: skip
+    dataset = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=world)
+    rank_shards = shards // world if shards % world == 0 else shards
+    num_workers = min(cfg.data.num_workers, rank_shards)
+    if num_workers < cfg.data.num_workers:
+        logger.warning("only %d shards per rank: using %d loader workers", rank_shards, num_workers)
+    stream = dino_data.PatchStream(
+        dataset, image_column, transform, cfg.run.batch_size_per_device, cfg.run.seed,
+        accelerator.process_index, normalizer, stream_state,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        prefetch_factor=cfg.data.prefetch_factor if num_workers else None,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator(),  # its seed draw must not consume the training RNG (exact resume)
+    )
+    samples = cfg.data.num_samples or dino_data.count_samples(source)
+    return loader, num_workers, samples
+
+
+def teacher_digest(teacher: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    out = Path(cfg.run.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.run.mixed_precision, log_with="tensorboard", project_dir=out
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    set_seed(cfg.run.seed, device_specific=True)  # ranks draw different drop-path masks
+
+    student = build_student(cfg)
+    optimizer = torch.optim.AdamW(parameter_groups(student), lr=0.0, betas=cfg.optim.betas)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    unwrapped = accelerator.unwrap_model(student)
+    teacher = build_teacher(unwrapped)  # after prepare: every rank copies the broadcast weights
+    transform = DINOMultiCrop(cfg.augmentations)
+    dino_loss = DINOLoss(
+        cfg.model.out_dim, transform.num_crops, 2, cfg.loss.student_temp, cfg.loss.center_momentum
+    ).to(accelerator.device)
+    state = TrainState()
+    accelerator.register_for_checkpointing(teacher, dino_loss, state)
+
+    checkpoints = out / "checkpoints"
+    if args.resume or args.export_only:
+        newest = latest_checkpoint(checkpoints)
+        if newest is None:
+            raise FileNotFoundError(f"no step_N checkpoint in {checkpoints} to resume from or export")
+        accelerator.load_state(str(newest))
+        logger.info("resumed from %s (step %d)", newest, state.step)
+    reference = stain_reference_from_config(cfg.data.stain_reference)
+    if args.export_only:
+        return export(cfg, accelerator, teacher, reference, args.push_to_hub)
+
+    normalizer = MacenkoNormalizer(reference) if cfg.data.stain_normalize else None
+    stream_state = None
+    if state.streams and len(state.streams) == accelerator.num_processes:
+        stream_state = dino_data.StreamState.from_dict(state.streams[accelerator.process_index])
+    loader, num_workers, num_samples = build_loader(cfg, accelerator, stream_state, transform, normalizer)
+    stream = dino_data.StreamState(max(num_workers, 1)) if stream_state is None else stream_state
+    if stream.num_workers != max(num_workers, 1):
+        logger.warning(
+            "loader workers changed since the checkpoint: data order restarts (not an exact resume)"
+        )
+        stream = dino_data.StreamState(max(num_workers, 1))
+    batches = dino_data.OrderedBatches(loader, stream)
+
+    accum = cfg.run.gradient_accumulation_steps
+    global_batch = cfg.run.batch_size_per_device * accelerator.num_processes * accum
+    if cfg.run.max_steps is None and not num_samples:
+        raise ValueError(
+            "the number of samples is unknown for this source: set data.num_samples or run.max_steps"
+        )
+    steps_per_epoch = max(1, (num_samples or global_batch) // global_batch)
+    total_steps = cfg.run.max_steps or max(1, round(cfg.run.epochs * steps_per_epoch))
+    schedules = DINOSchedules(
+        total_steps=total_steps,
+        lr=cfg.optim.lr * global_batch / cfg.optim.lr_reference_batch_size,
+        min_lr=cfg.optim.min_lr,
+        lr_warmup_steps=min(cfg.optim.warmup_steps, total_steps),
+        weight_decay=cfg.optim.weight_decay,
+        weight_decay_end=cfg.optim.weight_decay_end,
+        momentum_teacher=cfg.optim.momentum_teacher,
+        warmup_teacher_temp=cfg.loss.warmup_teacher_temp,
+        teacher_temp=cfg.loss.teacher_temp,
+        teacher_temp_warmup_steps=round(cfg.loss.teacher_temp_warmup_epochs * steps_per_epoch),
+        freeze_last_layer_steps=round(cfg.optim.freeze_last_layer_epochs * steps_per_epoch),
+    )
+    accelerator.init_trackers("dino", config=flat_hparams(cfg))
+    logger.info(
+        "%d steps (%d per epoch), global batch %d, peak lr %.3g, %d loader workers per rank",
+        total_steps, steps_per_epoch, global_batch, schedules.lr, num_workers,
+    )  # fmt: skip
+
+    stop_at = min(args.stop_at_step or total_steps, total_steps)
+    seen_ids: list[str] = []
+    bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="dino")
+    window = {"time": 0.0, "wait": 0.0, "images": 0.0}
+    while state.step < stop_at:
+        values = schedules.at(state.step)
+        tick = time.perf_counter()
+        wait = 0.0
+        loss_sum = torch.zeros((), device=accelerator.device)
+        local = torch.zeros(3, device=accelerator.device)  # images, Macenko fallbacks, unreadable
+        for micro in range(accum):
+            before = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - before
+            crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
+            with torch.no_grad(), accelerator.autocast():  # only prepared models are autocast for us
+                teacher_output = teacher(crops[:2])
+            sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(student)
+            with sync:
+                loss = dino_loss(student(crops), teacher_output, values.teacher_temp)
+                accelerator.backward(loss / accum)
+            loss_sum += loss.detach() / accum
+            local += torch.tensor(
+                [len(batch["ids"]), batch["macenko_fallbacks"], batch["unreadable"]],
+                device=accelerator.device,
+            )
+            if cfg.run.record_samples:
+                seen_ids.extend(batch["ids"])
+        totals = accelerator.reduce(torch.cat([loss_sum.reshape(1), local]), reduction="sum")
+        mean_loss = totals[0].item() / accelerator.num_processes
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(
+                f"loss is {mean_loss} at step {state.step}; stopping before the update. The last good checkpoint "
+                f"is {latest_checkpoint(checkpoints)}. Usual causes: fp16 (use bf16 or no), too high an lr, "
+                "a corrupted batch."
+            )
+        if values.freeze_last_layer:
+            freeze_last_layer_gradients(unwrapped.head)
+        clip_gradients_per_parameter(student.parameters(), cfg.optim.clip_grad)
+        set_optimizer_hyperparameters(optimizer, values.lr, values.weight_decay)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(teacher, unwrapped, values.teacher_momentum)
+
+        state.step += 1
+        state.images_seen += int(totals[1].item())
+        state.macenko_fallbacks += int(totals[2].item())
+        state.unreadable_images += int(totals[3].item())
+        window["time"] += time.perf_counter() - tick
+        window["wait"] += wait
+        window["images"] += totals[1].item()
+        bar.update(1)
+        if state.step % cfg.run.log_every == 0 or state.step == stop_at:
+            metrics = {
+                "loss": mean_loss,
+                "lr": values.lr,
+                "weight_decay": values.weight_decay,
+                "teacher_momentum": values.teacher_momentum,
+                "teacher_temp": values.teacher_temp,
+                "images_per_s": window["images"] / window["time"],
+                "data_wait_fraction": window["wait"] / window["time"],
+                "macenko_fallbacks": state.macenko_fallbacks,
+                "unreadable_images": state.unreadable_images,
+                "epoch": state.step / steps_per_epoch,
+            }
+            accelerator.log(metrics, step=state.step)
+            if accelerator.is_main_process:  # also plain JSON lines, for scripts and tests
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": state.step, **metrics}) + "\n")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
+            window = {"time": 0.0, "wait": 0.0, "images": 0.0}
+        if state.step % cfg.run.checkpoint_every == 0 or state.step == stop_at:
+            state.streams = gather_object([stream.to_dict()])
+            save_checkpoint(accelerator, checkpoints, state.step, cfg.run.keep_last_checkpoints)
+    bar.close()
+
+    if cfg.run.record_samples:
+        write_rank_record(out, accelerator.process_index, seen_ids, teacher)
+    if state.step >= total_steps:
+        export(cfg, accelerator, teacher, reference, args.push_to_hub)
+    accelerator.end_training()
+    return 0
+
+
+def export(cfg, accelerator, teacher, reference, push_to_hub: str | None) -> int:
+    if accelerator.is_main_process:
+        target = Path(cfg.run.export_dir or Path(cfg.run.output_dir) / "export")
+        export_backbone(
+            teacher.backbone, target, reference, push_to_hub or cfg.run.push_to_hub, cfg.run.hub_private
+        )
+        logger.info("exported the teacher backbone to %s", target)
+    accelerator.wait_for_everyone()
+    return 0
+
+
+def write_rank_record(out: Path, rank: int, ids: list[str], teacher: torch.nn.Module) -> None:
+    """Which samples this rank trained on and a hash of its teacher (for sharding and sync checks)."""
+    path = out / f"rank_{rank}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"rank": rank, "teacher_sha256": teacher_digest(teacher), "samples": ids}))
+    os.replace(tmp, path)
+
+
+def flat_hparams(cfg: PretrainConfig) -> dict:
+    """TensorBoard's hparams take scalars and strings only."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
+if __name__ == "__main__":
+    sys.exit(main())
