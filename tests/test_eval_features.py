@@ -1,0 +1,182 @@
+"""Feature extraction and its cache: same numbers as a direct forward pass, no forward pass on a rerun,
+resume from finished chunks, bad files counted, keys that change with everything that changes features."""
+
+import dataclasses
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+from eval.backbones import Preprocessing, load_encoder
+from eval.features import cache_dir_for, cache_key, extract_features, load_cached
+from exaonepath_hf import ExaonePathConfig, ExaonePathModel
+from exaonepath_hf.stain_normalization import StainReference
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    ExaonePathModel(
+        ExaonePathConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2)
+    ).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiles(shared_data):
+    paths = sorted((shared_data / "crc-val-he-7k-samples").glob("*.png"))[:10]
+    return datasets.Dataset.from_dict(
+        {
+            "image": [str(p) for p in paths],
+            "label": [i % 2 for i in range(len(paths))],
+            "slide_id": [p.stem for p in paths],
+            "patient_id": [""] * len(paths),
+        }
+    ).cast_column("image", datasets.Image(decode=False))
+
+
+class ForwardCounter:
+    def __init__(self, module):
+        self.calls = 0
+        module.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output):
+        self.calls += 1
+
+
+def _key(encoder, preprocessing, fingerprint="fp", split="test"):
+    return cache_key(encoder, "local/crc", "rev1", fingerprint, split, preprocessing, "fp32")
+
+
+def test_features_equal_a_direct_forward_pass_and_are_cached(tiny_model_dir, tiles, tmp_path):
+    encoder = load_encoder(tiny_model_dir)
+    preprocessing = encoder.default_preprocessing(stain_normalize=True)
+    counter = ForwardCounter(encoder.model)
+    key = _key(encoder, preprocessing)
+    first = extract_features(
+        encoder, tiles, preprocessing, key, tmp_path, batch_size=4, num_workers=0, chunk_size=4
+    )
+    assert counter.calls == 3 and first.stats["forward_batches"] == 3 and not first.stats["cache_hit"]
+
+    # independent path: the processor on PIL images, the model's pooler_output
+    processor = preprocessing.processor()
+    images = [Image.open(p["path"]).convert("RGB") for p in tiles["image"]]
+    inputs = processor(images, return_tensors="pt")
+    with torch.no_grad():
+        expected = (
+            ExaonePathModel.from_pretrained(tiny_model_dir)
+            .eval()(pixel_values=inputs["pixel_values"])
+            .pooler_output
+        )
+    torch.testing.assert_close(first.features, expected, rtol=1e-4, atol=1e-5)
+    assert first.labels.tolist() == tiles["label"] and first.slide_ids == tiles["slide_id"]
+    assert torch.equal(first.stain_normalized, inputs["stain_normalized"].bool())
+
+    second = extract_features(encoder, tiles, preprocessing, key, tmp_path, batch_size=4, num_workers=0)
+    assert counter.calls == 3, "a rerun must not run the model"
+    assert second.stats["cache_hit"] and second.stats["forward_batches"] == 0
+    assert torch.equal(second.features, first.features)
+
+
+def test_resume_recomputes_only_missing_chunks(tiny_model_dir, tiles, tmp_path):
+    encoder = load_encoder(tiny_model_dir)
+    preprocessing = encoder.default_preprocessing(stain_normalize=False)
+    key = _key(encoder, preprocessing)
+    full = extract_features(
+        encoder, tiles, preprocessing, key, tmp_path, batch_size=2, num_workers=0, chunk_size=4
+    )
+    entry = cache_dir_for(tmp_path, key)
+    # an interrupted run: chunk 1 never finished and the merge never happened
+    (entry / "meta.json").unlink()
+    (entry / "features.safetensors").unlink()
+    (entry / "chunks" / "chunk_000001.safetensors").unlink()
+    assert load_cached(entry) is None
+    counter = ForwardCounter(encoder.model)
+    resumed = extract_features(
+        encoder, tiles, preprocessing, key, tmp_path, batch_size=2, num_workers=0, chunk_size=4
+    )
+    assert resumed.stats["images_extracted"] == 4 and counter.calls == 2
+    torch.testing.assert_close(resumed.features, full.features)
+
+
+def test_unreadable_image_is_counted_not_fatal(tiny_model_dir, tiles, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    rows = tiles.cast_column("image", datasets.Image(decode=False)).to_dict()
+    rows["image"] = rows["image"][:3] + [{"bytes": None, "path": str(broken)}]
+    for column in ("label", "slide_id", "patient_id"):
+        rows[column] = rows[column][:4]
+    dataset = datasets.Dataset.from_dict(rows, features=tiles.features)
+    encoder = load_encoder(tiny_model_dir)
+    preprocessing = encoder.default_preprocessing(stain_normalize=False)
+    result = extract_features(
+        encoder, dataset, preprocessing, _key(encoder, preprocessing, "broken"), tmp_path / "c", num_workers=0
+    )
+    assert len(result) == 3 and result.indices.tolist() == [0, 1, 2]
+    assert (
+        len(result.failed) == 1
+        and result.failed[0]["index"] == 3
+        and "broken.png" in result.failed[0]["error"]
+    )
+
+
+def test_cache_key_changes_with_everything_that_changes_features(tiny_model_dir, tmp_path):
+    encoder = load_encoder(tiny_model_dir)
+    base = encoder.default_preprocessing(stain_normalize=True)
+    other_reference = StainReference(((0.6, 0.2), (0.7, 0.8), (0.4, 0.55)), (1.9, 1.0))
+    variants = [
+        _key(encoder, base),
+        _key(encoder, dataclasses.replace(base, stain_normalize=False)),
+        _key(encoder, dataclasses.replace(base, stain_reference=other_reference)),
+        _key(encoder, dataclasses.replace(base, crop_size=192)),
+        _key(encoder, dataclasses.replace(base, resize_shortest_edge=224)),
+        _key(encoder, base, fingerprint="other-data"),
+        _key(encoder, base, split="train"),
+        _key(dataclasses.replace(encoder, revision="sha256:other"), base),
+        _key(dataclasses.replace(encoder, pooling="mean"), base),
+    ]
+    directories = {cache_dir_for(tmp_path, key) for key in variants}
+    assert len(directories) == len(variants)
+    assert base.to_dict()["stain_reference"]["max_concentrations"] == [1.9705, 1.0308]
+    assert Preprocessing(stain_normalize=False).to_dict()["stain_reference"] is None
+
+
+def test_any_automodel_encoder_uses_the_cls_token(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    vit = ViTModel(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    )
+    vit.save_pretrained(tmp_path / "vit")
+    encoder = load_encoder(tmp_path / "vit")
+    assert encoder.kind == "transformers" and encoder.pooling == "cls" and encoder.feature_dim == 32
+    assert encoder.revision.startswith("sha256:")
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = (
+            ViTModel.from_pretrained(tmp_path / "vit").eval()(pixel_values=pixels).last_hidden_state[:, 0]
+        )
+    torch.testing.assert_close(encoder.features(pixels), expected)
+
+
+def test_timm_state_dict_loads_as_exaonepath(tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    reference = timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        embed_dim=128,
+        depth=2,
+        num_heads=2,  # 64-d heads, as the file loader assumes
+    ).eval()
+    save_file(reference.state_dict(), tmp_path / "vit.safetensors")
+    encoder = load_encoder(tmp_path / "vit.safetensors")
+    assert encoder.kind == "exaonepath" and encoder.feature_dim == 128
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.features(pixels), reference(pixels), rtol=1e-4, atol=1e-4)
