@@ -53,6 +53,9 @@ class ProbeConfig:
     # L-BFGS only: L2 strengths (on the mean cross-entropy) tried, best on validation kept
     l2_grid: tuple[float, ...] = ()
     lbfgs_max_iter: int = 500
+    # Minibatch probes on CPU: one step is ~1 MFLOP, so splitting it across threads costs more in
+    # synchronisation than it saves (10-40x slower with 2 threads on a busy 2-core machine).
+    cpu_threads: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -276,9 +279,7 @@ def fit_linear_probe(
         raise ValueError(f"{config.name}: iterations, eval_every and batch_size must be positive")
     if device.type != "cpu":
         return _fit_minibatch(train, val, config, seed, num_classes, device)
-    # One step is ~1 MFLOP: splitting it across threads costs more in synchronisation than it saves
-    # (measured 10-40x slower with 2 threads on a busy 2-core machine).
-    with _intra_op_threads(1):
+    with _intra_op_threads(config.cpu_threads):
         return _fit_minibatch(train, val, config, seed, num_classes, device)
 
 

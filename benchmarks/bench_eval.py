@@ -1,0 +1,227 @@
+"""Evaluation speed: probe training on cached features, and feature extraction against the bare model.
+
+    python benchmarks/bench_eval.py [--threads 2] [--rows 100000] [--images 64] [--skip-extraction]
+
+Probe: the paper's protocol (SGD, batch 128, 12,500 iterations, validation every 250 steps) on 100k cached
+768-d features (9 classes, plus 20k validation rows), as `eval.probes` runs it, against the usual
+DataLoader(TensorDataset) loop with the same optimizer and against our loop with 2 intra-op threads. The
+two peers run 1,250 iterations and are scaled to 12,500 (marked "extrapolated").
+
+Extraction: images/s of `eval.features.extract_features` (PNG decode, Macenko, resize 256, crop 224,
+normalize in one DataLoader worker, then a ViT-B/16 forward) against the bare model on ready tensors, and
+the preprocessing alone (the DataLoader without the model) with Macenko on and off: preprocessing keeps up
+when its images/s exceed the model's. Real CRC-VAL-HE-7K tiles from the shared test data, repeated to
+`--images`. Writes benchmarks/results/eval.json and eval.md.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from eval.backbones import Encoder  # noqa: E402
+from eval.features import _Collate, _EncodedImages, cache_key, extract_features  # noqa: E402
+from eval.probes import PRESETS, FeatureSplit, fit_linear_probe  # noqa: E402
+from exaonepath_hf import ExaonePathConfig, ExaonePathModel  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+DATA = Path(os.environ.get("EXAONEPATH_TEST_DATA", ROOT.parent / "shared" / "data"))
+
+
+def synthetic_features(rows: int, dim: int = 768, classes: int = 9, seed: int = 0) -> FeatureSplit:
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(99))
+    labels = torch.randint(0, classes, (rows,), generator=generator)
+    return FeatureSplit(centres[labels] + 4 * torch.randn(rows, dim, generator=generator), labels)
+
+
+def dataloader_loop(train: FeatureSplit, iterations: int, classes: int) -> float:
+    """The common way: a shuffled DataLoader over a TensorDataset, nn.Linear, SGD; seconds for `iterations`."""
+    loader = DataLoader(
+        TensorDataset(train.features, train.labels), batch_size=128, shuffle=True, drop_last=True
+    )
+    linear = torch.nn.Linear(train.features.shape[1], classes)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.1, momentum=0.9)
+    started, step = time.perf_counter(), 0
+    while step < iterations:
+        for features, labels in loader:
+            loss = F.cross_entropy(linear(features), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step == iterations:
+                break
+    return time.perf_counter() - started
+
+
+def bench_probe(args: argparse.Namespace) -> list[dict]:
+    train, val = synthetic_features(args.rows), synthetic_features(args.rows // 5, seed=1)
+    paper = PRESETS["paper"]
+    rows = []
+
+    started = time.perf_counter()
+    fit = fit_linear_probe(train, val, paper, num_classes=9)
+    seconds = time.perf_counter() - started
+    rows.append(
+        {
+            "what": "eval.probes paper protocol (ours)",
+            "iterations": paper.iterations,
+            "seconds_for_12500": round(seconds, 2),
+            "extrapolated": False,
+            "val_top1": round(fit.selected_val_score, 4),
+        }
+    )
+
+    short = args.peer_iterations
+    seconds = dataloader_loop(train, short, 9) * paper.iterations / short
+    rows.append(
+        {
+            "what": "DataLoader(TensorDataset) loop, same optimizer (peer)",
+            "iterations": short,
+            "seconds_for_12500": round(seconds, 2),
+            "extrapolated": True,
+        }
+    )
+
+    # our loop with intra-op threading on (what eval.probes avoids on CPU by default)
+    config = dataclasses.replace(paper, iterations=short, eval_every=short, cpu_threads=args.threads)
+    started = time.perf_counter()
+    fit_linear_probe(train, val, config, num_classes=9)
+    seconds = (time.perf_counter() - started) * paper.iterations / short
+    rows.append(
+        {
+            "what": f"eval.probes loop with {args.threads} intra-op threads",
+            "iterations": short,
+            "seconds_for_12500": round(seconds, 2),
+            "extrapolated": True,
+        }
+    )
+    return rows
+
+
+def crc_tiles(count: int) -> datasets.Dataset:
+    paths = sorted((DATA / "crc-val-he-7k-samples").glob("*.png"))
+    if not paths:
+        raise SystemExit(f"no CRC samples under {DATA}; set EXAONEPATH_TEST_DATA")
+    chosen = [str(paths[i % len(paths)]) for i in range(count)]
+    return datasets.Dataset.from_dict(
+        {"image": chosen, "label": [0] * count, "slide_id": [""] * count, "patient_id": [""] * count}
+    ).cast_column("image", datasets.Image(decode=False))
+
+
+def bench_extraction(args: argparse.Namespace) -> list[dict]:
+    torch.manual_seed(0)
+    model = ExaonePathModel(ExaonePathConfig()).eval()  # ViT-B/16, the released size
+    encoder = Encoder(
+        model=model,
+        source="vit-b16-random",
+        revision="bench",
+        kind="exaonepath",
+        pooling="pooler",
+        feature_dim=768,
+    )
+    dataset = crc_tiles(args.images)
+    rows = []
+
+    pixel_values = torch.randn(args.batch, 3, 224, 224)
+    with torch.inference_mode():
+        encoder.features(pixel_values)  # warm-up
+        started = time.perf_counter()
+        batches = max(1, args.images // args.batch)
+        for _ in range(batches):
+            encoder.features(pixel_values)
+        bare = batches * args.batch / (time.perf_counter() - started)
+    rows.append({"what": "bare model forward, ready tensors (peer)", "images_per_second": round(bare, 2)})
+
+    for stain in (True, False):
+        preprocessing = encoder.default_preprocessing(stain_normalize=stain)
+        loader = DataLoader(
+            _EncodedImages(dataset, range(len(dataset))),
+            batch_size=args.batch,
+            num_workers=args.workers,
+            collate_fn=_Collate(preprocessing.processor()),
+        )
+        started = time.perf_counter()
+        for _ in loader:
+            pass
+        rate = len(dataset) / (time.perf_counter() - started)
+        rows.append(
+            {
+                "what": f"preprocessing only, Macenko {'on' if stain else 'off'}, {args.workers} worker(s)",
+                "images_per_second": round(rate, 2),
+            }
+        )
+
+    with tempfile.TemporaryDirectory() as cache:
+        preprocessing = encoder.default_preprocessing(stain_normalize=True)
+        key = cache_key(encoder, "bench", "bench", "bench", "test", preprocessing, "fp32")
+        result = extract_features(
+            encoder, dataset, preprocessing, key, cache, batch_size=args.batch, num_workers=args.workers
+        )
+    rows.append(
+        {
+            "what": f"extract_features, Macenko on, {args.workers} worker(s) (ours)",
+            "images_per_second": result.stats["images_per_second"],
+        }
+    )
+    return rows
+
+
+def write_markdown(report: dict) -> str:
+    lines = [
+        f"Measured on {report['machine']}, torch {report['torch']}, {report['threads']} threads.",
+        "",
+        "| Probe training (100k x 768 cached features, 9 classes) | Seconds for 12,500 iterations |",
+        "|---|---|",
+    ]
+    for row in report["probe"]:
+        note = " (extrapolated from " + f"{row['iterations']:,})" if row["extrapolated"] else ""
+        lines.append(f"| {row['what']} | {row['seconds_for_12500']:.1f}{note} |")
+    if report.get("extraction"):
+        lines += ["", f"| Feature extraction, ViT-B/16, batch {report['batch']} | Images/s |", "|---|---|"]
+        lines += [f"| {row['what']} | {row['images_per_second']:.1f} |" for row in report["extraction"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--peer-iterations", dest="peer_iterations", type=int, default=1_250)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--skip-extraction", dest="skip_extraction", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "batch": args.batch,
+        "probe": bench_probe(args),
+        "extraction": None if args.skip_extraction else bench_extraction(args),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = write_markdown(report)
+    (RESULTS / "eval.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
