@@ -222,3 +222,63 @@ def test_imagefolder_subfolders_and_metadata_agree(tmp_path, shared_data):
     assert loaded[0].splits["val"]["label"] == loaded[1].splits["val"]["label"]
     with pytest.raises(ValueError, match="--test_fraction"):
         load_task(imagefolder_task(tmp_path / "folders" / "train"), data_dir=tmp_path / "folders" / "train")
+
+
+def _hub_like_copy(root, splits: dict, features) -> str:
+    """A local folder laid out like a hub dataset repo (README configs naming the splits, parquet files)."""
+    import datasets
+
+    (root / "data").mkdir(parents=True)
+    config = ["---", "configs:", "- config_name: default", "  data_files:"]
+    for name, rows in splits.items():
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            str(root / "data" / f"{name}-00000.parquet")
+        )
+        config += [f"  - split: {name}", f"    path: data/{name}-*.parquet"]
+    (root / "README.md").write_text("\n".join(config + ["---", ""]))
+    return str(root)
+
+
+def test_hub_tasks_map_splits_and_labels(tmp_path):
+    import dataclasses
+
+    import datasets
+
+    image = datasets.Image()
+    pcam_rows = {
+        name: {
+            "image": [{"bytes": _png(i), "path": None} for i in range(n)],
+            "label": [bool(i % 2) for i in range(n)],
+        }
+        for name, n in (("train", 6), ("valid", 4), ("test", 4))
+    }
+    pcam_dir = _hub_like_copy(
+        tmp_path / "pcam", pcam_rows, datasets.Features({"image": image, "label": datasets.Value("bool")})
+    )
+    pcam = load_task(dataclasses.replace(TASKS["pcam"], hub_id=pcam_dir))
+    assert {k: len(v) for k, v in pcam.splits.items()} == {"train": 6, "val": 4, "test": 4}
+    assert pcam.splits["val"]["label"] == [0, 1, 0, 1] and pcam.provenance["derived_val"] is False
+    assert pcam.dataset_revision == "main"
+
+    # CRC-100K: ClassLabel names mapped by name into the pinned order, val derived 80:20 from NCT_CRC_HE_100K
+    source_order = ["TUM", "ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR"]  # deliberately not ours
+    crc_rows = {
+        name: {
+            "image": [{"bytes": _png(i), "path": None} for i in range(n)],
+            "label": [i % k for i in range(n)],
+        }
+        for name, n, k in (("NCT_CRC_HE_100K", 45, 9), ("CRC_VAL_HE_7K", 18, 3))
+    }
+    crc_dir = _hub_like_copy(
+        tmp_path / "crc",
+        crc_rows,
+        datasets.Features({"image": image, "label": datasets.ClassLabel(names=source_order)}),
+    )
+    crc = load_task(dataclasses.replace(TASKS["crc100k"], hub_id=crc_dir))
+    assert {k: len(v) for k, v in crc.splits.items()} == {"train": 36, "val": 9, "test": 18}
+    assert sorted(crc.splits["val"]["label"]) == list(range(9))  # stratified
+    # the test split holds source classes 0..2 = TUM, ADI, BACK = our 8, 0, 1
+    assert sorted(crc.splits["test"]["label"]) == [0] * 6 + [1] * 6 + [8] * 6
+    assert crc.provenance["stain_normalized_by_source"] == {"train": True, "test": True}
+    with pytest.raises(ValueError, match="not found"):
+        load_task(dataclasses.replace(TASKS["crc100k"], hub_id=pcam_dir))
