@@ -259,13 +259,13 @@ def local_fingerprint(root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_local(root: Path) -> datasets.Dataset:
+def _load_local(root: Path, cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
     """All images of a local imagefolder as one dataset with a `split` column ("" when the layout has none)."""
     if not root.is_dir():
         raise FileNotFoundError(
             f"data directory {root} does not exist; build it with `python -m eval.converters` or pass --data_dir"
         )
-    loaded = datasets.load_dataset("imagefolder", data_dir=str(root))
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir)
     parts = []
     for source_split, part in loaded.items():
         if "label" not in part.column_names:
@@ -314,8 +314,12 @@ def load_task(
     data_dir: str | os.PathLike | None = None,
     revision: str | None = None,
     test_fraction: float | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> TaskData:
-    """Load a task's train / val / test splits with pinned labels (see the module docstring)."""
+    """Load a task's train / val / test splits with pinned labels (see the module docstring).
+
+    `cache_dir` is the `datasets` cache (default: `HF_DATASETS_CACHE`).
+    """
     provenance: dict[str, Any] = {"derived_val": spec.splits.val is None}
     if spec.is_local:
         if data_dir is None:
@@ -324,7 +328,7 @@ def load_task(
                 f"`python -m eval.converters {spec.converter} SRC OUT`"
             )
         root = Path(data_dir)
-        everything = _load_local(root)
+        everything = _load_local(root, cache_dir)
         dataset_id, dataset_revision = str(root.resolve()), local_fingerprint(root)
         raw_labels = everything["label"]
         class_names = spec.class_names or tuple(sorted(set(raw_labels)))
@@ -347,7 +351,9 @@ def load_task(
         raw_splits = {name: everything.select(idx) for name, idx in sources.items() if idx}
         provenance["derived_val"] = "val" not in raw_splits
     else:
-        loaded = datasets.load_dataset(spec.hub_id, revision=revision or spec.hub_revision)
+        loaded = datasets.load_dataset(
+            spec.hub_id, revision=revision or spec.hub_revision, cache_dir=cache_dir
+        )
         dataset_id, dataset_revision = spec.hub_id, revision or spec.hub_revision or "main"
         plan = spec.splits
         wanted = {"train": plan.train, "test": plan.test, **({"val": plan.val} if plan.val else {})}

@@ -255,7 +255,9 @@ def test_hub_tasks_map_splits_and_labels(tmp_path):
     pcam_dir = _hub_like_copy(
         tmp_path / "pcam", pcam_rows, datasets.Features({"image": image, "label": datasets.Value("bool")})
     )
-    pcam = load_task(dataclasses.replace(TASKS["pcam"], hub_id=pcam_dir))
+    # a private datasets cache: datasets keys local hub-style folders by folder name, not content
+    cache = tmp_path / "hf-cache"
+    pcam = load_task(dataclasses.replace(TASKS["pcam"], hub_id=pcam_dir), cache_dir=cache)
     assert {k: len(v) for k, v in pcam.splits.items()} == {"train": 6, "val": 4, "test": 4}
     assert pcam.splits["val"]["label"] == [0, 1, 0, 1] and pcam.provenance["derived_val"] is False
     assert pcam.dataset_revision == "main"
@@ -274,11 +276,11 @@ def test_hub_tasks_map_splits_and_labels(tmp_path):
         crc_rows,
         datasets.Features({"image": image, "label": datasets.ClassLabel(names=source_order)}),
     )
-    crc = load_task(dataclasses.replace(TASKS["crc100k"], hub_id=crc_dir))
+    crc = load_task(dataclasses.replace(TASKS["crc100k"], hub_id=crc_dir), cache_dir=cache)
     assert {k: len(v) for k, v in crc.splits.items()} == {"train": 36, "val": 9, "test": 18}
     assert sorted(crc.splits["val"]["label"]) == list(range(9))  # stratified
     # the test split holds source classes 0..2 = TUM, ADI, BACK = our 8, 0, 1
     assert sorted(crc.splits["test"]["label"]) == [0] * 6 + [1] * 6 + [8] * 6
     assert crc.provenance["stain_normalized_by_source"] == {"train": True, "test": True}
     with pytest.raises(ValueError, match="not found"):
-        load_task(dataclasses.replace(TASKS["crc100k"], hub_id=pcam_dir))
+        load_task(dataclasses.replace(TASKS["crc100k"], hub_id=pcam_dir), cache_dir=cache)
