@@ -120,9 +120,12 @@ def build_loader(
     from datasets.distributed import split_dataset_by_node
 
     source = dino_data.resolve_source(cfg.data.source)
-    dataset, image_column = dino_data.load_patch_dataset(source, cfg.data.split, cfg.data.image_column)
+    world = accelerator.num_processes
+    dataset, image_column = dino_data.load_patch_dataset(
+        source, cfg.data.split, cfg.data.image_column, shard_multiple=world * max(cfg.data.num_workers, 1)
+    )
     dataset = dataset.shuffle(seed=cfg.run.seed, buffer_size=cfg.data.shuffle_buffer)
-    world, shards = accelerator.num_processes, dataset.num_shards
+    shards = dataset.num_shards
     if shards % world:
         logger.warning(
             "%d shards do not divide among %d processes: every rank reads all shards and keeps 1 example in %d",
@@ -150,6 +153,15 @@ def build_loader(
     return loader, num_workers, samples
 
 
+def launched_on_cpus_only() -> bool:
+    """A multi-process launch on a machine without an accelerator (e.g. `accelerate launch --multi_gpu` on CPUs).
+
+    Accelerate 1.x then makes every process an independent single-process run unless `cpu=True`, which selects
+    the gloo backend; the launcher resets ACCELERATE_USE_CPU, so the script must ask for it.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+
+
 def teacher_digest(teacher: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(teacher.state_dict().items()):
@@ -163,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(cfg.run.output_dir)
     accelerator = Accelerator(
-        mixed_precision=cfg.run.mixed_precision, log_with="tensorboard", project_dir=out
+        cpu=launched_on_cpus_only(),
+        mixed_precision=cfg.run.mixed_precision,
+        log_with="tensorboard",
+        project_dir=out,
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     set_seed(cfg.run.seed, device_specific=True)  # ranks draw different drop-path masks

@@ -97,22 +97,30 @@ def resolve_source(source: str) -> PatchSource:
     return PatchSource("hub", hub_id=source)
 
 
-def _image_paths(paths: list[str]) -> Iterator[dict[str, Any]]:
-    for path in paths:
-        yield {"image": {"path": path, "bytes": None}}
+def _image_paths(shards: list[list[str]]) -> Iterator[dict[str, Any]]:
+    for shard in shards:
+        for path in shard:
+            yield {"image": {"path": path, "bytes": None}}
 
 
-def load_patch_dataset(source: PatchSource, split: str = "train", image_column: str | None = None):
+def load_patch_dataset(
+    source: PatchSource, split: str = "train", image_column: str | None = None, shard_multiple: int = 1
+):
     """A streaming `datasets.IterableDataset` whose image column is left undecoded (decoded in `PatchStream`).
 
+    Image folders are cut into a multiple of `shard_multiple` (world size x loader workers) shards of files when
+    there are enough files, so that ranks and workers split shards, not examples.
     Returns the dataset and the name of its image column.
     """
     if source.kind == "imagefolder":
-        # One shard per file (`load_dataset("imagefolder", streaming=True)` makes a single shard, which
-        # would leave one worker per rank and make every rank read every file).
+        # `load_dataset("imagefolder", streaming=True)` makes a single shard: one worker per rank, and every
+        # rank would read every file.
+        files = list(source.files)
+        num_shards = len(files) // shard_multiple * shard_multiple or len(files)
+        shards = [list(chunk) for chunk in np.array_split(np.array(files, dtype=object), num_shards)]
         features = datasets.Features({"image": datasets.Image(decode=False)})
         dataset = datasets.IterableDataset.from_generator(
-            _image_paths, gen_kwargs={"paths": list(source.files)}, features=features
+            _image_paths, gen_kwargs={"shards": shards}, features=features
         )
         return dataset, "image"
     if source.kind in ("parquet", "webdataset"):

@@ -1,0 +1,194 @@
+"""The DINO data pipeline on real H&E patches: sources, sharding, counted skips and fallbacks, exact resume."""
+
+import io
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from conftest import PROJECT_ROOT
+from datasets.distributed import split_dataset_by_node
+from PIL import Image
+
+sys.path.insert(0, str(PROJECT_ROOT))  # `train/` is a folder of recipes beside the package, not installed
+
+from exaonepath_hf.stain_normalization import MacenkoNormalizer  # noqa: E402
+from train.dino.augmentations import AugmentationConfig, DINOMultiCrop  # noqa: E402
+from train.dino.data import (  # noqa: E402
+    OrderedBatches,
+    PatchStream,
+    StreamState,
+    count_samples,
+    load_patch_dataset,
+    resolve_source,
+)
+
+TINY_CROPS = AugmentationConfig(global_crop_size=32, local_crop_size=16, num_local_crops=2)
+
+
+@pytest.fixture(scope="module")
+def patch_folder(shared_data, tmp_path_factory) -> Path:
+    """Mixed native sizes (224², 256², 512²), background tiles (Macenko fallbacks) and one corrupt file."""
+    folder = tmp_path_factory.mktemp("patches")
+    sources = sorted((shared_data / "crc-val-he-7k-samples").glob("*.png"))[:12]
+    sources += sorted((shared_data / "tcga-tiles").glob("TCGA-*/*"))[:4]
+    sources += sorted((shared_data / "tiles").glob("almost-white-*.png"))
+    for source in sources:
+        (folder / source.name).symlink_to(source)
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    return folder
+
+
+def make_stream(source, rank=0, world_size=1, batch_size=2, start=None, normalizer=True):
+    dataset, column = load_patch_dataset(resolve_source(str(source)))
+    dataset = split_dataset_by_node(dataset.shuffle(seed=3, buffer_size=8), rank=rank, world_size=world_size)
+    return PatchStream(
+        dataset, column, DINOMultiCrop(TINY_CROPS), batch_size, seed=7, rank=rank,
+        normalizer=MacenkoNormalizer() if normalizer else None, start=start,
+    )  # fmt: skip
+
+
+def test_resolve_source_kinds(tmp_path, patch_folder):
+    folder = resolve_source(str(patch_folder))
+    assert folder.kind == "imagefolder" and len(folder.files) == len(list(patch_folder.iterdir()))
+    assert count_samples(folder) == len(folder.files)
+    assert resolve_source(str(patch_folder / "*.png")).kind == "imagefolder"
+    assert resolve_source("1aurent/PatchCamelyon") == resolve_source("1aurent/PatchCamelyon")
+    assert resolve_source("1aurent/PatchCamelyon").kind == "hub"
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_source(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no images"):
+        resolve_source(str(tmp_path))
+
+
+def test_tiler_shards_are_read_with_their_ids(tmp_path, shared_data):
+    """An `exaonepath-tile` output folder: parquet shards with an Image column and slide coordinates."""
+    patches = sorted((shared_data / "tcga-tiles" / "TCGA-3X-AAVA-01Z-00-DX1").iterdir())[:4]
+    shards = tmp_path / "tiles" / "shards"
+    shards.mkdir(parents=True)
+    for index in range(2):
+        rows = patches[index * 2 : index * 2 + 2]
+        table = datasets.Dataset.from_dict(
+            {
+                "image": [{"bytes": p.read_bytes(), "path": None} for p in rows],
+                "slide_id": ["TCGA-3X-AAVA"] * 2,
+                "x": [index * 512, index * 512 + 256],
+                "y": [0, 0],
+                "level": [0, 0],
+                "size": [256, 256],
+                "mpp": [0.5, 0.5],
+            },
+            features=datasets.Features(
+                {
+                    "image": datasets.Image(),
+                    "slide_id": datasets.Value("string"),
+                    "x": datasets.Value("int64"),
+                    "y": datasets.Value("int64"),
+                    "level": datasets.Value("int64"),
+                    "size": datasets.Value("int64"),
+                    "mpp": datasets.Value("float64"),
+                }
+            ),
+        )
+        table.to_parquet(str(shards / f"shard-{index:05d}.parquet"))
+    source = resolve_source(str(tmp_path / "tiles"))
+    assert source.kind == "parquet" and len(source.files) == 2 and count_samples(source) == 4
+    batch = next(iter(make_stream(tmp_path / "tiles", batch_size=4)))
+    assert sorted(batch["ids"]) == ["TCGA-3X-AAVA@0:0,0", "TCGA-3X-AAVA@0:256,0", "TCGA-3X-AAVA@0:512,0",
+                                    "TCGA-3X-AAVA@0:768,0"]  # fmt: skip
+    assert [tuple(c.shape) for c in batch["crops"]] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
+
+
+def test_unreadable_images_are_skipped_and_counted_and_background_falls_back(patch_folder):
+    stream = make_stream(patch_folder, batch_size=1)
+    files = resolve_source(str(patch_folder)).files
+    seen, unreadable, fallbacks = [], 0, 0
+    for batch in stream:
+        seen.extend(batch["ids"])
+        unreadable += batch["unreadable"]
+        fallbacks += batch["macenko_fallbacks"]
+        if len(seen) == len(files) - 1:  # one full epoch of readable images
+            break
+    assert sorted(seen) == sorted(f for f in files if not f.endswith("corrupt.png"))
+    assert unreadable == 1
+    # The almost-white background tiles come back unchanged; real tissue is normalized.
+    assert fallbacks >= 2 and fallbacks < len(seen) // 2
+
+
+def test_macenko_runs_before_the_crops():
+    """A flat image through the pipeline: the normalized colour (not the raw one) reaches the crops."""
+    config = AugmentationConfig(
+        global_crop_size=16, local_crop_size=16, num_local_crops=0, color_jitter_p=0, grayscale_p=0,
+        blur_p=(0, 0, 0), solarize_p=0,
+    )  # fmt: skip
+
+    class Recorder:
+        calls = 0
+
+        def normalize(self, images):
+            Recorder.calls += 1
+            assert images.dtype == torch.uint8 and images.shape == (1, 3, 20, 20)
+            return MacenkoNormalizer().normalize(torch.full_like(images, 128))
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 50, 50)).save(buffer, format="PNG")
+    dataset = datasets.IterableDataset.from_generator(
+        lambda: iter([{"image": {"bytes": buffer.getvalue(), "path": None}}]),
+        features=datasets.Features({"image": datasets.Image(decode=False)}),
+    )
+    stream = PatchStream(dataset, "image", DINOMultiCrop(config), 1, seed=0, normalizer=Recorder())
+    batch = next(iter(stream))
+    # A flat grey 128 has no tissue: the normalizer returns it unchanged and flags a fallback.
+    assert Recorder.calls == 1 and batch["macenko_fallbacks"] == 1
+    mean = torch.tensor([0.485, 0.456, 0.406])
+    std = torch.tensor([0.229, 0.224, 0.225])
+    expected = (128 / 255 - mean) / std
+    torch.testing.assert_close(batch["crops"][0][0].mean(dim=(1, 2)), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_ranks_read_disjoint_shards(patch_folder):
+    files = resolve_source(str(patch_folder)).files
+    per_rank = []
+    for rank in range(2):
+        ids = []
+        for batch in make_stream(patch_folder, rank=rank, world_size=2, batch_size=1, normalizer=False):
+            ids.extend(batch["ids"])
+            if batch["position"][0] > 0:  # entered the second epoch
+                ids.pop()
+                break
+        per_rank.append(set(ids))
+    assert not per_rank[0] & per_rank[1]
+    readable = {f for f in files if not f.endswith("corrupt.png")}
+    assert per_rank[0] | per_rank[1] == readable
+
+
+def _loader(stream, num_workers):
+    return torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=num_workers, generator=torch.Generator(),
+        multiprocessing_context="fork" if num_workers else None,
+    )  # fmt: skip
+
+
+def test_stream_resumes_exactly_with_several_workers(patch_folder):
+    """Stop after an odd number of batches (the next batch belongs to worker 1), resume, compare."""
+    workers = 2
+    straight = OrderedBatches(
+        _loader(make_stream(patch_folder, normalizer=False), workers), StreamState(workers)
+    )
+    reference = [next(straight) for _ in range(12)]  # crosses an epoch boundary (17 files / 2 workers)
+
+    first = OrderedBatches(
+        _loader(make_stream(patch_folder, normalizer=False), workers), StreamState(workers)
+    )
+    for _ in range(5):
+        next(first)
+    saved = StreamState.from_dict(first.state.to_dict())
+    assert saved.next_worker == 1
+
+    resumed_stream = make_stream(patch_folder, normalizer=False, start=saved)
+    resumed = OrderedBatches(_loader(resumed_stream, workers), saved)
+    for expected in reference[5:]:
+        batch = next(resumed)
+        assert batch["ids"] == expected["ids"] and batch["worker"] == expected["worker"]
+        assert all(torch.equal(a, b) for a, b in zip(batch["crops"], expected["crops"], strict=True))

