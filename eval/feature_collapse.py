@@ -36,12 +36,11 @@ import datasets
 import matplotlib
 import numpy as np
 import torch
-from accelerate import PartialState
 from PIL import Image
 
 from ._io import atomic_write_bytes, write_json
 from .backbones import load_encoder
-from .features import cache_key, default_cache_root, extract_features
+from .features import cache_key, default_cache_root, distributed_state, extract_features
 from .report import environment
 from .tasks import local_fingerprint
 
@@ -344,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.label and len(args.label) != len(args.model):
         raise SystemExit("give one --label per --model")
-    state = PartialState()
+    state = distributed_state()
     cache_root = args.cache_dir or default_cache_root()
     data = load_grouped_images(args.data, args.group_by, args.tile)
     labels = [Path(m).name for m in args.model] if not args.label else args.label

@@ -55,6 +55,12 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1
 
 
+def distributed_state() -> PartialState:
+    """Accelerate's process state; on a machine without CUDA, processes started by `accelerate launch` or
+    torchrun join one gloo group (PartialState() alone would leave each process on its own there)."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def default_cache_root() -> Path:
     """`$EXAONEPATH_FEATURE_CACHE`, else `~/.cache/exaonepath_hf/features`."""
     return Path(
@@ -284,7 +290,7 @@ def extract_features(
     if cached is not None:
         logger.info("feature cache hit: %s (%d rows)", entry, len(cached))
         return cached
-    state = state or PartialState()
+    state = state or distributed_state()
     if state.is_main_process:
         write_json(entry / "key.json", key)
     num_chunks = max(1, math.ceil(len(dataset) / chunk_size))

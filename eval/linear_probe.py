@@ -27,7 +27,7 @@ from accelerate import PartialState
 
 from ._io import atomic_save_tensors, write_json
 from .backbones import Encoder, Preprocessing, load_encoder
-from .features import FeatureSet, cache_key, default_cache_root, extract_features
+from .features import FeatureSet, cache_key, default_cache_root, distributed_state, extract_features
 from .probes import PRESETS, FeatureSplit, ProbeConfig, fit_linear_probe, predict, summarize_seeds
 from .report import RECORD_SUFFIX, environment, write_report
 from .tasks import PAPER_TASK_ORDER, SPLIT_NAMES, TaskData, get_task, imagefolder_task, load_task
@@ -289,7 +289,7 @@ def _tasks(args: argparse.Namespace) -> list[tuple[Any, Path | None]]:
 def main(argv: list[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    state = PartialState()
+    state = distributed_state()
     args.cache_dir = args.cache_dir or default_cache_root()
     args.probe_device = args.probe_device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = load_encoder(args.model, pooling=args.pooling, revision=args.revision, device=state.device)

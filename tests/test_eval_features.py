@@ -180,3 +180,65 @@ def test_timm_state_dict_loads_as_exaonepath(tmp_path):
     pixels = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(encoder.features(pixels), reference(pixels), rtol=1e-4, atol=1e-4)
+
+
+_DISTRIBUTED_SCRIPT = """
+import sys
+import datasets, torch
+from eval.features import cache_key, distributed_state, extract_features
+from eval.backbones import load_encoder
+
+model_dir, cache, out, *paths = sys.argv[1:]
+state = distributed_state()
+dataset = datasets.Dataset.from_dict(
+    {"image": paths, "label": [0] * len(paths), "slide_id": paths, "patient_id": [""] * len(paths)}
+).cast_column("image", datasets.Image(decode=False))
+encoder = load_encoder(model_dir)
+preprocessing = encoder.default_preprocessing(stain_normalize=False)
+key = cache_key(encoder, "local/crc", "rev1", "distributed", "test", preprocessing, "fp32")
+result = extract_features(encoder, dataset, preprocessing, key, cache, num_workers=0, chunk_size=3, state=state)
+torch.save({"rank": state.process_index, "extracted": result.stats["images_extracted"]}, f"{out}.{state.process_index}")
+if state.is_main_process:
+    torch.save(result.features, out)
+state.destroy_process_group()
+"""
+
+
+def test_extraction_is_shared_across_processes(tiny_model_dir, tiles, tmp_path):
+    """Under `accelerate launch` with 2 processes, each extracts every other chunk and the merge is complete."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "extract.py"
+    script.write_text(_DISTRIBUTED_SCRIPT)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    paths = [p["path"] for p in tiles["image"]]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip",
+        "127.0.0.1", "--main_process_port", str(port), str(script), str(tiny_model_dir), str(tmp_path / "cache"),
+        str(tmp_path / "features.pt"), *paths,
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shares = sorted(torch.load(tmp_path / f"features.pt.{rank}")["extracted"] for rank in (0, 1))
+    assert shares == [4, 6]  # 10 rows in chunks of 3: rank 0 takes chunks 0 and 2, rank 1 chunks 1 and 3
+
+    encoder = load_encoder(tiny_model_dir)
+    preprocessing = encoder.default_preprocessing(stain_normalize=False)
+    single = extract_features(
+        encoder,
+        tiles,
+        preprocessing,
+        _key(encoder, preprocessing, "single"),
+        tmp_path / "single",
+        num_workers=0,
+    )
+    torch.testing.assert_close(torch.load(tmp_path / "features.pt"), single.features, rtol=1e-4, atol=1e-5)
