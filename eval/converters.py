@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 import os
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._io import atomic_write_bytes
 from .tasks import parse_tcga_ids
 
 __all__ = ["MetadataRow", "CONVERTERS", "convert_mhist", "convert_til", "convert_msi", "write_metadata"]
@@ -57,14 +58,12 @@ def write_metadata(out_dir: Path, rows: Iterable[MetadataRow]) -> Path:
         raise ValueError(
             f"no images found for {out_dir}; check the source folder layout (see eval.converters)"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(METADATA_COLUMNS)
+    writer.writerows([getattr(row, column) for column in METADATA_COLUMNS] for row in rows)
     target = out_dir / "metadata.csv"
-    with tempfile.NamedTemporaryFile("w", newline="", dir=out_dir, suffix=".tmp", delete=False) as handle:
-        writer = csv.writer(handle)
-        writer.writerow(METADATA_COLUMNS)
-        for row in rows:
-            writer.writerow([getattr(row, column) for column in METADATA_COLUMNS])
-    os.replace(handle.name, target)
+    atomic_write_bytes(target, text.getvalue().encode())
     logger.info("wrote %s (%d images)", target, len(rows))
     return target
 

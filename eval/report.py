@@ -88,6 +88,8 @@ def render_table1(records: Iterable[dict[str, Any]], protocol: str = "paper", me
             "| EXAONEPath (paper) | " + " | ".join(f"{v:.3f}" for v in paper) + f" | {PAPER_MEAN_TOP1:.3f} |"
         )
     for label, results in by_model.items():
+        if not any(t in results for t in PAPER_TASK_ORDER):
+            continue  # local imagefolder runs only: listed under "All runs"
         means = [results.get(t, {}).get("mean") if results.get(t) else None for t in PAPER_TASK_ORDER]
         complete = all(v is not None for v in means)
         mean_cell = f"{sum(means) / len(means):.3f}" if complete else "–"

@@ -320,7 +320,7 @@ def load_task(
 
     `cache_dir` is the `datasets` cache (default: `HF_DATASETS_CACHE`).
     """
-    provenance: dict[str, Any] = {"derived_val": spec.splits.val is None}
+    provenance: dict[str, Any] = {}
     if spec.is_local:
         if data_dir is None:
             raise ValueError(
@@ -349,7 +349,6 @@ def load_task(
         elif not sources["train"]:
             raise ValueError(f"{root}: no training images (split column / train folder) found")
         raw_splits = {name: everything.select(idx) for name, idx in sources.items() if idx}
-        provenance["derived_val"] = "val" not in raw_splits
     else:
         loaded = datasets.load_dataset(
             spec.hub_id, revision=revision or spec.hub_revision, cache_dir=cache_dir
@@ -366,6 +365,7 @@ def load_task(
             ours: source in spec.stain_normalized_by_source for ours, source in wanted.items()
         }
     splits = {name: _standardize(ds, spec, class_names) for name, ds in raw_splits.items()}
+    provenance["derived_val"] = "val" not in splits
     if "val" not in splits:
         plan = spec.splits
         train_idx, val_idx = derive_validation_split(
