@@ -242,3 +242,29 @@ def test_extraction_is_shared_across_processes(tiny_model_dir, tiles, tmp_path):
         num_workers=0,
     )
     torch.testing.assert_close(torch.load(tmp_path / "features.pt"), single.features, rtol=1e-4, atol=1e-5)
+
+
+def test_timm_hub_encoder_uses_timms_pooled_features(monkeypatch):
+    """`hf-hub:` / `timm:` sources go through timm (weights faked offline: pretrained=False, same architecture)."""
+    timm = pytest.importorskip("timm")
+    created = {}
+    original = timm.create_model
+
+    def offline_create_model(name, pretrained=False, **kwargs):
+        created["name"], created["pretrained"] = name, pretrained
+        torch.manual_seed(0)
+        return original("vit_tiny_patch16_224", pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline_create_model)
+    encoder = load_encoder("hf-hub:org/some-pathology-vit")
+    assert created == {"name": "hf-hub:org/some-pathology-vit", "pretrained": True}
+    assert (
+        encoder.kind == "timm"
+        and encoder.feature_dim == 192
+        and encoder.source == "hf-hub:org/some-pathology-vit"
+    )
+    pixels = torch.randn(2, 3, 224, 224)
+    reference = encoder.model  # timm's own forward with num_classes=0 returns the pooled pre-logits feature
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.features(pixels), reference(pixels))
+    assert load_encoder("timm:vit_tiny_patch16_224").source == "timm:vit_tiny_patch16_224"
