@@ -192,3 +192,20 @@ def test_stream_resumes_exactly_with_several_workers(patch_folder):
         batch = next(resumed)
         assert batch["ids"] == expected["ids"] and batch["worker"] == expected["worker"]
         assert all(torch.equal(a, b) for a, b in zip(batch["crops"], expected["crops"], strict=True))
+
+
+def test_webdataset_shards_are_read(tmp_path, shared_data):
+    import tarfile
+
+    patches = sorted((shared_data / "crc-val-he-7k-samples").glob("*.png"))[:6]
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"shard-{shard}.tar", "w") as tar:
+            for index, patch in enumerate(patches[shard * 3 : shard * 3 + 3]):
+                tar.add(patch, arcname=f"sample{shard}{index}.png")
+    source = resolve_source(str(tmp_path / "*.tar"))
+    assert source.kind == "webdataset" and count_samples(source) is None  # needs data.num_samples
+    dataset, column = load_patch_dataset(source)
+    assert column == "png" and dataset.num_shards == 2
+    batch = next(iter(make_stream(tmp_path / "*.tar", batch_size=6, normalizer=False)))
+    assert len(set(batch["ids"])) == 6 and batch["unreadable"] == 0
+    assert all(i.split("#")[0].endswith(".tar") and "#sample" in i for i in batch["ids"])

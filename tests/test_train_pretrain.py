@@ -64,7 +64,7 @@ def two_process_run(patch_folder, tmp_path_factory) -> Path:
             str(PYTHON_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
             str(SCRIPT), "--config", str(SMOKE), f"data.source={patch_folder}", f"run.output_dir={out}",
-            "run.log_every=1",
+            "run.log_every=1", "run.checkpoint_every=5",
         ]
     )  # fmt: skip
     return out
@@ -89,7 +89,8 @@ def test_two_process_smoke_run_learns_with_synchronised_teachers_and_disjoint_da
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] <= {str(p) for p in patch_folder.iterdir()}
 
-    assert sorted(p.name for p in (two_process_run / "checkpoints").iterdir()) == ["step_10", "step_20"]
+    # Saved every 5 steps, the last 2 kept.
+    assert sorted(p.name for p in (two_process_run / "checkpoints").iterdir()) == ["step_15", "step_20"]
     assert list(two_process_run.rglob("events.out.tfevents*"))  # tensorboard through Accelerate
 
 
@@ -123,7 +124,8 @@ def test_resume_continues_exactly(patch_folder, tmp_path):
     """2N steps straight equal N steps, stop, resume, N steps: identical teacher weights (2 loader workers)."""
     common = [sys.executable, str(SCRIPT), "--config", str(SMOKE), f"data.source={patch_folder}",
               "run.max_steps=6", "run.checkpoint_every=3", "data.num_workers=2", "run.record_samples=false",
-              "model.drop_path_rate=0.2", "run.log_every=1"]  # fmt: skip
+              "model.drop_path_rate=0.2", "run.log_every=1",
+              "run.gradient_accumulation_steps=2"]  # fmt: skip
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     _run(common + [f"run.output_dir={straight}"])
     _run(common + [f"run.output_dir={interrupted}", "--stop_at_step", "3"])
@@ -146,11 +148,24 @@ def test_resume_continues_exactly(patch_folder, tmp_path):
     assert losses[0] == losses[1]
 
 
+def _main_in_process(argv: list[str]) -> int:
+    """Run the script's main() here (faster than a subprocess), with Accelerate's singletons reset around it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train.pretrain_dino as pretrain
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        return pretrain.main(argv)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
     patch_folder, tmp_path, monkeypatch
 ):
-    from accelerate.state import AcceleratorState, GradientState
-
     import train.pretrain_dino as pretrain
     from train.dino.loss import DINOLoss
 
@@ -163,19 +178,47 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(DINOLoss, "forward", poisoned)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     out = tmp_path / "nan"
     argv = ["--config", str(SMOKE), f"data.source={patch_folder}", f"run.output_dir={out}", "run.max_steps=5",
             "run.checkpoint_every=2", "run.record_samples=false", "data.num_workers=0"]  # fmt: skip
-    try:
-        with pytest.raises(pretrain.NonFiniteLossError, match=r"loss is nan at step 2.*step_2"):
-            pretrain.main(argv)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    with pytest.raises(pretrain.NonFiniteLossError, match=r"loss is nan at step 2.*step_2"):
+        _main_in_process(argv)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]
     assert not (out / "export").exists()
+
+
+def test_bf16_autocast_run_keeps_the_loss_in_fp32(patch_folder, tmp_path, monkeypatch):
+    from train.dino.loss import DINOLoss
+
+    dtypes = []
+    original = DINOLoss.forward
+
+    def recording(self, student_output, teacher_output, teacher_temp):
+        loss = original(self, student_output, teacher_output, teacher_temp)
+        dtypes.append((student_output.dtype, teacher_output.dtype, loss.dtype))
+        return loss
+
+    monkeypatch.setattr(DINOLoss, "forward", recording)
+    from train.dino.model import MultiCropNetwork
+
+    autocast_states = []
+    network_forward = MultiCropNetwork.forward
+
+    def recording_network(self, crops):
+        autocast_states.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return network_forward(self, crops)
+
+    monkeypatch.setattr(MultiCropNetwork, "forward", recording_network)
+    out = tmp_path / "bf16"
+    _main_in_process(["--config", str(SMOKE), f"data.source={patch_folder}", f"run.output_dir={out}",
+                      "run.mixed_precision=bf16", "run.max_steps=3", "run.record_samples=false",
+                      "data.num_workers=0", "--stop_at_step", "2"])  # fmt: skip
+    # The head's last layer runs in fp32 even under autocast, so both logits and the loss are fp32.
+    assert dtypes == [(torch.float32, torch.float32, torch.float32)] * 2
+    # Teacher and student both ran under bf16 autocast (the teacher is autocast by the script itself).
+    assert autocast_states == [(True, torch.bfloat16)] * 4
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses and all(math.isfinite(loss) for loss in losses)
 
 
 def test_student_initialises_from_a_timm_state_dict(tmp_path):

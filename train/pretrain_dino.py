@@ -196,12 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.register_for_checkpointing(teacher, dino_loss, state)
 
     checkpoints = out / "checkpoints"
-    if args.resume or args.export_only:
-        newest = latest_checkpoint(checkpoints)
-        if newest is None:
-            raise FileNotFoundError(f"no step_N checkpoint in {checkpoints} to resume from or export")
+    newest = latest_checkpoint(checkpoints) if args.resume or args.export_only else None
+    if newest is not None:
         accelerator.load_state(str(newest))
         logger.info("resumed from %s (step %d)", newest, state.step)
+    elif args.export_only:
+        raise FileNotFoundError(f"no step_N checkpoint in {checkpoints} to export")
+    elif args.resume:  # the same command can start a job and requeue it after a preemption
+        logger.warning("--resume: no checkpoint in %s yet, starting from scratch", checkpoints)
     reference = stain_reference_from_config(cfg.data.stain_reference)
     if args.export_only:
         return export(cfg, accelerator, teacher, reference, args.push_to_hub)
@@ -210,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     stream_state = None
     if state.streams and len(state.streams) == accelerator.num_processes:
         stream_state = dino_data.StreamState.from_dict(state.streams[accelerator.process_index])
+    elif state.streams:
+        logger.warning("world size changed since the checkpoint: data order restarts (not an exact resume)")
     loader, num_workers, num_samples = build_loader(cfg, accelerator, stream_state, transform, normalizer)
     stream = dino_data.StreamState(max(num_workers, 1)) if stream_state is None else stream_state
     if stream.num_workers != max(num_workers, 1):

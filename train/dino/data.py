@@ -164,6 +164,8 @@ def decode_image(value: dict[str, Any]) -> torch.Tensor:
 def _example_id(example: dict[str, Any], image_column: str) -> str:
     if "slide_id" in example and "x" in example and "y" in example:
         return f"{example['slide_id']}@{example.get('level', 0)}:{example['x']},{example['y']}"
+    if "__key__" in example:  # webdataset: the sample key inside its shard
+        return f"{example.get('__url__', '')}#{example['__key__']}"
     value = example[image_column]
     if value.get("path"):
         return str(value["path"])
