@@ -308,6 +308,11 @@ def test_shipped_configs_load(name):
         assert cfg.run.batch_size_per_device * 80 == 5120 and cfg.run.mixed_precision == "bf16"
         assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.run.epochs) == (0.005, 1000, 10)
         assert cfg.augmentations.num_local_crops == 8
+        # 285,153,903 patches / 5,120 = 55,694 steps per epoch; lr is the paper's 0.005 at its batch.
+        schedules = cfg.schedules(global_batch=5120, steps_per_epoch=55694, total_steps=556940)
+        assert schedules.lr == pytest.approx(0.005) and schedules.lr_warmup_steps == 1000
+        assert schedules.freeze_last_layer_steps == 55694 and schedules.teacher_temp_warmup_steps == 69618
+        assert cfg.schedules(64, 55694, 556940).lr == pytest.approx(0.005 * 64 / 5120)
 
 
 def test_config_overrides_and_unknown_keys(tmp_path):

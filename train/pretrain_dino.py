@@ -20,7 +20,6 @@ Any `section.key=value` argument overrides the YAML (e.g. run.max_steps=100 data
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -54,8 +53,7 @@ from train.dino.optim import (  # noqa: E402
     parameter_groups,
     set_optimizer_hyperparameters,
 )
-from train.dino.schedules import DINOSchedules  # noqa: E402
-from train.dino.teacher import build_teacher, ema_update  # noqa: E402
+from train.dino.teacher import build_teacher, ema_update, weights_digest  # noqa: E402
 
 logger = logging.getLogger("pretrain_dino")
 
@@ -113,46 +111,6 @@ def build_student(cfg: PretrainConfig) -> MultiCropNetwork:
     return MultiCropNetwork(backbone.train(), head)
 
 
-def build_loader(
-    cfg, accelerator, stream_state, transform, normalizer
-) -> tuple[torch.utils.data.DataLoader, int, int | None]:
-    """This rank's loader over its own shards (never `accelerator.prepare`d: that would shard a second time)."""
-    from datasets.distributed import split_dataset_by_node
-
-    source = dino_data.resolve_source(cfg.data.source)
-    world = accelerator.num_processes
-    dataset, image_column = dino_data.load_patch_dataset(
-        source, cfg.data.split, cfg.data.image_column, shard_multiple=world * max(cfg.data.num_workers, 1)
-    )
-    dataset = dataset.shuffle(seed=cfg.run.seed, buffer_size=cfg.data.shuffle_buffer)
-    shards = dataset.num_shards
-    if shards % world:
-        logger.warning(
-            "%d shards do not divide among %d processes: every rank reads all shards and keeps 1 example in %d",
-            shards, world, world,
-        )  # fmt: skip
-    dataset = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=world)
-    rank_shards = shards // world if shards % world == 0 else shards
-    num_workers = min(cfg.data.num_workers, rank_shards)
-    if num_workers < cfg.data.num_workers:
-        logger.warning("only %d shards per rank: using %d loader workers", rank_shards, num_workers)
-    stream = dino_data.PatchStream(
-        dataset, image_column, transform, cfg.run.batch_size_per_device, cfg.run.seed,
-        accelerator.process_index, normalizer, stream_state,
-    )  # fmt: skip
-    loader = torch.utils.data.DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-        prefetch_factor=cfg.data.prefetch_factor if num_workers else None,
-        persistent_workers=num_workers > 0,
-        generator=torch.Generator(),  # its seed draw must not consume the training RNG (exact resume)
-    )
-    samples = cfg.data.num_samples or dino_data.count_samples(source)
-    return loader, num_workers, samples
-
-
 def launched_on_cpus_only() -> bool:
     """A multi-process launch on a machine without an accelerator (e.g. `accelerate launch --multi_gpu` on CPUs).
 
@@ -162,12 +120,44 @@ def launched_on_cpus_only() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
 
 
-def teacher_digest(teacher: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(teacher.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+def train_step(
+    accelerator, student, teacher, dino_loss, optimizer, batches, values, cfg
+) -> tuple[torch.Tensor, list, float]:
+    """One optimizer step over `gradient_accumulation_steps` batches.
+
+    Returns the loss and counts summed over ranks ([loss, images, Macenko fallbacks, unreadable]), the ids this
+    rank trained on, and the seconds spent waiting for data. Raises `NonFiniteLossError` before the update.
+    """
+    accum = cfg.run.gradient_accumulation_steps
+    unwrapped = accelerator.unwrap_model(student)
+    local = torch.zeros(4, device=accelerator.device)
+    ids, wait = [], 0.0
+    for micro in range(accum):
+        before = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - before
+        crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
+        with torch.no_grad(), accelerator.autocast():  # only prepared models are autocast for us
+            teacher_output = teacher(crops[:2])
+        with nullcontext() if micro == accum - 1 else accelerator.no_sync(student):
+            loss = dino_loss(student(crops), teacher_output, values.teacher_temp)
+            accelerator.backward(loss / accum)
+        counts = [len(batch["ids"]), batch["macenko_fallbacks"], batch["unreadable"]]
+        local += torch.stack(
+            [loss.detach() / accum, *(torch.tensor(float(c), device=local.device) for c in counts)]
+        )
+        ids.extend(batch["ids"])
+    totals = accelerator.reduce(local, reduction="sum")
+    if not math.isfinite(totals[0].item()):
+        raise NonFiniteLossError(f"loss is {totals[0].item() / accelerator.num_processes}")
+    if values.freeze_last_layer:
+        freeze_last_layer_gradients(unwrapped.head)
+    clip_gradients_per_parameter(student.parameters(), cfg.optim.clip_grad)
+    set_optimizer_hyperparameters(optimizer, values.lr, values.weight_decay)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update(teacher, unwrapped, values.teacher_momentum)
+    return totals, ids, wait
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     student = build_student(cfg)
     optimizer = torch.optim.AdamW(parameter_groups(student), lr=0.0, betas=cfg.optim.betas)
     student, optimizer = accelerator.prepare(student, optimizer)
-    unwrapped = accelerator.unwrap_model(student)
-    teacher = build_teacher(unwrapped)  # after prepare: every rank copies the broadcast weights
+    teacher = build_teacher(
+        accelerator.unwrap_model(student)
+    )  # after prepare: all ranks copy the same weights
     transform = DINOMultiCrop(cfg.augmentations)
     dino_loss = DINOLoss(
         cfg.model.out_dim, transform.num_crops, 2, cfg.loss.student_temp, cfg.loss.center_momentum
@@ -208,46 +199,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_only:
         return export(cfg, accelerator, teacher, reference, args.push_to_hub)
 
-    normalizer = MacenkoNormalizer(reference) if cfg.data.stain_normalize else None
-    stream_state = None
-    if state.streams and len(state.streams) == accelerator.num_processes:
-        stream_state = dino_data.StreamState.from_dict(state.streams[accelerator.process_index])
-    elif state.streams:
-        logger.warning("world size changed since the checkpoint: data order restarts (not an exact resume)")
-    loader, num_workers, num_samples = build_loader(cfg, accelerator, stream_state, transform, normalizer)
-    stream = dino_data.StreamState(max(num_workers, 1)) if stream_state is None else stream_state
-    if stream.num_workers != max(num_workers, 1):
-        logger.warning(
-            "loader workers changed since the checkpoint: data order restarts (not an exact resume)"
-        )
-        stream = dino_data.StreamState(max(num_workers, 1))
-    batches = dino_data.OrderedBatches(loader, stream)
-
-    accum = cfg.run.gradient_accumulation_steps
-    global_batch = cfg.run.batch_size_per_device * accelerator.num_processes * accum
+    batches, num_samples = dino_data.build_rank_loader(
+        cfg.data, transform, MacenkoNormalizer(reference) if cfg.data.stain_normalize else None,
+        cfg.run.batch_size_per_device, cfg.run.seed, accelerator.process_index, accelerator.num_processes,
+        state.streams, pin_memory=accelerator.device.type == "cuda",
+    )  # fmt: skip
+    global_batch = (
+        cfg.run.batch_size_per_device * accelerator.num_processes * cfg.run.gradient_accumulation_steps
+    )
     if cfg.run.max_steps is None and not num_samples:
         raise ValueError(
-            "the number of samples is unknown for this source: set data.num_samples or run.max_steps"
+            "the number of samples of this source is unknown: set data.num_samples or run.max_steps"
         )
     steps_per_epoch = max(1, (num_samples or global_batch) // global_batch)
     total_steps = cfg.run.max_steps or max(1, round(cfg.run.epochs * steps_per_epoch))
-    schedules = DINOSchedules(
-        total_steps=total_steps,
-        lr=cfg.optim.lr * global_batch / cfg.optim.lr_reference_batch_size,
-        min_lr=cfg.optim.min_lr,
-        lr_warmup_steps=min(cfg.optim.warmup_steps, total_steps),
-        weight_decay=cfg.optim.weight_decay,
-        weight_decay_end=cfg.optim.weight_decay_end,
-        momentum_teacher=cfg.optim.momentum_teacher,
-        warmup_teacher_temp=cfg.loss.warmup_teacher_temp,
-        teacher_temp=cfg.loss.teacher_temp,
-        teacher_temp_warmup_steps=round(cfg.loss.teacher_temp_warmup_epochs * steps_per_epoch),
-        freeze_last_layer_steps=round(cfg.optim.freeze_last_layer_epochs * steps_per_epoch),
-    )
-    accelerator.init_trackers("dino", config=flat_hparams(cfg))
+    schedules = cfg.schedules(global_batch, steps_per_epoch, total_steps)
+    accelerator.init_trackers("dino", config=cfg.flat())
     logger.info(
         "%d steps (%d per epoch), global batch %d, peak lr %.3g, %d loader workers per rank",
-        total_steps, steps_per_epoch, global_batch, schedules.lr, num_workers,
+        total_steps, steps_per_epoch, global_batch, schedules.lr, batches.state.num_workers,
     )  # fmt: skip
 
     stop_at = min(args.stop_at_step or total_steps, total_steps)
@@ -257,54 +227,30 @@ def main(argv: list[str] | None = None) -> int:
     while state.step < stop_at:
         values = schedules.at(state.step)
         tick = time.perf_counter()
-        wait = 0.0
-        loss_sum = torch.zeros((), device=accelerator.device)
-        local = torch.zeros(3, device=accelerator.device)  # images, Macenko fallbacks, unreadable
-        for micro in range(accum):
-            before = time.perf_counter()
-            batch = next(batches)
-            wait += time.perf_counter() - before
-            crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
-            with torch.no_grad(), accelerator.autocast():  # only prepared models are autocast for us
-                teacher_output = teacher(crops[:2])
-            sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(student)
-            with sync:
-                loss = dino_loss(student(crops), teacher_output, values.teacher_temp)
-                accelerator.backward(loss / accum)
-            loss_sum += loss.detach() / accum
-            local += torch.tensor(
-                [len(batch["ids"]), batch["macenko_fallbacks"], batch["unreadable"]],
-                device=accelerator.device,
+        try:
+            totals, ids, wait = train_step(
+                accelerator, student, teacher, dino_loss, optimizer, batches, values, cfg
             )
-            if cfg.run.record_samples:
-                seen_ids.extend(batch["ids"])
-        totals = accelerator.reduce(torch.cat([loss_sum.reshape(1), local]), reduction="sum")
-        mean_loss = totals[0].item() / accelerator.num_processes
-        if not math.isfinite(mean_loss):
+        except NonFiniteLossError as error:
             raise NonFiniteLossError(
-                f"loss is {mean_loss} at step {state.step}; stopping before the update. The last good checkpoint "
-                f"is {latest_checkpoint(checkpoints)}. Usual causes: fp16 (use bf16 or no), too high an lr, "
-                "a corrupted batch."
-            )
-        if values.freeze_last_layer:
-            freeze_last_layer_gradients(unwrapped.head)
-        clip_gradients_per_parameter(student.parameters(), cfg.optim.clip_grad)
-        set_optimizer_hyperparameters(optimizer, values.lr, values.weight_decay)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema_update(teacher, unwrapped, values.teacher_momentum)
-
+                f"{error} at step {state.step}; stopped before the update. The last good checkpoint is "
+                f"{latest_checkpoint(checkpoints)}. Usual causes: fp16 (use bf16 or no), too high an lr."
+            ) from None
         state.step += 1
-        state.images_seen += int(totals[1].item())
-        state.macenko_fallbacks += int(totals[2].item())
-        state.unreadable_images += int(totals[3].item())
+        images, fallbacks, unreadable = (int(v) for v in totals[1:].tolist())
+        state.images_seen += images
+        state.macenko_fallbacks += fallbacks
+        state.unreadable_images += unreadable
+        if cfg.run.record_samples:
+            seen_ids.extend(ids)
         window["time"] += time.perf_counter() - tick
         window["wait"] += wait
-        window["images"] += totals[1].item()
+        window["images"] += images
         bar.update(1)
         if state.step % cfg.run.log_every == 0 or state.step == stop_at:
+            loss = totals[0].item() / accelerator.num_processes
             metrics = {
-                "loss": mean_loss,
+                "loss": loss,
                 "lr": values.lr,
                 "weight_decay": values.weight_decay,
                 "teacher_momentum": values.teacher_momentum,
@@ -319,10 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             if accelerator.is_main_process:  # also plain JSON lines, for scripts and tests
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"step": state.step, **metrics}) + "\n")
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
             window = {"time": 0.0, "wait": 0.0, "images": 0.0}
         if state.step % cfg.run.checkpoint_every == 0 or state.step == stop_at:
-            state.streams = gather_object([stream.to_dict()])
+            state.streams = gather_object([batches.state.to_dict()])
             save_checkpoint(accelerator, checkpoints, state.step, cfg.run.keep_last_checkpoints)
     bar.close()
 
@@ -349,17 +295,8 @@ def write_rank_record(out: Path, rank: int, ids: list[str], teacher: torch.nn.Mo
     """Which samples this rank trained on and a hash of its teacher (for sharding and sync checks)."""
     path = out / f"rank_{rank}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"rank": rank, "teacher_sha256": teacher_digest(teacher), "samples": ids}))
+    tmp.write_text(json.dumps({"rank": rank, "teacher_sha256": weights_digest(teacher), "samples": ids}))
     os.replace(tmp, path)
-
-
-def flat_hparams(cfg: PretrainConfig) -> dict:
-    """TensorBoard's hparams take scalars and strings only."""
-    flat = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
-    return flat
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from .augmentations import AugmentationConfig
+from .schedules import DINOSchedules
 
 __all__ = [
     "DataConfig",
@@ -116,6 +117,30 @@ class PretrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def flat(self) -> dict[str, int | float | str | bool]:
+        """`section.key` -> value, with non-scalars as strings (what TensorBoard's hparams accept)."""
+        return {
+            f"{section}.{key}": value if isinstance(value, int | float | str | bool) else str(value)
+            for section, values in self.to_dict().items()
+            for key, value in values.items()
+        }
+
+    def schedules(self, global_batch: int, steps_per_epoch: int, total_steps: int) -> DINOSchedules:
+        """The per-step schedules of this run (lengths given in epochs become steps here)."""
+        return DINOSchedules(
+            total_steps=total_steps,
+            lr=self.optim.lr * global_batch / self.optim.lr_reference_batch_size,
+            min_lr=self.optim.min_lr,
+            lr_warmup_steps=min(self.optim.warmup_steps, total_steps),
+            weight_decay=self.optim.weight_decay,
+            weight_decay_end=self.optim.weight_decay_end,
+            momentum_teacher=self.optim.momentum_teacher,
+            warmup_teacher_temp=self.loss.warmup_teacher_temp,
+            teacher_temp=self.loss.teacher_temp,
+            teacher_temp_warmup_steps=round(self.loss.teacher_temp_warmup_epochs * steps_per_epoch),
+            freeze_last_layer_steps=round(self.optim.freeze_last_layer_epochs * steps_per_epoch),
+        )
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:

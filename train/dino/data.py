@@ -33,6 +33,7 @@ from .augmentations import DINOMultiCrop
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "build_rank_loader",
     "OrderedBatches",
     "PatchSource",
     "PatchStream",
@@ -320,3 +321,62 @@ class OrderedBatches:
         self.state.positions[wanted] = tuple(batch["position"])
         self.state.next_worker = (wanted + 1) % max(self.state.num_workers, 1)
         return batch
+
+
+def build_rank_loader(
+    config,
+    transform: DINOMultiCrop,
+    normalizer: Any,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    saved_streams: list[dict[str, Any]] | None = None,
+    pin_memory: bool = False,
+) -> tuple[OrderedBatches, int | None]:
+    """This rank's batches over its own shards, resumed from `saved_streams` (every rank's `StreamState`).
+
+    `config` is the run's `DataConfig`. The loader is never passed to `accelerator.prepare`: that would shard
+    the already split stream a second time. Returns the batches and the number of samples per epoch (None if
+    unknown).
+    """
+    from datasets.distributed import split_dataset_by_node
+
+    source = resolve_source(config.source)
+    dataset, image_column = load_patch_dataset(
+        source, config.split, config.image_column, shard_multiple=world_size * max(config.num_workers, 1)
+    )
+    dataset = dataset.shuffle(seed=seed, buffer_size=config.shuffle_buffer)
+    shards = dataset.num_shards
+    if shards % world_size:
+        logger.warning(
+            "%d shards do not divide among %d processes: every rank reads all shards and keeps 1 example in %d",
+            shards, world_size, world_size,
+        )  # fmt: skip
+    dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    rank_shards = shards if shards % world_size else shards // world_size
+    num_workers = min(config.num_workers, rank_shards)
+    if num_workers < config.num_workers:
+        logger.warning("only %d shards per rank: using %d loader workers", rank_shards, num_workers)
+
+    state, resumed = StreamState(max(num_workers, 1)), False
+    if saved_streams and len(saved_streams) == world_size:
+        saved = StreamState.from_dict(saved_streams[rank])
+        if saved.num_workers == state.num_workers:
+            state, resumed = saved, True
+    if saved_streams and not resumed:
+        logger.warning("world size or loader workers changed since the checkpoint: the data order restarts")
+    stream = PatchStream(
+        dataset, image_column, transform, batch_size, seed, rank, normalizer,
+        start=StreamState.from_dict(state.to_dict()),  # a copy: `OrderedBatches` advances `state`
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=config.prefetch_factor if num_workers else None,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator(),  # its seed draw must not consume the training RNG (exact resume)
+    )
+    return OrderedBatches(loader, state), config.num_samples or count_samples(source)

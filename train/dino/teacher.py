@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import torch
 from torch import nn
 
-__all__ = ["build_teacher", "ema_update"]
+__all__ = ["build_teacher", "ema_update", "weights_digest"]
 
 
 def build_teacher(student: nn.Module) -> nn.Module:
@@ -42,3 +43,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     sources = [student_params[n].detach() for n in names]
     torch._foreach_mul_(targets, momentum)
     torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of every tensor of the state dict (bit-exact comparison of networks across processes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
