@@ -347,7 +347,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cache_root = args.cache_dir or default_cache_root()
     data = load_grouped_images(args.data, args.group_by, args.tile)
     labels = [Path(m).name for m in args.model] if not args.label else args.label
-    results, panels = [], []
+    # every process extracts first; metrics and t-SNE (minutes on large sets) run afterwards on the main
+    # process only, so that no process waits at a collective meanwhile
+    extracted = []
     for model_source, label in zip(args.model, labels, strict=True):
         encoder = load_encoder(model_source, pooling=args.pooling, device=state.device)
         for setting in args.settings:
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             key = cache_key(
                 encoder, data.source, "local", data.fingerprint, "all", preprocessing, args.precision
             )
-            extracted = extract_features(
+            features = extract_features(
                 encoder,
                 data.dataset,
                 preprocessing,
@@ -366,50 +368,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 precision=args.precision,
                 state=state,
             )
-            if not state.is_main_process:
-                continue
-            result = {
-                "model": label,
-                "model_identity": encoder.identity(),
-                "setting": setting,
-                "preprocessing": preprocessing.to_dict(),
-                "by_group": collapse_metrics(
-                    extracted.features, extracted.slide_ids, k=args.k, seed=args.seed
-                ),
-                "extraction": {**extracted.stats, "failed_images": len(extracted.failed)},
-            }
-            if data.has_labels:
-                result["by_class"] = collapse_metrics(
-                    extracted.features, extracted.labels.numpy().astype(str), k=args.k, seed=args.seed
-                )
-            results.append(result)
-            panels.append(
-                {
-                    "model": label,
-                    "setting": setting,
-                    "groups": extracted.slide_ids,
-                    "embedding": tsne_embedding(extracted.features, seed=args.seed),
-                    "metrics": result["by_group"],
-                }
-            )
-            logger.info("%s %s: %s", label, setting, result["by_group"])
-    summary = {}
-    if state.is_main_process:
-        out = args.output_dir
-        png = plot_tsne(panels, labels, args.settings, out / "tsne.png")
-        summary = {
-            "data": data.source,
-            "group_by": args.group_by,
-            "tile": args.tile,
-            "results": results,
-            "tsne_png": str(png),
-            "environment": environment(),
+            extracted.append((label, encoder.identity(), setting, preprocessing, features))
+    if not state.is_main_process:
+        return {}
+    results, panels = [], []
+    for label, identity, setting, preprocessing, features in extracted:
+        result = {
+            "model": label,
+            "model_identity": identity,
+            "setting": setting,
+            "preprocessing": preprocessing.to_dict(),
+            "by_group": collapse_metrics(features.features, features.slide_ids, k=args.k, seed=args.seed),
+            "extraction": {**features.stats, "failed_images": len(features.failed)},
         }
-        write_json(out / "collapse.json", summary)
-        table = render_markdown(results)
-        atomic_write_bytes(out / "collapse.md", table.encode())
-        print(table + f"\nt-SNE: {png}\nrecord: {out / 'collapse.json'}")
-    state.wait_for_everyone()
+        if data.has_labels:
+            result["by_class"] = collapse_metrics(
+                features.features, features.labels.numpy().astype(str), k=args.k, seed=args.seed
+            )
+        results.append(result)
+        panels.append(
+            {
+                "model": label,
+                "setting": setting,
+                "groups": features.slide_ids,
+                "embedding": tsne_embedding(features.features, seed=args.seed),
+                "metrics": result["by_group"],
+            }
+        )
+        logger.info("%s %s: %s", label, setting, result["by_group"])
+    out = args.output_dir
+    png = plot_tsne(panels, labels, args.settings, out / "tsne.png")
+    summary = {
+        "data": data.source,
+        "group_by": args.group_by,
+        "tile": args.tile,
+        "results": results,
+        "tsne_png": str(png),
+        "environment": environment(),
+    }
+    write_json(out / "collapse.json", summary)
+    table = render_markdown(results)
+    atomic_write_bytes(out / "collapse.md", table.encode())
+    print(table + f"\nt-SNE: {png}\nrecord: {out / 'collapse.json'}")
     return summary
 
 

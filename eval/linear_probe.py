@@ -32,7 +32,7 @@ from .probes import PRESETS, FeatureSplit, ProbeConfig, fit_linear_probe, predic
 from .report import RECORD_SUFFIX, environment, write_report
 from .tasks import PAPER_TASK_ORDER, SPLIT_NAMES, TaskData, get_task, imagefolder_task, load_task
 
-__all__ = ["METRIC_PATH", "load_metric", "run_task", "main"]
+__all__ = ["METRIC_PATH", "load_metric", "extract_task_features", "run_probe", "probe_task", "main"]
 
 logger = logging.getLogger("eval.linear_probe")
 
@@ -135,17 +135,15 @@ def _probe_config(name: str, args: argparse.Namespace) -> ProbeConfig:
     return dataclasses.replace(config, **overrides)
 
 
-def run_task(
+def probe_task(
     encoder: Encoder,
     task: TaskData,
+    features: dict[str, FeatureSet],
     preprocessing: Preprocessing,
     args: argparse.Namespace,
-    state: PartialState,
-    metric: evaluate.EvaluationModule | None,
+    metric: evaluate.EvaluationModule,
 ) -> list[Path]:
-    features = extract_task_features(encoder, task, preprocessing, args, state)
-    if not state.is_main_process:
-        return []
+    """Train every requested protocol on one task's cached features; write records and predictions."""
     model_label = args.label or Path(encoder.source).name
     out_dir = Path(args.output_dir) / slugify(model_label) / task.spec.name
     written = []
@@ -301,17 +299,23 @@ def main(argv: list[str] | None = None) -> list[Path]:
     preprocessing = encoder.default_preprocessing(
         stain_normalize=args.stain_normalize == "on", stain_reference=reference
     )
-    metric = load_metric() if state.is_main_process else None
-    written = []
+    # every process extracts; only then does the main process train probes, so that no process waits at a
+    # collective while another trains (a long wait would hit the process group's timeout)
+    extracted = []
     for spec, data_dir in _tasks(args):
         task = load_task(
             spec, data_dir=data_dir, revision=args.dataset_revision, test_fraction=args.test_fraction
         )
-        written += run_task(encoder, task, preprocessing, args, state, metric)
-    if state.is_main_process and written:
+        extracted.append((task, extract_task_features(encoder, task, preprocessing, args, state)))
+    if not state.is_main_process:
+        return []
+    metric = load_metric()
+    written = []
+    for task, features in extracted:
+        written += probe_task(encoder, task, features, preprocessing, args, metric)
+    if written:
         report = write_report(args.output_dir)
         print(f"records: {', '.join(map(str, written))}\nreport: {report}")
-    state.wait_for_everyone()
     return written
 
 
