@@ -242,6 +242,17 @@ def test_missing_mpp_slide_is_a_failure_in_a_run(synthetic_slides, tmp_path):
     assert list(manifest["slides"]) == ["mpp05"] and manifest["num_patches"] == len(EXPECTED_PATCHES)
 
 
+def test_truncated_tiles_are_a_read_error_in_a_run(synthetic_slides, tmp_path):
+    data = synthetic_slides["mpp05"].read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    summary = tile_slides([cut, synthetic_slides["mpp05"]], tmp_path / "out", progress=False)
+    assert summary.tiled == ["mpp05"]
+    [failure] = summary.failures
+    assert failure.error == "SlideReadError" and "truncated or corrupt" in failure.message
+    assert not list((tmp_path / "out" / "shards").glob("cut*"))
+
+
 def test_cli_tiles_reports_failures_and_resumes_with_mpp(synthetic_slides, tmp_path, capsys):
     out = tmp_path / "out"
     slides = [str(synthetic_slides["mpp05"]), str(synthetic_slides["nompp"])]

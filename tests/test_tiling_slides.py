@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import exaonepath_hf
 from exaonepath_hf.tiling import (
     PATCH_COLUMNS,
     TilingConfig,
@@ -30,8 +31,12 @@ CMU_NAME = "CMU-1-Small-Region.svs"
 
 
 @pytest.fixture(scope="module")
-def cmu_slide(shared_data) -> Path:
-    path = shared_data / "wsi" / CMU_NAME
+def cmu_slide(request) -> Path:
+    """The CC0 sample slide bundled with the package, else the shared data copy."""
+    bundled = Path(exaonepath_hf.__file__).parent / "data" / CMU_NAME
+    if bundled.is_file():
+        return bundled
+    path = request.getfixturevalue("shared_data") / "wsi" / CMU_NAME
     if not path.is_file():
         pytest.skip(f"{path} not found")
     return path
@@ -240,6 +245,7 @@ def test_truncated_slide_is_reported_and_the_others_finish_in_parallel(cmu_slide
     assert sorted(summary.tiled) == ["good_1", "good_2"]
     [failure] = summary.failures
     assert failure.slide_id == "truncated" and failure.path == str(truncated)
+    assert failure.error == "SlideReadError" and "truncated or corrupt" in failure.message
     assert json.loads((tmp_path / "out" / "failures.json").read_text()) == [
         {"slide_id": "truncated", "path": str(truncated), "error": failure.error, "message": failure.message}
     ]

@@ -21,7 +21,7 @@ from .pipeline import (
     tile_slides,
 )
 from .shards import PATCH_COLUMNS, completed_shard_files, load_patch_dataset
-from .slide_io import MissingMPPError, SlideReader, open_slide, read_downsampled
+from .slide_io import MissingMPPError, SlideReader, SlideReadError, open_slide, read_downsampled
 from .tissue import TissueDetectionConfig, TissueMask, detect_tissue
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "MissingMPPError",
     "PatchPlan",
     "SlideFailure",
+    "SlideReadError",
     "SlideReader",
     "TilingConfig",
     "TilingSummary",

@@ -24,7 +24,6 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import shutil
 import time
 import traceback
@@ -245,14 +244,16 @@ def _shard_name(slide_id: str, part: int) -> str:
 
 
 def _remove_partial_outputs(out_dir: Path, slide_id: str) -> None:
-    """Delete what an interrupted run left of a slide: its staging folder and any published shard."""
+    """Delete what an interrupted run left of a slide: its staging folder and any published shard.
+
+    Shards are published in part order, so the leftovers are parts 0, 1, ... up to the first missing one;
+    probing names keeps this independent of how many other slides' shards the folder holds.
+    """
     shutil.rmtree(out_dir / ".staging" / slide_id, ignore_errors=True)
-    pattern = re.compile(re.escape(slide_id) + r"-\d{5}\.parquet")
-    shard_dir = out_dir / "shards"
-    if shard_dir.is_dir():
-        for path in shard_dir.iterdir():
-            if pattern.fullmatch(path.name):
-                path.unlink()
+    part = 0
+    while (shard := out_dir / "shards" / _shard_name(slide_id, part)).is_file():
+        shard.unlink()
+        part += 1
 
 
 def _coords_csv(plan: PatchPlan) -> bytes:
@@ -332,6 +333,7 @@ def tile_slide(
     out_dir = Path(out_dir)
     slide_id = slide_id or slide_id_from_path(path)
     start = time.perf_counter()
+    _check_folder_config(out_dir, config)
     for sub in ("shards", "coords", "thumbnails", "slides"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     _remove_partial_outputs(out_dir, slide_id)
@@ -421,6 +423,20 @@ def _run_task(task: _Task) -> _Outcome:
         return SlideFailure(task.slide_id, task.path, type(error).__name__, str(error))
 
 
+def _process_context() -> multiprocessing.context.BaseContext:
+    """forkserver where available, else spawn; never plain fork, which is unsafe once slide readers
+    (zarr's I/O thread) have started threads in the parent.
+
+    The fork server imports this module once and forks workers from it, so worker start-up does not repeat the
+    package import (torch, transformers) and its memory pages are shared between workers.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
 def _run_isolated(task: _Task, context) -> _Outcome:
     """Run a slide alone in a fresh process, so a hard crash (a reader's segfault, OOM kill) is pinned on it."""
     with ProcessPoolExecutor(1, mp_context=context) as pool:
@@ -439,13 +455,13 @@ def _run_isolated(task: _Task, context) -> _Outcome:
 def _run_in_processes(
     tasks: Sequence[_Task], num_workers: int, on_done: Callable[[_Task, _Outcome], None]
 ) -> None:
-    """Tile slides in `num_workers` spawned processes, at most one slide in flight per worker.
+    """Tile slides in `num_workers` worker processes, at most one slide in flight per worker.
 
     Keeping the window that small bounds memory and, when a worker dies and takes the pool down, limits the
     slides whose fate is unknown to the ones in flight: each of those is retried alone, the rest go on in a
     fresh pool.
     """
-    context = multiprocessing.get_context("spawn")  # fork is unsafe with the readers' threads
+    context = _process_context()
     queue = list(reversed(tasks))
     while queue:
         suspects: list[_Task] = []

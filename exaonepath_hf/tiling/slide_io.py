@@ -23,6 +23,7 @@ import numpy as np
 __all__ = [
     "SLIDE_BACKENDS",
     "MissingMPPError",
+    "SlideReadError",
     "SlideReader",
     "TiffSlideReader",
     "OpenSlideReader",
@@ -41,6 +42,10 @@ _DOWNSAMPLE_BLOCK_SIDE = 2048
 
 class MissingMPPError(ValueError):
     """The slide's metadata has no microns-per-pixel and none was given."""
+
+
+class SlideReadError(OSError):
+    """A slide could not be opened or a region of it could not be decoded (truncated, corrupt, unsupported)."""
 
 
 def _to_rgb(region: np.ndarray, what: str) -> np.ndarray:
@@ -103,7 +108,14 @@ class SlideReader(ABC):
         """RGB uint8 array (size[1], size[0], 3) whose top-left corner is `location` (level-0 pixels)."""
         if not 0 <= level < self.level_count:
             raise IndexError(f"{self.path}: level {level} out of range, the slide has {self.level_count}")
-        region = _to_rgb(np.asarray(self._read(location, level, size)), str(self.path))
+        try:
+            raw = self._read(location, level, size)
+        except Exception as error:
+            raise SlideReadError(
+                f"{self.path}: reading {size[0]}x{size[1]} px at {location} on level {level} failed "
+                f"({type(error).__name__}: {error}); the file may be truncated or corrupt"
+            ) from error
+        region = _to_rgb(np.asarray(raw), str(self.path))
         if region.shape[:2] != (size[1], size[0]):
             raise OSError(
                 f"{self.path}: asked for a {size[0]}x{size[1]} region at {location} on level {level}, "
@@ -163,6 +175,8 @@ class TiffSlideReader(SlideReader):
 
         self.path = Path(path)
         self._slide = tiffslide.TiffSlide(self.path)
+        # tiffslide parses lazily; parse now so a corrupt file fails at open, not halfway through a slide.
+        _ = self._slide.properties, self._slide.level_dimensions
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
@@ -290,7 +304,15 @@ def open_slide(path: str | Path, backend: str = "auto") -> SlideReader:
         raise FileNotFoundError(f"slide not found: {path}")
     if backend == "auto":
         backend = "wsidicom" if _is_dicom(path) else "tiffslide"
-    return _READERS[backend](path)
+    try:
+        return _READERS[backend](path)
+    except ImportError:
+        raise
+    except Exception as error:
+        raise SlideReadError(
+            f"{path}: {backend} cannot open it ({type(error).__name__}: {error}); the file may be truncated or "
+            "corrupt, or in a format this backend does not read (try another --backend)"
+        ) from error
 
 
 def read_downsampled(reader: SlideReader, downsample: float) -> tuple[np.ndarray, float]:
