@@ -209,3 +209,27 @@ def test_webdataset_shards_are_read(tmp_path, shared_data):
     batch = next(iter(make_stream(tmp_path / "*.tar", batch_size=6, normalizer=False)))
     assert len(set(batch["ids"])) == 6 and batch["unreadable"] == 0
     assert all(i.split("#")[0].endswith(".tar") and "#sample" in i for i in batch["ids"])
+
+
+def test_reads_the_tilers_real_output_split_across_ranks(tmp_path, shared_data):
+    """`exaonepath-tile` on the CC0 sample slide, then each of 2 ranks streams its own shard."""
+    from exaonepath_hf.tiling.cli import main as tile
+
+    out = tmp_path / "tiles"
+    assert tile([str(shared_data / "wsi" / "CMU-1-Small-Region.svs"), "--out", str(out), "--shard-size", "8",
+                 "--quiet"]) == 0  # fmt: skip
+    source = resolve_source(str(out))
+    total = count_samples(source)
+    # 28 patches in shards of 8: 4 shards, 2 per rank.
+    assert source.kind == "parquet" and len(source.files) % 2 == 0 and total >= 16
+    per_rank = []
+    for rank in range(2):
+        ids = []
+        for batch in make_stream(out, rank=rank, world_size=2, batch_size=1, normalizer=False):
+            if batch["position"][0] > 0:
+                break
+            ids.extend(batch["ids"])
+        per_rank.append(ids)
+    assert all(i.startswith("CMU-1-Small-Region@0:") for ids in per_rank for i in ids)
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert len(set(per_rank[0]) | set(per_rank[1])) == len(per_rank[0]) + len(per_rank[1]) == total
