@@ -79,10 +79,12 @@ def test_two_process_smoke_run_learns_with_synchronised_teachers_and_disjoint_da
     assert all(math.isfinite(loss) for loss in losses)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:3]) / 3, losses  # it learns
     assert metrics[-1]["unreadable_images"] <= 1  # the corrupt file, if a rank reached it
-    assert metrics[-1]["macenko_fallbacks"] >= 0 and metrics[-1]["images_per_s"] > 0
+    assert metrics[-1]["macenko_fallbacks"] > 0  # the fixture holds background tiles
+    assert metrics[-1]["images_per_s"] > 0 and 0 <= metrics[-1]["data_wait_fraction"] <= 1
 
     ranks = [json.loads((two_process_run / f"rank_{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["teacher_sha256"] == ranks[1]["teacher_sha256"]
+    assert ranks[0]["center_sha256"] == ranks[1]["center_sha256"]
     seen = [set(r["samples"]) for r in ranks]
     assert len(ranks[0]["samples"]) == len(ranks[1]["samples"]) == 40  # 20 steps x 2 per rank
     assert len(seen[0]) == len(seen[1]) == 40  # within one epoch: no repeats

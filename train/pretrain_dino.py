@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
 
     if cfg.run.record_samples:
-        write_rank_record(out, accelerator.process_index, seen_ids, teacher)
+        write_rank_record(out, accelerator.process_index, seen_ids, teacher, dino_loss)
     if state.step >= total_steps:
         export(cfg, accelerator, teacher, reference, args.push_to_hub)
     accelerator.end_training()
@@ -291,11 +291,17 @@ def export(cfg, accelerator, teacher, reference, push_to_hub: str | None) -> int
     return 0
 
 
-def write_rank_record(out: Path, rank: int, ids: list[str], teacher: torch.nn.Module) -> None:
-    """Which samples this rank trained on and a hash of its teacher (for sharding and sync checks)."""
+def write_rank_record(out: Path, rank: int, ids: list[str], teacher, dino_loss) -> None:
+    """Which samples this rank trained on and hashes of its teacher and center (for sharding and sync checks)."""
+    record = {
+        "rank": rank,
+        "teacher_sha256": weights_digest(teacher),
+        "center_sha256": weights_digest(dino_loss),
+        "samples": ids,
+    }
     path = out / f"rank_{rank}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"rank": rank, "teacher_sha256": weights_digest(teacher), "samples": ids}))
+    tmp.write_text(json.dumps(record))
     os.replace(tmp, path)
 
 
