@@ -116,14 +116,29 @@ def test_region_filter_drops_small_regions_and_fills_small_holes():
     mask[20:40, 20:40] = False  # ... and a 400 px hole (kept) ...
     mask[27:33, 27:33] = True  # ... holding a 36 px island (a region of its own: kept)
     mask[50:53, 50:53] = True  # a 9 px speck (dropped)
-    out = _filter_regions(mask, min_area_px=30, min_hole_px=10, max_holes=8)
+    out = _filter_regions(mask, min_area_px=30, min_hole_px=10, max_holes=None)
     assert out[10:12, 10:12].all()
     assert not out[21:26, 21:26].any()
     assert out[27:33, 27:33].all()
     assert not out[50:53, 50:53].any()
     assert out[5:10, 5:45].all()
+    np.testing.assert_array_equal(
+        _filter_regions(mask, 30, 10, max_holes=1), out
+    )  # one large hole: no change
     # max_holes=0: every hole of a kept region is filled (the island is then inside tissue anyway).
     assert _filter_regions(mask, 30, 10, max_holes=0)[5:45, 5:45].all()
+
+
+def test_max_holes_keeps_the_largest_holes_of_each_region():
+    mask = np.zeros((40, 80), bool)
+    mask[0:40, 0:38] = True  # region 1: holes of 36, 16 and 25 px
+    mask[5:11, 5:11] = mask[20:24, 5:9] = mask[28:33, 20:25] = False
+    mask[0:40, 42:80] = True  # region 2: one 16 px hole
+    mask[10:14, 50:54] = False
+    out = _filter_regions(mask, min_area_px=30, min_hole_px=1, max_holes=2)
+    assert not out[5:11, 5:11].any() and not out[28:33, 20:25].any()  # the two largest stay holes
+    assert out[20:24, 5:9].all()  # the third is filled
+    assert not out[10:14, 50:54].any()  # ranking is per region
 
 
 def test_tissue_fractions_are_area_weighted():

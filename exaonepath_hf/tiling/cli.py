@@ -95,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-region-area", type=float, default=_TISSUE_DEFAULTS.min_region_area_mm2, help="mm²"
     )
     tissue.add_argument("--min-hole-area", type=float, default=_TISSUE_DEFAULTS.min_hole_area_mm2, help="mm²")
-    tissue.add_argument("--max-holes", type=int, default=_TISSUE_DEFAULTS.max_holes_per_region)
+    tissue.add_argument(
+        "--max-holes",
+        type=int,
+        default=_TISSUE_DEFAULTS.max_holes_per_region,
+        help="per region (CLAM: 8); no cap",
+    )
 
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return parser

@@ -37,7 +37,9 @@ class TissueDetectionConfig:
         closing: side of the square structuring element of the morphological closing (0 = off).
         min_region_area_mm2: smallest tissue region kept, holes excluded (debris and dust are smaller).
         min_hole_area_mm2: holes inside a kept region smaller than this are filled (counted as tissue).
-        max_holes_per_region: at most this many holes (the largest) stay background per region.
+        max_holes_per_region: at most this many holes (the largest) stay background per region; None keeps
+            every hole above `min_hole_area_mm2`. CLAM caps it (8), which turns the smaller of many large
+            holes (lumens, glass between tissue pieces that touch at corners) into "tissue".
     """
 
     detection_mpp: float = 8.0
@@ -47,7 +49,7 @@ class TissueDetectionConfig:
     closing: int = 4
     min_region_area_mm2: float = 0.02
     min_hole_area_mm2: float = 0.005
-    max_holes_per_region: int = 8
+    max_holes_per_region: int | None = None
 
     def __post_init__(self):
         if not self.detection_mpp > 0:
@@ -56,7 +58,7 @@ class TissueDetectionConfig:
             raise ValueError(f"median_blur must be an odd size >= 1, got {self.median_blur}")
         if self.threshold != "otsu" and not (isinstance(self.threshold, int) and 0 <= self.threshold < 255):
             raise ValueError(f"threshold must be 'otsu' or an integer in [0, 255), got {self.threshold!r}")
-        if self.closing < 0 or self.max_holes_per_region < 0:
+        if self.closing < 0 or (self.max_holes_per_region is not None and self.max_holes_per_region < 0):
             raise ValueError("closing and max_holes_per_region must be >= 0")
         if self.min_region_area_mm2 < 0 or self.min_hole_area_mm2 < 0:
             raise ValueError("min_region_area_mm2 and min_hole_area_mm2 must be >= 0")
@@ -100,7 +102,9 @@ def otsu_threshold(values: np.ndarray) -> int:
     return int(np.argmax(between))
 
 
-def _filter_regions(mask: np.ndarray, min_area_px: float, min_hole_px: float, max_holes: int) -> np.ndarray:
+def _filter_regions(
+    mask: np.ndarray, min_area_px: float, min_hole_px: float, max_holes: int | None
+) -> np.ndarray:
     """Keep regions with >= min_area_px tissue pixels; fill their small holes (and all but the largest few)."""
     regions, n_regions = ndimage.label(mask, structure=_EIGHT_CONNECTED)
     if n_regions == 0:
@@ -125,7 +129,8 @@ def _filter_regions(mask: np.ndarray, min_area_px: float, min_hole_px: float, ma
         owner_sorted = owner[order]
         starts = np.searchsorted(owner_sorted, owner_sorted, side="left")
         rank[order] = np.arange(n_holes) - starts
-        fill[1:] = keep_region[owner] & ((hole_area < min_hole_px) | (rank >= max_holes))
+        too_many = rank >= max_holes if max_holes is not None else np.zeros(n_holes, dtype=bool)
+        fill[1:] = keep_region[owner] & ((hole_area < min_hole_px) | too_many)
     return keep_region[regions] | fill[holes]
 
 
