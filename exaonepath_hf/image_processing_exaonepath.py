@@ -18,7 +18,6 @@ transformers and its sibling ``stain_normalization.py``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
