@@ -255,6 +255,29 @@ def test_truncated_slide_is_reported_and_the_others_finish_in_parallel(cmu_slide
     assert not (tmp_path / "out" / ".staging" / "truncated").exists()
 
 
+def _crash_on_bad_slide(task):
+    """A stand-in for tiling, run in the worker processes: the slide named "bad" kills its worker."""
+    if task.slide_id == "bad":
+        os._exit(3)
+    time.sleep(0.2)
+    return {"slide_id": task.slide_id}
+
+
+def test_a_worker_crash_is_pinned_on_its_slide_and_the_run_goes_on(tmp_path):
+    from exaonepath_hf.tiling.pipeline import SlideFailure, _run_in_processes, _Task
+
+    names = ["a", "b", "bad", "c", "d", "e"]
+    tasks = [_Task(f"/slides/{n}.svs", n, str(tmp_path), TilingConfig()) for n in names]
+    outcomes = []
+    _run_in_processes(
+        tasks, 2, lambda task, outcome: outcomes.append((task.slide_id, outcome)), _crash_on_bad_slide
+    )
+    assert sorted(slide_id for slide_id, _ in outcomes) == sorted(names)  # each slide reported exactly once
+    results = dict(outcomes)
+    assert isinstance(results["bad"], SlideFailure) and results["bad"].error == "WorkerCrashed"
+    assert all(results[n] == {"slide_id": n} for n in names if n != "bad")
+
+
 def test_leftovers_of_an_interrupted_slide_are_replaced(cmu_slide, tmp_path):
     slides = _slide_copies(cmu_slide, tmp_path / "slides", ["s"])
     out = tmp_path / "out"

@@ -437,11 +437,11 @@ def _process_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _run_isolated(task: _Task, context) -> _Outcome:
+def _run_isolated(task: _Task, context, run: Callable[[_Task], _Outcome]) -> _Outcome:
     """Run a slide alone in a fresh process, so a hard crash (a reader's segfault, OOM kill) is pinned on it."""
     with ProcessPoolExecutor(1, mp_context=context) as pool:
         try:
-            return pool.submit(_run_task, task).result()
+            return pool.submit(run, task).result()
         except BrokenProcessPool:
             _remove_partial_outputs(Path(task.out_dir), task.slide_id)
             return SlideFailure(
@@ -453,9 +453,13 @@ def _run_isolated(task: _Task, context) -> _Outcome:
 
 
 def _run_in_processes(
-    tasks: Sequence[_Task], num_workers: int, on_done: Callable[[_Task, _Outcome], None]
+    tasks: Sequence[_Task],
+    num_workers: int,
+    on_done: Callable[[_Task, _Outcome], None],
+    run: Callable[[_Task], _Outcome] = _run_task,
 ) -> None:
-    """Tile slides in `num_workers` worker processes, at most one slide in flight per worker.
+    """Apply `run` (a picklable, module-level function) to every task in `num_workers` worker processes, at
+    most one task in flight per worker.
 
     Keeping the window that small bounds memory and, when a worker dies and takes the pool down, limits the
     slides whose fate is unknown to the ones in flight: each of those is retried alone, the rest go on in a
@@ -471,7 +475,7 @@ def _run_in_processes(
             while (queue or running) and not suspects:
                 while queue and len(running) < num_workers:
                     task = queue.pop()
-                    running[pool.submit(_run_task, task)] = task
+                    running[pool.submit(run, task)] = task
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     task = running.pop(future)
@@ -486,7 +490,7 @@ def _run_in_processes(
             pool.shutdown(wait=not suspects, cancel_futures=True)
         for task in suspects:
             logger.warning("a worker died; retrying slide %s alone", task.slide_id)
-            on_done(task, _run_isolated(task, context))
+            on_done(task, _run_isolated(task, context, run))
 
 
 def _write_manifest(out_dir: Path, config: TilingConfig, failures: Sequence[SlideFailure]) -> dict[str, Any]:
