@@ -76,6 +76,9 @@ class Preprocessing:
         record = dataclasses.asdict(self)
         record["stain_reference"] = self.resolved_reference.to_dict() if self.stain_normalize else None
         record["image_mean"], record["image_std"] = list(self.image_mean), list(self.image_std)
+        # the processor's own serialization also pins what this dataclass leaves at its defaults (Macenko
+        # Io / alpha / beta, tissue threshold, resampling, rescale factor)
+        record["processor"] = self.processor().to_dict()
         record["pipeline"] = (
             ("macenko -> " if self.stain_normalize else "")
             + f"resize shortest edge {self.resize_shortest_edge} bicubic -> center crop {self.crop_size} "

@@ -73,6 +73,12 @@ def test_end_to_end_on_crc_samples(crc_imagefolder, tiny_model_dir, tmp_path, ca
     )
     assert record["preprocessing"]["stain_normalize"] is True
     assert record["preprocessing"]["stain_reference"]["stain_matrix"][0] == [0.5626, 0.2159]
+    processor = record["preprocessing"]["processor"]
+    assert processor["image_processor_type"] == "ExaonePathImageProcessor" and processor["do_stain_normalize"]
+    assert processor["size"] == {"shortest_edge": 256} and processor["crop_size"] == {
+        "height": 224,
+        "width": 224,
+    }
     assert record["task"]["class_names"] == list(CLASSES)
     assert record["model"]["revision"].startswith("sha256:") and record["model"]["kind"] == "exaonepath"
     assert record["dataset"]["revision"] and set(record["dataset"]["fingerprints"]) == {
