@@ -19,6 +19,7 @@ from exaonepath_hf.tiling import (
     open_slide,
     plan_patches,
     read_downsampled,
+    read_downsampled_views,
     slide_io,
     tile_slide,
     tile_slides,
@@ -167,9 +168,16 @@ def test_read_downsampled_is_blockwise_exact(synthetic_slides, monkeypatch):
         h, w = whole.shape[:2]
         expected = level[: h * 4, : w * 4].reshape(h, 4, w, 4, 3).astype(float).mean(axis=(1, 3))
         assert np.abs(whole.astype(float) - expected).max() <= 0.5
+        fine, fine_scale = read_downsampled(reader, 6)  # level 1 (4x) as it is: scale 4
         monkeypatch.setattr(slide_io, "_DOWNSAMPLE_BLOCK_SIDE", 24)  # many blocks, ragged edges
         blocked, _ = read_downsampled(reader, 16)
+        # Several views from one level share its reads and equal the views read one by one.
+        shared = read_downsampled_views(reader, [16, 6, 1])
+        single = read_downsampled(reader, 1)
     np.testing.assert_array_equal(blocked, whole)
+    assert [scale for _, scale in shared] == [16, fine_scale, 1]
+    for (view, _), alone in zip(shared, [whole, fine, single[0]], strict=True):
+        np.testing.assert_array_equal(view, alone)
 
 
 # ---------------------------------------------------------------- the synthetic grid

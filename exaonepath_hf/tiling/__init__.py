@@ -21,7 +21,14 @@ from .pipeline import (
     tile_slides,
 )
 from .shards import PATCH_COLUMNS, completed_shard_files, load_patch_dataset
-from .slide_io import MissingMPPError, SlideReader, SlideReadError, open_slide, read_downsampled
+from .slide_io import (
+    MissingMPPError,
+    SlideReader,
+    SlideReadError,
+    open_slide,
+    read_downsampled,
+    read_downsampled_views,
+)
 from .tissue import TissueDetectionConfig, TissueMask, detect_tissue
 
 __all__ = [
@@ -43,6 +50,7 @@ __all__ = [
     "open_slide",
     "plan_patches",
     "read_downsampled",
+    "read_downsampled_views",
     "read_patch",
     "slide_id_from_path",
     "tile_slide",

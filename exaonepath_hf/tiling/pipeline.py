@@ -39,7 +39,7 @@ from PIL import Image
 
 from .grid import grid_coordinates, level0_patch_size, tissue_fractions
 from .shards import ImageFormat, PatchRecord, encode_patch, write_shard
-from .slide_io import SLIDE_BACKENDS, SlideReader, open_slide, read_downsampled
+from .slide_io import SLIDE_BACKENDS, SlideReader, open_slide, read_downsampled, read_downsampled_views
 from .thumbnail import render_thumbnail
 from .tissue import TissueDetectionConfig, TissueMask, detect_tissue
 
@@ -143,8 +143,9 @@ class PatchPlan:
     tissue_fractions: np.ndarray  # (N,) tissue fraction of each kept patch
     num_candidates: int  # whole grid patches inside the slide
     tissue: TissueMask
-    view: np.ndarray  # the low-resolution RGB view the mask was computed on
-    view_scale: float  # level-0 pixels per view (and mask) pixel
+    view_scale: float  # level-0 pixels per tissue-mask pixel
+    thumbnail_view: np.ndarray  # low-resolution RGB view the thumbnail is drawn on
+    thumbnail_scale: float  # level-0 pixels per thumbnail_view pixel
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,15 @@ def plan_patches(reader: SlideReader, config: TilingConfig) -> PatchPlan:
         stored_size, stored_mpp = config.patch_size, patch_size * slide_mpp / config.patch_size
     else:
         read_level, stored_size, stored_mpp = 0, patch_size, slide_mpp
-    view, view_scale = read_downsampled(reader, max(1.0, config.tissue.detection_mpp / slide_mpp))
+    detection_downsample = max(1.0, config.tissue.detection_mpp / slide_mpp)
+    thumbnail_downsample = max(1.0, max(reader.dimensions) / config.thumbnail_size)
+    if thumbnail_downsample < detection_downsample:  # a small slide: the thumbnail needs a finer view
+        (view, view_scale), (thumbnail, thumbnail_scale) = read_downsampled_views(
+            reader, [detection_downsample, thumbnail_downsample]
+        )
+    else:
+        view, view_scale = read_downsampled(reader, detection_downsample)
+        thumbnail, thumbnail_scale = view, view_scale
     tissue = detect_tissue(view, config.tissue, mpp=view_scale * slide_mpp)
     width, height = reader.dimensions
     candidates = grid_coordinates(width, height, patch_size)
@@ -210,8 +219,9 @@ def plan_patches(reader: SlideReader, config: TilingConfig) -> PatchPlan:
         tissue_fractions=fractions[keep],
         num_candidates=len(candidates),
         tissue=tissue,
-        view=view,
         view_scale=view_scale,
+        thumbnail_view=thumbnail,
+        thumbnail_scale=thumbnail_scale,
     )
 
 
@@ -274,15 +284,14 @@ def _coords_csv(plan: PatchPlan) -> bytes:
     return text.getvalue().encode()
 
 
-def _thumbnail_png(reader: SlideReader, plan: PatchPlan, config: TilingConfig) -> bytes:
-    view, view_scale = plan.view, plan.view_scale
-    if max(view.shape[:2]) < config.thumbnail_size:
-        # The detection view is coarser than the thumbnail: read a finer one (still block by block).
-        wanted = max(reader.dimensions) / config.thumbnail_size
-        if wanted < view_scale:
-            view, view_scale = read_downsampled(reader, max(1.0, wanted))
+def _thumbnail_png(plan: PatchPlan, config: TilingConfig) -> bytes:
     image = render_thumbnail(
-        view, view_scale, plan.tissue.mask, plan.coordinates, plan.patch_size_level0, config.thumbnail_size
+        plan.thumbnail_view,
+        plan.thumbnail_scale,
+        plan.tissue.mask,
+        plan.coordinates,
+        plan.patch_size_level0,
+        config.thumbnail_size,
     )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -375,7 +384,7 @@ def tile_slide(
         coords_path = Path("coords") / f"{slide_id}.csv"
         thumbnail_path = Path("thumbnails") / f"{slide_id}.png"
         _atomic_write_bytes(out_dir / coords_path, _coords_csv(plan))
-        _atomic_write_bytes(out_dir / thumbnail_path, _thumbnail_png(reader, plan, config))
+        _atomic_write_bytes(out_dir / thumbnail_path, _thumbnail_png(plan, config))
         record = {
             "slide_id": slide_id,
             "path": str(Path(path).resolve()),

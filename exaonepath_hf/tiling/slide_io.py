@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ __all__ = [
     "WsiDicomReader",
     "open_slide",
     "read_downsampled",
+    "read_downsampled_views",
 ]
 
 SLIDE_BACKENDS = ("auto", "tiffslide", "openslide", "wsidicom")
@@ -315,37 +317,67 @@ def open_slide(path: str | Path, backend: str = "auto") -> SlideReader:
         ) from error
 
 
-def read_downsampled(reader: SlideReader, downsample: float) -> tuple[np.ndarray, float]:
-    """A low-resolution RGB view of the whole slide, about `downsample` level-0 pixels per output pixel.
+def _block_mean(region: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of `factor` x `factor` blocks of an RGB uint8 region whose sides are multiples of `factor`."""
+    height, width = region.shape[:2]
+    sums = region.reshape(height // factor, factor, width // factor, factor, 3).sum(
+        axis=(1, 3), dtype=np.uint32
+    )
+    return ((sums + factor * factor // 2) // (factor * factor)).astype(np.uint8)
 
-    Reads the coarsest pyramid level that is at least that fine and averages integer blocks of it, block by
-    block, so memory stays bounded by one block even on a slide with a single level. Returns the image and
-    its exact scale (level-0 pixels per output pixel).
+
+def read_downsampled_views(
+    reader: SlideReader, downsamples: Sequence[float]
+) -> list[tuple[np.ndarray, float]]:
+    """Low-resolution RGB views of the whole slide, about `downsamples[i]` level-0 pixels per output pixel.
+
+    Each view reads the coarsest pyramid level that is at least that fine and averages integer blocks of it,
+    block by block, so memory stays bounded by one block (plus the views) even on a slide with a single level;
+    views that come from the same level share its reads. Returns (image, exact level-0 pixels per pixel) per
+    requested downsample.
     """
-    if downsample < 1:
-        raise ValueError(f"downsample must be >= 1 (level-0 pixels per output pixel), got {downsample}")
-    level = reader.best_level_for_downsample(downsample)
-    level_downsample = reader.level_downsamples[level]
-    factor = max(1, int(downsample / level_downsample + 0.01))
-    level_width, level_height = reader.level_dimensions[level]
-    out_width, out_height = level_width // factor, level_height // factor
-    if out_width == 0 or out_height == 0:
-        raise ValueError(
-            f"{reader.path}: the slide ({level_width}x{level_height} at level {level}) is smaller than one "
-            f"pixel of the {downsample:g}x downsampled view; lower the detection resolution"
-        )
-    block = factor * max(1, _DOWNSAMPLE_BLOCK_SIDE // factor)
-    out = np.empty((out_height, out_width, 3), dtype=np.uint8)
-    for top in range(0, out_height * factor, block):
-        height = min(block, out_height * factor - top)
-        for left in range(0, out_width * factor, block):
-            width = min(block, out_width * factor - left)
-            location = (round(left * level_downsample), round(top * level_downsample))
-            region = reader.read_region(location, level, (width, height))
-            sums = region.reshape(height // factor, factor, width // factor, factor, 3).sum(
-                axis=(1, 3), dtype=np.uint32
+    plans = []
+    for downsample in downsamples:
+        if downsample < 1:
+            raise ValueError(f"downsample must be >= 1 (level-0 pixels per output pixel), got {downsample}")
+        level = reader.best_level_for_downsample(downsample)
+        factor = max(1, int(downsample / reader.level_downsamples[level] + 0.01))
+        level_width, level_height = reader.level_dimensions[level]
+        if level_width < factor or level_height < factor:
+            raise ValueError(
+                f"{reader.path}: the slide ({level_width}x{level_height} at level {level}) is smaller than one "
+                f"pixel of the {downsample:g}x downsampled view; lower the detection resolution"
             )
-            out[top // factor : (top + height) // factor, left // factor : (left + width) // factor] = (
-                (sums + factor * factor // 2) // (factor * factor)
-            ).astype(np.uint8)
-    return out, level_downsample * factor
+        # Level pixels a view covers: whole blocks only.
+        plans.append((level, factor, level_width // factor * factor, level_height // factor * factor))
+    views: list[np.ndarray | None] = [None] * len(plans)
+    for level in sorted({plan[0] for plan in plans}):
+        members = [i for i, plan in enumerate(plans) if plan[0] == level]
+        level_downsample = reader.level_downsamples[level]
+        common = math.lcm(*(plans[i][1] for i in members))
+        block = common * max(1, _DOWNSAMPLE_BLOCK_SIDE // common)
+        span_width = max(plans[i][2] for i in members)
+        span_height = max(plans[i][3] for i in members)
+        for i in members:
+            _, factor, width, height = plans[i]
+            views[i] = np.empty((height // factor, width // factor, 3), dtype=np.uint8)
+        for top in range(0, span_height, block):
+            for left in range(0, span_width, block):
+                size = (min(block, span_width - left), min(block, span_height - top))
+                location = (round(left * level_downsample), round(top * level_downsample))
+                region = reader.read_region(location, level, size)
+                for i in members:
+                    _, factor, width, height = plans[i]
+                    part = region[: max(0, min(size[1], height - top)), : max(0, min(size[0], width - left))]
+                    if part.size:
+                        rows, cols = top // factor, left // factor
+                        reduced = _block_mean(part, factor)
+                        views[i][rows : rows + reduced.shape[0], cols : cols + reduced.shape[1]] = reduced
+    return [
+        (view, reader.level_downsamples[plan[0]] * plan[1]) for view, plan in zip(views, plans, strict=True)
+    ]
+
+
+def read_downsampled(reader: SlideReader, downsample: float) -> tuple[np.ndarray, float]:
+    """One low-resolution view of the whole slide (see `read_downsampled_views`)."""
+    return read_downsampled_views(reader, [downsample])[0]
