@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from .configuration_exaonepath import ExaonePathConfig
+from .image_processing_exaonepath import ExaonePathImageProcessor
 from .modeling_exaonepath import ExaonePathModel
 
 logger = logging.getLogger(__name__)
@@ -225,8 +226,16 @@ def model_card_text() -> str:
     return resources.files("exaonepath_hf").joinpath("model_card.md").read_text(encoding="utf-8")
 
 
-def save_folder(model: ExaonePathModel, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write model, processor, remote code and card to `out_dir` atomically (a temp folder renamed at the end)."""
+def save_folder(
+    model: ExaonePathModel,
+    out_dir: str | os.PathLike,
+    processor: ExaonePathImageProcessor | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write model, processor, remote code and card to `out_dir` atomically (a temp folder renamed at the end).
+
+    Without a `processor`, the release's preprocessing with the default (HEnorm) stain reference is saved.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
@@ -234,6 +243,7 @@ def save_folder(model: ExaonePathModel, out_dir: str | os.PathLike, overwrite: b
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model.save_pretrained(staging)
+        (processor or ExaonePathImageProcessor()).save_pretrained(staging)
         (staging / "README.md").write_text(model_card_text(), encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -8,13 +8,15 @@ import textwrap
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from exaonepath_hf import ExaonePathConfig, ExaonePathModel
+from exaonepath_hf import ExaonePathConfig, ExaonePathImageProcessor, ExaonePathModel
 from exaonepath_hf.convert import CheckpointMismatchError, load_backbone, main, push_folder_to_hub
 
 RELEASE_HUB_CONFIG = {
@@ -87,15 +89,23 @@ def test_release_ckpt_converts_to_timm_features(converted, pixel_values, timm_fe
     assert (features - timm_features).abs().max() < 1e-5
 
 
+CODE_FILES = {
+    "configuration_exaonepath.py",
+    "modeling_exaonepath.py",
+    "image_processing_exaonepath.py",
+    "stain_normalization.py",
+}
+FOLDER_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} | CODE_FILES
+
+
 def test_converted_folder_contents(converted):
     names = {path.name for path in converted.iterdir()}
-    assert {
-        "config.json",
-        "model.safetensors",
-        "README.md",
-        "configuration_exaonepath.py",
-        "modeling_exaonepath.py",
-    } <= names
+    assert FOLDER_FILES <= names
+    processor_config = json.loads((converted / "preprocessor_config.json").read_text())
+    assert processor_config["auto_map"] == {
+        "AutoImageProcessor": "image_processing_exaonepath.ExaonePathImageProcessor"
+    }
+    assert processor_config["do_stain_normalize"] is True
     config = json.loads((converted / "config.json").read_text())
     assert config["model_type"] == "exaonepath" and config["layer_norm_eps"] == 1e-6
     assert config["auto_map"] == {
@@ -204,33 +214,47 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
         pass
     else:
         raise SystemExit("exaonepath_hf is still importable")
+    import numpy as np
     import torch
-    from transformers import AutoModel
-    model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
-    torch.manual_seed(0)
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel, pipeline
+
+    folder, out = sys.argv[1], sys.argv[2]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    for loaded in (model, processor):
+        assert type(loaded).__module__.startswith("transformers_modules."), type(loaded).__module__
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 320, 3), dtype=np.uint8))
     with torch.no_grad():
-        features = model(torch.randn(1, 3, 224, 224)).pooler_output
-    torch.save(features, sys.argv[2])
+        features = model(**processor(image, return_tensors="pt")).pooler_output
+    extractor = pipeline("image-feature-extraction", model=folder, trust_remote_code=True)
+    pooled = extractor(image, pool=True, return_tensors=True)
+    tokens = extractor(image, return_tensors=True)
+    torch.save({"features": features, "pooled": pooled, "tokens": tokens}, out)
     """
 )
 
 
-def test_folder_loads_with_remote_code_without_the_package(converted, tmp_path):
-    features_file = tmp_path / "features.pt"
+def test_folder_loads_with_remote_code_and_pipeline_without_the_package(converted, tmp_path):
+    outputs_file = tmp_path / "outputs.pt"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(converted), str(features_file)],
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(converted), str(outputs_file)],
         check=True,
         cwd=tmp_path,
         env=env,
         timeout=300,
     )
-    torch.manual_seed(0)
-    pixel_values = torch.randn(1, 3, 224, 224)
+    outputs = torch.load(outputs_file, weights_only=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 320, 3), dtype=np.uint8))
+    processor = AutoImageProcessor.from_pretrained(converted)
+    assert isinstance(processor, ExaonePathImageProcessor)
     with torch.no_grad():
-        expected = AutoModel.from_pretrained(converted).eval()(pixel_values).pooler_output
-    assert torch.allclose(torch.load(features_file, weights_only=True), expected, atol=1e-6)
+        expected = AutoModel.from_pretrained(converted).eval()(**processor(image, return_tensors="pt"))
+    assert torch.allclose(outputs["features"], expected.pooler_output, atol=1e-5)
+    assert torch.allclose(outputs["pooled"], expected.pooler_output, atol=1e-5)
+    assert torch.allclose(outputs["tokens"], expected.last_hidden_state, atol=1e-5)
+    assert outputs["tokens"].shape == (1, 197, 768)
 
 
 def test_push_to_hub_uploads_the_whole_folder(converted):
@@ -248,13 +272,7 @@ def test_push_to_hub_uploads_the_whole_folder(converted):
         url = push_folder_to_hub(converted, "lab/exaonepath-test", private=True)
     create_repo.assert_called_once_with("lab/exaonepath-test", repo_type="model", private=True, exist_ok=True)
     assert url.endswith("/commit/abc") and uploaded["repo_id"] == "lab/exaonepath-test"
-    assert {
-        "config.json",
-        "model.safetensors",
-        "README.md",
-        "configuration_exaonepath.py",
-        "modeling_exaonepath.py",
-    } <= set(uploaded["files"])
+    assert FOLDER_FILES <= set(uploaded["files"])
 
 
 def test_auto_config_registration():
