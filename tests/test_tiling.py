@@ -281,8 +281,11 @@ def test_cli_tiles_reports_failures_and_resumes_with_mpp(synthetic_slides, tmp_p
     slides = [str(synthetic_slides["mpp05"]), str(synthetic_slides["nompp"])]
     assert tile_main([*slides, "--out", str(out), "--quiet"]) == 1
     assert "nompp" in capsys.readouterr().err
-    # Rerun with --mpp: the complete slide is skipped, the failed one is tiled with the fallback MPP.
-    assert tile_main([*slides, "--out", str(out), "--quiet", "--mpp", "0.5"]) == 0
+    # Rerun with --mpp (slides given as a list file): the complete slide is skipped, the failed one is tiled
+    # with the fallback MPP.
+    listing = tmp_path / "slides.txt"
+    listing.write_text("# slides to tile\n" + "\n".join(slides) + "\n\n")
+    assert tile_main([str(listing), "--slide-list", "--out", str(out), "--quiet", "--mpp", "0.5"]) == 0
     assert "1 slides tiled, 1 already complete, 0 failed" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(manifest["slides"]) == ["mpp05", "nompp"] and manifest["failures"] == []

@@ -575,7 +575,7 @@ def tile_slides(
         else:
             summary.tiled.append(task.slide_id)
             summary.num_patches += outcome["num_patches"]
-            logger.info(
+            logger.debug(
                 "slide %s: %d patches in %.1f s", task.slide_id, outcome["num_patches"], outcome["seconds"]
             )
         bar.update(1)
