@@ -152,6 +152,18 @@ def test_tissue_fractions_are_area_weighted():
     np.testing.assert_allclose(tissue_fractions(mask, scale, coords, patch), expected, atol=1e-12)
 
 
+def test_config_round_trips_through_json():
+    config = TilingConfig(
+        patch_size=224, mpp=0.25, tissue=TissueDetectionConfig(threshold=20, max_holes_per_region=8)
+    )
+    assert TilingConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert "mpp" not in config.output_settings() and "backend" not in config.output_settings()
+    with pytest.raises(ValueError, match="min_tissue_fraction"):
+        TilingConfig(min_tissue_fraction=0.0)
+    with pytest.raises(ValueError, match="threshold"):
+        TissueDetectionConfig(threshold="triangle")
+
+
 def test_level0_patch_size():
     assert level0_patch_size(256, 0.5, 0.25) == 512
     assert level0_patch_size(256, 0.5, 0.5) == 256

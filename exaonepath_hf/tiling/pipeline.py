@@ -116,10 +116,11 @@ class TilingConfig:
         return asdict(self)
 
     def output_settings(self) -> dict[str, Any]:
-        """The settings every slide of one output folder must share. How a slide is read (backend, fallback
-        MPP) may change between runs, e.g. to rerun the slides that failed; each slide's record keeps it."""
+        """The settings every slide of one output folder must share: those that decide which patches exist
+        and how they are stored. How a slide is read (backend, fallback MPP) may change between runs, e.g. to
+        rerun the slides that failed (each slide's record keeps it), and so may the thumbnail size."""
         settings = self.to_dict()
-        del settings["backend"], settings["mpp"]
+        del settings["backend"], settings["mpp"], settings["thumbnail_size"]
         return settings
 
     @classmethod

@@ -127,7 +127,7 @@ def write_shard(path: Path, records: Iterable[PatchRecord], row_group_size: int)
                 writer.write_table(_table(buffer, schema), row_group_size=row_group_size)
                 rows += len(buffer)
                 buffer.clear()
-        if buffer or rows == 0:
+        if buffer:
             writer.write_table(_table(buffer, schema), row_group_size=row_group_size)
             rows += len(buffer)
     os.replace(temporary, path)
