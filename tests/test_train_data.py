@@ -233,3 +233,10 @@ def test_reads_the_tilers_real_output_split_across_ranks(tmp_path, shared_data):
     assert all(i.startswith("CMU-1-Small-Region@0:") for ids in per_rank for i in ids)
     assert not set(per_rank[0]) & set(per_rank[1])
     assert len(set(per_rank[0]) | set(per_rank[1])) == len(per_rank[0]) + len(per_rank[1]) == total
+
+
+def test_a_worker_whose_shards_hold_no_readable_image_fails_clearly(tmp_path):
+    for index in range(3):
+        (tmp_path / f"broken{index}.png").write_bytes(b"not an image")
+    with pytest.raises(RuntimeError, match="no readable image in a whole pass"):
+        next(iter(make_stream(tmp_path, normalizer=False)))

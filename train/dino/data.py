@@ -273,11 +273,21 @@ class PatchStream(torch.utils.data.IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         crops, ids = [], []
         fallbacks = unreadable = 0
+        epoch, readable_this_epoch, barren_epochs = None, 0, 0
         for position, example in self._examples(worker, num_workers):
+            if position[0] != epoch:  # a new epoch: were the previous ones all unreadable?
+                barren_epochs = barren_epochs + 1 if epoch is not None and not readable_this_epoch else 0
+                if barren_epochs >= 2:  # two in a row, so at least one whole pass over the shards
+                    raise RuntimeError(
+                        f"rank {self.rank} loader worker {worker}: no readable image in a whole pass over "
+                        "its shards; check the data (see the 'skipping unreadable image' warnings)"
+                    )
+                epoch, readable_this_epoch = position[0], 0
             processed = self._process(example, position, worker)
             if processed is None:
                 unreadable += 1
                 continue
+            readable_this_epoch += 1
             crops.append(processed[0])
             fallbacks += processed[1]
             ids.append(_example_id(example, self.image_column))
