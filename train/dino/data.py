@@ -7,9 +7,10 @@ package normalizer (p = 1; a fallback returns the image unchanged and is counted
 
 Distribution: `split_dataset_by_node` gives each rank its shards and `datasets` gives each worker a subset of
 those; the loader is *not* passed to `accelerator.prepare` (that would shard a second time). Each worker's
-stream is endless (it starts its next epoch itself), so ranks never run out at different steps, and every
-example's augmentation is seeded from its position, so a run resumes exactly: the checkpoint stores each
-worker's position and the next worker in the loader's round-robin order (`StreamState`).
+stream is endless (it starts its next epoch itself), so ranks never run out at different steps; the price:
+near an epoch boundary one worker may already show patches of the next epoch while another finishes the
+current one. Every example's augmentation is seeded from its position, so a run resumes exactly: the
+checkpoint stores each worker's position and the next worker in the loader's round-robin (`StreamState`).
 """
 
 from __future__ import annotations
