@@ -117,7 +117,9 @@ def launched_on_cpus_only() -> bool:
     Accelerate 1.x then makes every process an independent single-process run unless `cpu=True`, which selects
     the gloo backend; the launcher resets ACCELERATE_USE_CPU, so the script must ask for it.
     """
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    devices = getattr(torch, "accelerator", None)  # torch >= 2.6; CUDA only before
+    has_accelerator = devices.is_available() if devices is not None else torch.cuda.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
 
 
 def train_step(
