@@ -225,7 +225,7 @@ class MacenkoNormalizer:
         alpha: float = 1.0,
         beta: float = 0.15,
         min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION,
-        max_batch_pixels: int = 1 << 20,
+        max_batch_pixels: int = 1 << 21,
     ):
         if not isinstance(reference, StainReference):
             reference = StainReference.from_dict(reference)
@@ -327,8 +327,12 @@ class MacenkoNormalizer:
         flat_out = out.view(od.shape)
         torch.bmm(-mixing, decomposition.concentrations, out=flat_out)
         flat_out.exp_().mul_(self.io / 255.0).clamp_(max=1)
-        # NaN survives the clamp and the sum (the release checks for NaN, values are <= 1 so the sum is finite)
-        valid = decomposition.valid & ~torch.isnan(flat_out.sum(dim=(1, 2)))
+        # the release falls back when its output has NaN; with finite inputs that happens exactly when the
+        # per-image coefficients are not finite (the exponent is then finite, or +-inf without inf - inf)
+        finite = torch.isfinite(mixing).flatten(1).all(1) & torch.isfinite(
+            decomposition.stain_matrix
+        ).flatten(1).all(1)
+        valid = decomposition.valid & finite
         if not bool(valid.all()):
             out[~valid] = images[~valid].float() / 255.0
         return valid
@@ -353,16 +357,19 @@ def _macenko_decomposition(
     covariance = torch.where(enough_tissue[:, None, None], covariance, identity)
     plane = torch.linalg.eigh(covariance).eigenvectors[..., 1:].to(od.dtype)  # the two largest, ascending
 
-    # angles of the tissue OD in that plane; their alpha / 100-alpha nearest-rank percentiles give the stains
+    # angles of the tissue OD in that plane; their alpha / 100-alpha nearest-rank percentiles give the stains.
+    # Row 0 holds the angles, row 1 their negatives (k-th smallest = -(k-th largest of the negatives)); the
+    # background is pushed below every angle so that one batched selection serves both percentiles.
     projection = plane.transpose(-1, -2) @ od  # [N, 2, P]
-    angle = torch.atan2(projection[:, 1], projection[:, 0])
-    low_rank = _nearest_rank(tissue_count, alpha)
-    high_rank = _nearest_rank(tissue_count, 100 - alpha)
-    background = ~tissue
-    min_angle = -_kth_largest(torch.add(-angle, background, alpha=-_EXCLUDED_OFFSET), low_rank)
-    max_angle = _kth_largest(
-        torch.add(angle, background, alpha=-_EXCLUDED_OFFSET), tissue_count - high_rank + 1
-    )
+    angles = od.new_empty((n, 2, num_pixels))
+    torch.atan2(projection[:, 1], projection[:, 0], out=angles[:, 0])
+    torch.neg(angles[:, 0], out=angles[:, 1])
+    angles.add_((~tissue).unsqueeze(1), alpha=-_EXCLUDED_OFFSET)
+    max_rank = tissue_count - _nearest_rank(tissue_count, 100 - alpha) + 1
+    min_rank = _nearest_rank(tissue_count, alpha)
+    extremes = _kth_largest(angles.view(n * 2, num_pixels), torch.stack((max_rank, min_rank), 1).view(-1))
+    max_angle, min_angle = extremes.view(n, 2).unbind(-1)
+    min_angle = -min_angle
     v_min = plane @ torch.stack((torch.cos(min_angle), torch.sin(min_angle)), dim=-1).unsqueeze(-1)
     v_max = plane @ torch.stack((torch.cos(max_angle), torch.sin(max_angle)), dim=-1).unsqueeze(-1)
     # hematoxylin first: the vector with the larger red OD component (HEnorm's heuristic)

@@ -1,0 +1,328 @@
+"""Macenko stain normalization and end-to-end preprocessing throughput against the peers, in one run.
+
+    python benchmarks/bench_stain.py [--threads 2] [--count 256]
+
+The same `--count` real H&E patches of 224x224 (cut from the images in ../shared/data, round-robin over the
+source images so that every stain, tissue type and the background crops are represented) go through:
+
+1. Macenko only (patches/s): ours (one batched call), torchstain's torch normalizer (the release's algorithm,
+   one patch at a time, exceptions caught like the release), and where installed stainx, torch-staintools,
+   macenko-pca (normalization composed from its stain separation) and staintools. Every method is fitted to
+   the same target image first. Peers are a `bench` extra, not runtime dependencies; a peer that is missing
+   or fails is recorded with the reason.
+2. End to end from PIL images to `pixel_values`: `ExaonePathImageProcessor` against the release pipeline
+   (torchstain normalizer, then torchvision Resize(256, bicubic) / CenterCrop(224) / Normalize per image).
+
+Each method runs once (after a warm-up on 8 patches) with `torch.set_num_threads(--threads)`. Writes
+benchmarks/results/stain.json and stain.md. `real_patches()` is also the patch set of the parity tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+DATA = Path(os.environ.get("EXAONEPATH_TEST_DATA", ROOT.parent / "shared" / "data"))
+PATCH = 224
+# source folders of the patch set, in order; within a folder files are sorted by name
+PATCH_SOURCES = (
+    "crc-val-he-7k-samples",
+    "macenko-reference",
+    "stain-templates",
+    "he-images",
+    "tcga-tiles",
+    "tiles",
+)
+TARGET = "he-images/tiatoolbox_target_image.png"
+WARMUP = 8
+
+
+def _source_images(data_dir: Path) -> list[Path]:
+    files = []
+    for folder in PATCH_SOURCES:
+        for path in sorted((data_dir / folder).rglob("*")):
+            if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif") and not path.stem.startswith("norm"):
+                files.append(path)
+    return files
+
+
+def real_patches(data_dir: Path = DATA, count: int = 256, size: int = PATCH) -> list[torch.Tensor]:
+    """`count` real uint8 3×size×size patches: the non-overlapping grid crops of every source image, taken
+    round-robin over the images (one crop of each image, then the second of each, ...)."""
+    grids = []
+    for path in _source_images(data_dir):
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        height, width, _ = pixels.shape
+        crops = [
+            torch.from_numpy(pixels[top : top + size, left : left + size].copy())
+            .permute(2, 0, 1)
+            .contiguous()
+            for top in range(0, height - size + 1, size)
+            for left in range(0, width - size + 1, size)
+        ]
+        if crops:
+            grids.append(crops)
+    patches = []
+    depth = 0
+    while len(patches) < count and any(depth < len(crops) for crops in grids):
+        patches.extend(crops[depth] for crops in grids if depth < len(crops))
+        depth += 1
+    if len(patches) < count:
+        raise RuntimeError(f"only {len(patches)} {size}x{size} patches in {data_dir}; asked for {count}")
+    return patches[:count]
+
+
+def load_target(data_dir: Path = DATA) -> torch.Tensor:
+    with Image.open(data_dir / TARGET) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+
+
+# --------------------------------------------------------------------------------------------- Macenko methods
+def ours(target: torch.Tensor) -> Callable:
+    from exaonepath_hf.stain_normalization import MacenkoNormalizer
+
+    normalizer = MacenkoNormalizer()
+    normalizer.fit(target)
+    return lambda patches: normalizer.normalize(torch.stack(patches)).images
+
+
+def torchstain_torch(target: torch.Tensor) -> Callable:
+    from torchstain.torch.normalizers import TorchMacenkoNormalizer
+
+    normalizer = TorchMacenkoNormalizer()
+    normalizer.fit(target)
+
+    def run(patches):
+        outputs = []
+        for patch in patches:
+            try:  # the release returns the input when torchstain raises (background patches)
+                outputs.append(normalizer.normalize(patch, stains=False)[0])
+            except Exception:
+                outputs.append(patch)
+        return outputs
+
+    return run
+
+
+def stainx_macenko(target: torch.Tensor) -> Callable:
+    import stainx
+
+    normalizer = stainx.Macenko(device="cpu")
+    normalizer.fit(target.unsqueeze(0))
+    return lambda patches: normalizer.transform(torch.stack(patches))
+
+
+def torch_staintools_macenko(target: torch.Tensor) -> Callable:
+    from torch_staintools.normalizer import NormalizerBuilder
+
+    # least squares concentrations and 1% angles like the release (its other defaults differ: Lab mask, Io)
+    normalizer = NormalizerBuilder.build("macenko", concentration_solver="ls", perc=1)
+    normalizer.fit(target.unsqueeze(0).float() / 255)
+    return lambda patches: normalizer(torch.stack(patches).float() / 255)
+
+
+def macenko_pca_composed(target: torch.Tensor) -> Callable:
+    import macenko_pca
+
+    def stains_and_maxima(image: np.ndarray):
+        matrix = macenko_pca.rgb_separate_stains_macenko_pca(image)
+        concentrations = macenko_pca.rgb_color_deconvolution(image, matrix)
+        return matrix, concentrations, np.percentile(concentrations[..., :2].reshape(-1, 2), 99, axis=0)
+
+    target_matrix, _, target_maxima = stains_and_maxima(target.permute(1, 2, 0).numpy().astype(np.float32))
+
+    def run(patches):
+        outputs = []
+        for patch in patches:
+            image = patch.permute(1, 2, 0).numpy().astype(np.float32)
+            try:
+                _, concentrations, maxima = stains_and_maxima(image)
+                concentrations[..., :2] *= target_maxima / maxima
+                outputs.append(macenko_pca.reconstruct_rgb(concentrations, target_matrix))
+            except BaseException as error:  # its Rust panics are BaseExceptions
+                if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                    raise
+                outputs.append(image)
+        return outputs
+
+    return run
+
+
+def staintools_macenko(target: torch.Tensor) -> Callable:
+    import staintools
+
+    normalizer = staintools.StainNormalizer(method="macenko")
+    normalizer.fit(np.ascontiguousarray(target.permute(1, 2, 0).numpy()))
+
+    def run(patches):
+        outputs = []
+        for patch in patches:
+            try:
+                outputs.append(normalizer.transform(np.ascontiguousarray(patch.permute(1, 2, 0).numpy())))
+            except Exception:
+                outputs.append(patch)
+        return outputs
+
+    return run
+
+
+MACENKO_METHODS = {
+    "exaonepath_hf MacenkoNormalizer (batched)": (ours, "exaonepath_hf"),
+    "torchstain 1.4 torch (the release's algorithm)": (torchstain_torch, "torchstain"),
+    "stainx Macenko (torch backend)": (stainx_macenko, "stainx"),
+    "torch-staintools Macenko (ls)": (torch_staintools_macenko, "torch_staintools"),
+    "macenko-pca (separation + composed normalize)": (macenko_pca_composed, "macenko_pca"),
+    "staintools Macenko": (staintools_macenko, "staintools"),
+}
+
+
+# -------------------------------------------------------------------------------------------- end to end
+def processor_pipeline(target: torch.Tensor) -> Callable:
+    from exaonepath_hf.image_processing_exaonepath import ExaonePathImageProcessor
+
+    processor = ExaonePathImageProcessor()
+    processor.fit_stain_reference(target)
+    return lambda images: processor(images, return_tensors="pt")["pixel_values"]
+
+
+def release_pipeline(target: torch.Tensor) -> Callable:
+    import torchvision.transforms as T
+    from torchstain.torch.normalizers import TorchMacenkoNormalizer
+
+    normalizer = TorchMacenkoNormalizer()
+    normalizer.fit(target)
+    to_0_255 = T.Compose([T.ToTensor(), T.Lambda(lambda image: image * 255)])
+    after = T.Compose(
+        [
+            T.Resize(256, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(224),
+            T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        ]
+    )
+
+    def run(images):
+        outputs = []
+        for image in images:
+            try:
+                normalized = normalizer.normalize(to_0_255(image), stains=False)[0].permute(2, 0, 1) / 255.0
+            except Exception:
+                normalized = T.functional.to_tensor(image)
+            outputs.append(after(normalized))
+        return torch.stack(outputs)
+
+    return run
+
+
+END_TO_END_METHODS = {
+    "ExaonePathImageProcessor (PIL -> pixel_values)": processor_pipeline,
+    "release pipeline (torchstain + torchvision per PIL image)": release_pipeline,
+}
+
+
+def time_method(build: Callable, target: torch.Tensor, inputs: list) -> dict:
+    run = build(target)
+    run(inputs[:WARMUP])
+    start = time.perf_counter()
+    run(inputs)
+    seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 4), "patches_per_s": round(len(inputs) / seconds, 1)}
+
+
+def run_benchmark(threads: int, count: int) -> dict:
+    torch.set_num_threads(threads)
+    patches = real_patches(DATA, count)
+    target = load_target(DATA)
+    results: dict = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "load_average_at_start": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "threads": threads,
+        "patches": f"{count} real {PATCH}x{PATCH} H&E patches from {', '.join(PATCH_SOURCES)}",
+        "target": TARGET,
+        "macenko": {},
+        "end_to_end": {},
+    }
+    for name, (build, module) in MACENKO_METHODS.items():
+        try:
+            __import__(module)
+        except Exception as error:
+            results["macenko"][name] = {"skipped": f"not installable/importable here: {error!r}"}
+            continue
+        try:
+            results["macenko"][name] = time_method(build, target, patches)
+        except Exception as error:
+            results["macenko"][name] = {"skipped": f"failed: {error!r}"}
+        print(name, results["macenko"][name], file=sys.stderr)
+    pil_images = [Image.fromarray(patch.permute(1, 2, 0).numpy()) for patch in patches]
+    for name, build in END_TO_END_METHODS.items():
+        results["end_to_end"][name] = time_method(build, target, pil_images)
+        print(name, results["end_to_end"][name], file=sys.stderr)
+
+    reference = results["macenko"]["torchstain 1.4 torch (the release's algorithm)"]["patches_per_s"]
+    for entry in results["macenko"].values():
+        if "patches_per_s" in entry:
+            entry["speedup_vs_torchstain"] = round(entry["patches_per_s"] / reference, 2)
+    release = results["end_to_end"]["release pipeline (torchstain + torchvision per PIL image)"][
+        "patches_per_s"
+    ]
+    for entry in results["end_to_end"].values():
+        entry["speedup_vs_release"] = round(entry["patches_per_s"] / release, 2)
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"Stain normalization, {results['patches']}; {results['threads']} threads, {results['machine']}, "
+        f"torch {results['torch']}, load average at start {results['load_average_at_start'][0]:.1f}; "
+        f"{results['date']}.",
+        "",
+        "| Macenko | patches/s | vs torchstain |",
+        "|---|---:|---:|",
+    ]
+    for name, entry in results["macenko"].items():
+        if "patches_per_s" in entry:
+            lines.append(f"| {name} | {entry['patches_per_s']:.0f} | {entry['speedup_vs_torchstain']:.2f}x |")
+        else:
+            lines.append(f"| {name} | skipped: {entry['skipped']} | |")
+    lines += ["", "| end to end (PIL → pixel_values) | patches/s | vs release |", "|---|---:|---:|"]
+    for name, entry in results["end_to_end"].items():
+        lines.append(f"| {name} | {entry['patches_per_s']:.0f} | {entry['speedup_vs_release']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--count", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    results = run_benchmark(args.threads, args.count)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomically(args.out / "stain.json", json.dumps(results, indent=2) + "\n")
+    write_atomically(args.out / "stain.md", markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

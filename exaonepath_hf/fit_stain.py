@@ -1,0 +1,95 @@
+"""``exaonepath-fit-stain TARGET... --out DIR``: fit a Macenko stain reference and save a ready processor.
+
+Fits the stain reference to one or more H&E target images (pooled, like a single larger target) and writes
+an :class:`ExaonePathImageProcessor` with that reference to ``DIR`` (``preprocessor_config.json`` plus the
+processor's code, so ``AutoImageProcessor.from_pretrained(DIR, trust_remote_code=True)`` loads it anywhere).
+The reference is also printed as JSON. Start from an existing processor folder with ``--processor``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .image_processing_exaonepath import ExaonePathImageProcessor
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="exaonepath-fit-stain",
+        description="Fit a Macenko stain reference to H&E target image(s) and save an EXAONEPath image processor.",
+    )
+    parser.add_argument("targets", nargs="+", type=Path, help="target image file(s) (PNG, JPEG, TIFF, ...)")
+    parser.add_argument("--out", required=True, type=Path, help="folder to write the processor to")
+    parser.add_argument(
+        "--processor",
+        type=Path,
+        default=None,
+        help="start from this saved processor (default: the release's)",
+    )
+    parser.add_argument("--io", type=float, default=None, help="transmitted light intensity (default 240)")
+    parser.add_argument("--alpha", type=float, default=None, help="stain angle percentile in %% (default 1)")
+    parser.add_argument("--beta", type=float, default=None, help="background OD threshold (default 0.15)")
+    parser.add_argument("--device", default=None, help="fit on this device, e.g. cuda (default cpu)")
+    return parser
+
+
+def _load_target(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+        raise SystemExit(f"exaonepath-fit-stain: cannot read target image {path}: {error}") from error
+
+
+def _save_atomically(processor: ExaonePathImageProcessor, out: Path) -> None:
+    """Write into a temporary sibling folder, then move each file into place with os.replace."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-fit-stain-") as staging:
+        processor.save_pretrained(staging)
+        for file in Path(staging).iterdir():
+            if file.is_file():
+                os.replace(file, out / file.name)
+            else:  # no folders are written today; keep the copy semantics if transformers adds some
+                shutil.copytree(file, out / file.name, dirs_exist_ok=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = {
+        key: value
+        for key, value in {"stain_io": args.io, "stain_alpha": args.alpha, "stain_beta": args.beta}.items()
+        if value is not None
+    }
+    if args.processor is not None:
+        processor = ExaonePathImageProcessor.from_pretrained(args.processor, **overrides)
+    else:
+        processor = ExaonePathImageProcessor(**overrides)
+
+    images = [_load_target(path) for path in args.targets]
+    try:
+        reference = processor.fit_stain_reference(images, device=args.device)
+    except ValueError as error:
+        raise SystemExit(f"exaonepath-fit-stain: {error}") from error
+    _save_atomically(processor, args.out)
+    logger.info("fitted on %d target image(s); processor written to %s", len(images), args.out)
+    json.dump(reference.to_dict(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
