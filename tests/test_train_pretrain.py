@@ -122,6 +122,18 @@ def test_exported_teacher_loads_with_auto_classes_and_yields_features(two_proces
         assert torch.equal(tensor, teacher_state[f"backbone.{name}"]), name
 
 
+def test_export_on_request_writes_the_newest_teacher(two_process_run, patch_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    again = tmp_path / "again"
+    _main_in_process(["--config", str(SMOKE), f"run.output_dir={two_process_run}", f"run.export_dir={again}",
+                      f"data.source={patch_folder}", "--export_only"])  # fmt: skip
+    first = load_file(two_process_run / "export" / "model.safetensors")
+    second = load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert (again / "preprocessor_config.json").is_file()
+
+
 def test_resume_continues_exactly(patch_folder, tmp_path):
     """2N steps straight equal N steps, stop, resume, N steps: identical teacher weights (2 loader workers)."""
     common = [sys.executable, str(SCRIPT), "--config", str(SMOKE), f"data.source={patch_folder}",
