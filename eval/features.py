@@ -313,16 +313,18 @@ def extract_features(
     )
     buffers: dict[int, list[dict[str, Any]]] = {}
     seen: dict[int, int] = {}
-    forward_batches, started = 0, time.perf_counter()
+    forward_batches, forward_seconds, started = 0, 0.0, time.perf_counter()
     with tqdm(
         total=len(rows), desc=f"features {key['dataset']['split']}", unit="img", disable=not rows
     ) as bar:
         for batch in loader:
             features = torch.zeros(0, encoder.feature_dim)
             if batch["pixel_values"] is not None:
+                forward_started = time.perf_counter()
                 pixel_values = batch["pixel_values"].to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    features = encoder.features(pixel_values).float().cpu()
+                    features = encoder.features(pixel_values).float().cpu()  # .cpu() also synchronizes
+                forward_seconds += time.perf_counter() - forward_started
                 forward_batches += 1
             # split the batch by chunk so that each chunk is flushed as soon as all its rows are done
             chunk_of_row = (batch["rows"] // chunk_size).tolist()
@@ -350,6 +352,8 @@ def extract_features(
         "forward_batches": forward_batches,
         "images_extracted": len(rows),
         "seconds": round(seconds, 3),
+        # time in the model's forward: close to `seconds` when loading and preprocessing keep up
+        "forward_seconds": round(forward_seconds, 3),
         "images_per_second": round(len(rows) / seconds, 2) if rows and seconds > 0 else None,
         "num_processes": state.num_processes,
         "precision": "bf16" if use_bf16 else "fp32",
