@@ -241,12 +241,18 @@ def derive_validation_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, val indices) of the field's seeded 80:20-style split, via sklearn's train_test_split."""
     indices = np.arange(len(labels))
-    train_idx, val_idx = train_test_split(
-        indices,
-        test_size=fraction,
-        random_state=seed,
-        stratify=np.asarray(labels) if stratified else None,
-    )
+    try:
+        train_idx, val_idx = train_test_split(
+            indices,
+            test_size=fraction,
+            random_state=seed,
+            stratify=np.asarray(labels) if stratified else None,
+        )
+    except ValueError as error:  # e.g. too few images per class for a stratified split
+        raise ValueError(
+            f"cannot hold out {fraction:.0%} of {len(labels)} images"
+            f"{' stratified by class' if stratified else ''}: {error}; use a larger fraction or more images"
+        ) from error
     return np.sort(train_idx), np.sort(val_idx)
 
 

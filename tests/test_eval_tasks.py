@@ -284,3 +284,15 @@ def test_hub_tasks_map_splits_and_labels(tmp_path):
     assert crc.provenance["stain_normalized_by_source"] == {"train": True, "test": True}
     with pytest.raises(ValueError, match="not found"):
         load_task(dataclasses.replace(TASKS["crc100k"], hub_id=pcam_dir), cache_dir=cache)
+
+
+def test_imagefolder_without_splits_holds_out_a_stratified_test_set(tmp_path, shared_data):
+    for path in sorted((shared_data / "crc-val-he-7k-samples").glob("*.png")):
+        (tmp_path / path.name.split("-")[0]).mkdir(exist_ok=True)
+        (tmp_path / path.name.split("-")[0] / path.name).symlink_to(path)
+    task = load_task(imagefolder_task(tmp_path, val_fraction=0.34), data_dir=tmp_path, test_fraction=0.25)
+    assert {k: len(v) for k, v in task.splits.items()} == {"train": 15, "val": 9, "test": 8}
+    assert sorted(task.splits["test"]["label"]) == list(range(8))
+    assert task.provenance["derived_test"] == {"fraction": 0.25, "seed": 42}
+    with pytest.raises(ValueError, match="cannot hold out 10% of 32 images stratified"):
+        load_task(imagefolder_task(tmp_path), data_dir=tmp_path, test_fraction=0.1)
