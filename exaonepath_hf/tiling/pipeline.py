@@ -533,7 +533,9 @@ def tile_slides(
     """Tile many slides into `out_dir`, in parallel processes, resuming a previous run.
 
     Slides already complete in `out_dir` are skipped; a slide that fails is recorded in failures.json and the
-    others go on. Writes manifest.json at the end. `num_workers=1` tiles in this process.
+    others go on. Writes manifest.json at the end. `num_workers=1` tiles in this process; with more, workers
+    are started by forkserver (spawn where unavailable), so a calling script needs the usual
+    `if __name__ == "__main__":` guard.
     """
     from tqdm.auto import tqdm
 
