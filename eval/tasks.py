@@ -31,11 +31,14 @@ __all__ = [
     "TaskSpec",
     "TaskData",
     "TASKS",
+    "PAPER_TASK_ORDER",
+    "PAPER_MEAN_TOP1",
     "get_task",
     "load_task",
     "imagefolder_task",
     "parse_tcga_ids",
     "derive_validation_split",
+    "local_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
