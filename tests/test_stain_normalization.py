@@ -1,0 +1,303 @@
+"""Batched Macenko against the HEnorm golden outputs, torchstain (the release's algorithm) and edge cases."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchstain.torch.normalizers import TorchMacenkoNormalizer
+
+from exaonepath_hf.stain_normalization import (
+    DEFAULT_MIN_TISSUE_FRACTION,
+    DEFAULT_STAIN_REFERENCE,
+    MacenkoNormalizer,
+    StainReference,
+    _kth_largest,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+HENORM_STAINS = ((0.5626, 0.2159), (0.7201, 0.8012), (0.4062, 0.5581))
+HENORM_MAX = (1.9705, 1.0308)
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_stain", PROJECT_ROOT / "benchmarks" / "bench_stain.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_stain = _load_bench()
+
+
+def read_chw(path) -> torch.Tensor:
+    with Image.open(path) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+
+
+def tissue_fraction(image: torch.Tensor, io=240.0, beta=0.15) -> float:
+    """Independent: the fraction of pixels whose optical density is >= beta in every channel (numpy, float64)."""
+    od = -np.log((image.numpy().astype(np.float64) + 1) / io)
+    return float((od >= beta).all(axis=0).mean())
+
+
+def release_macenko(normalizer: TorchMacenkoNormalizer, image: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The release's `macenko_normalizer.__call__`: torchstain's decomposition, float output /255, and its
+    fallbacks (input returned on an exception or on NaN in the output)."""
+    unchanged = image.float() / 255
+    try:
+        _, concentrations, max_c = normalizer._TorchMacenkoNormalizer__compute_matrices(
+            image.float(), 240, 1, 0.15
+        )
+    except Exception:
+        return unchanged, False
+    concentrations = concentrations * (normalizer.maxCRef / max_c).unsqueeze(-1)
+    output = 240 * torch.exp(-normalizer.HERef @ concentrations)
+    output[output > 255] = 255
+    output = output.reshape(image.shape) / 255
+    if torch.isnan(output).any():
+        return unchanged, False
+    return output, True
+
+
+@pytest.fixture(scope="module")
+def patches(shared_data):
+    return bench_stain.real_patches(shared_data, count=256)
+
+
+@pytest.fixture(scope="module")
+def target(shared_data):
+    return bench_stain.load_target(shared_data)
+
+
+@pytest.fixture(scope="module")
+def torchstain_fitted(target):
+    normalizer = TorchMacenkoNormalizer()
+    normalizer.fit(target)
+    return normalizer
+
+
+@pytest.fixture(scope="module")
+def release_results(patches, torchstain_fitted):
+    return [release_macenko(torchstain_fitted, patch) for patch in patches]
+
+
+def test_reference_serializes_as_plain_numbers_and_validates():
+    assert DEFAULT_STAIN_REFERENCE.stain_matrix == HENORM_STAINS
+    assert DEFAULT_STAIN_REFERENCE.max_concentrations == HENORM_MAX
+    data = DEFAULT_STAIN_REFERENCE.to_dict()
+    assert data == {
+        "stain_matrix": [list(row) for row in HENORM_STAINS],
+        "max_concentrations": list(HENORM_MAX),
+    }
+    assert StainReference.from_dict(data) == DEFAULT_STAIN_REFERENCE
+    with pytest.raises(ValueError, match="3x2"):
+        StainReference(stain_matrix=[[1.0, 0.0]], max_concentrations=[1.0, 1.0])
+    with pytest.raises(ValueError, match="positive"):
+        StainReference(stain_matrix=HENORM_STAINS, max_concentrations=[1.0, 0.0])
+    with pytest.raises(ValueError, match="finite"):
+        StainReference(stain_matrix=((math.nan, 0.0), (0.0, 1.0), (1.0, 0.0)), max_concentrations=[1.0, 1.0])
+
+
+@pytest.mark.parametrize("index", [1, 2])
+def test_golden_henorm_outputs(shared_data, index):
+    folder = shared_data / "macenko-reference"
+    image, golden = read_chw(folder / f"example{index}.png"), read_chw(folder / f"norm{index}.png")
+    output = MacenkoNormalizer().normalize(image)
+    assert output.normalized.tolist() == [True]
+    ours = (output.images * 255).to(torch.uint8)  # truncation, like the golden implementation's astype(uint8)
+    difference = (ours.int() - golden.int()).abs()
+    assert (difference <= 1).float().mean() >= 0.999
+    assert (difference == 0).float().mean() >= 0.85
+
+
+def henorm_fit_float64(image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Independent float64 derivation of HEnorm's fit (Macenko et al.): eigenvectors of the tissue OD covariance,
+    nearest-rank 1st/99th percentile angles, hematoxylin first, 99th percentile least-squares concentrations."""
+    intensity = image.permute(1, 2, 0).reshape(-1, 3).numpy().astype(np.float64)
+    od = -np.log((intensity + 1) / 240)
+    tissue = od[(od >= 0.15).all(axis=1)]
+    _, vectors = np.linalg.eigh(np.cov(tissue.T))
+    plane = vectors[:, 1:]
+    projected = tissue @ plane
+    angles = np.sort(np.arctan2(projected[:, 1], projected[:, 0]))
+    low, high = (angles[round(q * (len(angles) - 1))] for q in (0.01, 0.99))
+    v_low, v_high = (plane @ np.array([np.cos(a), np.sin(a)]) for a in (low, high))
+    stains = np.stack([v_low, v_high] if v_low[0] > v_high[0] else [v_high, v_low], axis=1)
+    concentrations = np.linalg.lstsq(stains, od.T, rcond=None)[0]
+    ranked = np.sort(concentrations, axis=1)
+    return stains, ranked[:, round(0.99 * (ranked.shape[1] - 1))]
+
+
+def test_fit_matches_float64_derivation_and_torchstain(target, torchstain_fitted):
+    reference = MacenkoNormalizer().fit(target)
+    stains, maxima = henorm_fit_float64(target)
+    assert np.allclose(reference.stain_matrix, stains, atol=2e-4)
+    assert np.allclose(reference.max_concentrations, maxima, rtol=2e-4)
+    # torchstain's single-pass float32 covariance over this 1000x1000 target is off by ~1e-3 itself
+    assert torch.allclose(torch.tensor(reference.stain_matrix), torchstain_fitted.HERef, atol=2e-3)
+    assert torch.allclose(torch.tensor(reference.max_concentrations), torchstain_fitted.maxCRef, rtol=2e-3)
+
+
+def test_fit_pools_several_targets(shared_data):
+    first = read_chw(shared_data / "stain-templates" / "template1.png")
+    second = read_chw(shared_data / "stain-templates" / "template3.png")
+    normalizer = MacenkoNormalizer()
+    pooled = normalizer.fit([first, second])
+    assert normalizer.reference == pooled
+    side_by_side = MacenkoNormalizer().fit(torch.cat((first, second), dim=-1))  # the same pixels as one image
+    assert np.allclose(pooled.stain_matrix, side_by_side.stain_matrix, atol=1e-4)  # float32 summation order
+    assert np.allclose(pooled.max_concentrations, side_by_side.max_concentrations, rtol=1e-4)
+    with pytest.raises(ValueError, match="too few tissue pixels"):
+        MacenkoNormalizer().fit(torch.full((3, 32, 32), 250, dtype=torch.uint8))
+
+
+def test_parity_with_release_on_real_patches(patches, target, release_results):
+    normalizer = MacenkoNormalizer()
+    normalizer.fit(target)
+    output = normalizer.normalize(torch.stack(patches))
+    assert len(patches) >= 200
+    assert torch.isfinite(output.images).all()
+    compared = within_one = 0
+    for index, patch in enumerate(patches):
+        release_normalized = release_results[index][1]
+        if bool(output.normalized[index]) != release_normalized:
+            # the only allowed difference: the release normalizes a patch below the tissue threshold
+            assert release_normalized and tissue_fraction(patch) < DEFAULT_MIN_TISSUE_FRACTION, index
+            continue
+        if not release_normalized:
+            assert torch.equal(output.images[index], patch.float() / 255)
+            continue
+        reference = (release_results[index][0] * 255).int()  # torchstain's output, truncated like its .int()
+        ours = (output.images[index] * 255).int()
+        within_one += int(((ours - reference).abs() <= 1).sum())
+        compared += reference.numel()
+    assert compared >= 200 * 3 * 224 * 224
+    assert within_one / compared >= 0.999
+    # the patch set covers the fallbacks: background crops the release cannot normalize and near-empty ones
+    assert 0 < output.num_fallbacks < len(patches) // 4
+    assert sum(not normalized for _, normalized in release_results) < output.num_fallbacks
+
+
+def test_release_fallback_decisions_at_zero_threshold(patches, target, release_results):
+    normalizer = MacenkoNormalizer(min_tissue_fraction=0)
+    normalizer.fit(target)
+    output = normalizer.normalize(torch.stack(patches))
+    assert output.normalized.tolist() == [normalized for _, normalized in release_results]
+    assert not all(output.normalized.tolist())
+
+
+def test_threshold_separates_by_tissue_fraction(shared_data, torchstain_fitted):
+    tissue = read_chw(shared_data / "crc-val-he-7k-samples" / "TUM-TCGA-DRHQMTQA.png")
+    dense, sparse = tissue.clone(), tissue.clone()
+    dense[:, 5:] = 245  # 5 of 224 rows of tissue on white glass
+    sparse[:, 2:] = 245  # 2 rows: below 1%, the 99th-percentile concentrations fall on the glass
+    dense_fraction, sparse_fraction = tissue_fraction(dense), tissue_fraction(sparse)
+    assert DEFAULT_MIN_TISSUE_FRACTION < dense_fraction < 0.03 and 0.005 < sparse_fraction < 0.01
+    assert MacenkoNormalizer().normalize(torch.stack([dense, sparse])).normalized.tolist() == [True, False]
+    for scale, expected in [(0.99, True), (1.01, False)]:
+        normalizer = MacenkoNormalizer(min_tissue_fraction=dense_fraction * scale)
+        assert normalizer.normalize(dense).normalized.tolist() == [expected]
+    # the release normalizes the sparse patch anyway; at threshold 0 we decide the same
+    assert release_macenko(torchstain_fitted, sparse)[1]
+    assert MacenkoNormalizer(min_tissue_fraction=0).normalize(sparse).normalized.tolist() == [True]
+
+
+def test_batch_equals_single_images_and_mixed_sizes(patches, shared_data):
+    normalizer = MacenkoNormalizer()
+    batch = torch.stack(patches[:6])
+    batched = normalizer.normalize(batch)
+    for index in range(6):
+        single = normalizer.normalize(patches[index])
+        assert single.images.shape == (3, 224, 224)
+        torch.testing.assert_close(single.images, batched.images[index], atol=2e-6, rtol=0)
+    larger = read_chw(shared_data / "he-images" / "gigapath_01581x_25327y.png")
+    mixed = normalizer.normalize([patches[0], larger, patches[1]])
+    assert isinstance(mixed.images, list) and [image.shape[-1] for image in mixed.images] == [224, 256, 224]
+    torch.testing.assert_close(mixed.images[1], normalizer.normalize(larger).images, atol=2e-6, rtol=0)
+    torch.testing.assert_close(mixed.images[2], batched.images[1], atol=2e-6, rtol=0)
+    chunked = MacenkoNormalizer(max_batch_pixels=224 * 224).normalize(batch)  # one image per chunk
+    torch.testing.assert_close(chunked.images, batched.images, atol=2e-6, rtol=0)
+    assert torch.equal(chunked.normalized, batched.normalized)
+
+
+def test_float_input_on_0_255_scale_equals_uint8(patches):
+    normalizer = MacenkoNormalizer()
+    batch = torch.stack(patches[:4])
+    from_uint8 = normalizer.normalize(batch)
+    from_float = normalizer.normalize(batch.double())
+    torch.testing.assert_close(from_float.images, from_uint8.images, atol=1e-5, rtol=0)
+    assert from_float.images.dtype == torch.float32
+
+
+def test_images_that_cannot_be_normalized_come_back_unchanged(patches):
+    white = torch.full((3, 224, 224), 255, dtype=torch.uint8)
+    black = torch.zeros((3, 224, 224), dtype=torch.uint8)
+    one_colour = torch.tensor([150, 60, 170], dtype=torch.uint8)[:, None, None].expand(3, 224, 224)
+    tiny = patches[0][:, :8, :8]
+    normalizer = MacenkoNormalizer()
+    output = normalizer.normalize(torch.stack([white, patches[0], black, one_colour]))
+    assert output.normalized.tolist() == [False, True, False, False]
+    assert output.num_fallbacks == 3
+    assert torch.isfinite(output.images).all()
+    for index, image in [(0, white), (2, black), (3, one_colour)]:
+        assert torch.equal(output.images[index], image.float() / 255)
+    # a bad neighbour changes nothing for the others
+    torch.testing.assert_close(output.images[1], normalizer.normalize(patches[0]).images, atol=2e-6, rtol=0)
+    small = normalizer.normalize(tiny)
+    assert small.images.shape == (3, 8, 8) and torch.isfinite(small.images).all()
+    # the release itself returns a meaningless image for the single colour; at threshold 0 we follow it, finite
+    assert torch.isfinite(MacenkoNormalizer(min_tissue_fraction=0).normalize(one_colour).images).all()
+
+
+@pytest.mark.parametrize(
+    ("images", "error", "match"),
+    [
+        (torch.full((3, 8, 8), math.nan), ValueError, "NaN"),
+        (torch.full((2, 3, 8, 8), math.inf), ValueError, "NaN or infinite"),
+        (torch.zeros((4, 8, 8), dtype=torch.uint8), ValueError, "RGB"),
+        (torch.zeros((0, 3, 8, 8), dtype=torch.uint8), ValueError, "empty"),
+        ([], ValueError, "empty"),
+        (torch.full((3, 8, 8), 300.0), ValueError, "0..255"),
+        (torch.zeros((3, 8, 8), dtype=torch.int32), TypeError, "uint8 or float"),
+        (torch.zeros((1, 1, 3, 8, 8)), ValueError, "N×3×H×W"),
+        ("image.png", TypeError, "tensor"),
+    ],
+)
+def test_clear_errors(images, error, match):
+    with pytest.raises(error, match=match):
+        MacenkoNormalizer().normalize(images)
+
+
+def test_error_names_the_bad_image(patches):
+    batch = torch.stack(patches[:3]).float()
+    batch[1, 0, 5, 5] = math.nan
+    with pytest.raises(ValueError, match=r"images\[1\]"):
+        MacenkoNormalizer().normalize(batch)
+
+
+def test_kth_largest_is_exact():
+    generator = torch.Generator().manual_seed(0)
+    for rows, length in [(3, 50176), (4, 1001), (2, 7), (5, 8 * 997 + 5)]:
+        for values in (
+            torch.randn(rows, length, generator=generator),
+            torch.randint(-20, 20, (rows, length), generator=generator).float(),  # many ties
+        ):
+            rank = torch.randint(1, max(2, length // 50), (rows,), generator=generator)
+            expected = values.sort(dim=-1, descending=True).values.gather(-1, (rank - 1)[:, None])[:, 0]
+            assert torch.equal(_kth_largest(values, rank), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(patches):
+    batch = torch.stack(patches[:8])
+    cpu = MacenkoNormalizer().normalize(batch)
+    gpu = MacenkoNormalizer().normalize(batch.cuda())
+    assert gpu.images.is_cuda
+    torch.testing.assert_close(gpu.images.cpu(), cpu.images, atol=1e-4, rtol=0)
+    assert torch.equal(gpu.normalized.cpu(), cpu.normalized)
