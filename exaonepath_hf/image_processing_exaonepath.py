@@ -180,8 +180,13 @@ class ExaonePathImageProcessor(TorchvisionBackend):
                 image = image.convert("RGBA" if has_alpha else "RGB")
             tensor = tvF.pil_to_tensor(image)  # C×H×W
             channels_first = True
-        elif image_type in (ImageType.NUMPY, ImageType.TORCH):
-            tensor = torch.as_tensor(image)
+        elif image_type == ImageType.NUMPY:
+            # torch cannot wrap read-only or negatively strided arrays (e.g. np.flipud views)
+            usable = image.flags.writeable and min(image.strides, default=0) >= 0
+            tensor = torch.from_numpy(image if usable else image.copy())
+            channels_first = _channels_first(tensor, image_type, input_data_format)
+        elif image_type == ImageType.TORCH:
+            tensor = image
             channels_first = _channels_first(tensor, image_type, input_data_format)
         else:
             raise TypeError(f"unsupported image type {type(image).__name__}; use PIL, numpy or torch images")
