@@ -120,7 +120,7 @@ class SlideReader(ABC):
             ) from error
         region = _to_rgb(np.asarray(raw), str(self.path))
         if region.shape[:2] != (size[1], size[0]):
-            raise OSError(
+            raise SlideReadError(
                 f"{self.path}: asked for a {size[0]}x{size[1]} region at {location} on level {level}, "
                 f"the reader returned {region.shape[1]}x{region.shape[0]}"
             )
