@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -226,7 +227,7 @@ class MacenkoNormalizer:
         alpha: float = 1.0,
         beta: float = 0.15,
         min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION,
-        max_batch_pixels: int = 1 << 21,
+        max_batch_pixels: int = 1 << 19,
     ):
         if not isinstance(reference, StainReference):
             reference = StainReference.from_dict(reference)
@@ -309,13 +310,37 @@ class MacenkoNormalizer:
         return od, od.amin(dim=1) >= self.beta
 
     def _normalize_equal_sized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalize [N, 3, H, W] chunk by chunk -> (float 0..1 [N, 3, H, W], valid [N])."""
+        """Normalize [N, 3, H, W] chunk by chunk -> (float 0..1 [N, 3, H, W], valid [N]).
+
+        On CPU the chunks are shared out to ``torch.get_num_threads()`` worker threads that each run their
+        ops single-threaded: the per-pixel steps are many short passes, and splitting every one of them across
+        threads costs more in synchronisation than it gains (badly so on a busy machine).
+        """
         per_chunk = max(1, self.max_batch_pixels // (images.shape[-1] * images.shape[-2]))
         normalized = torch.empty(images.shape, dtype=torch.float32, device=images.device)
         valid = torch.empty(images.shape[0], dtype=torch.bool, device=images.device)
-        for start in range(0, images.shape[0], per_chunk):
-            chunk = slice(start, start + per_chunk)
+        chunks = [slice(start, start + per_chunk) for start in range(0, images.shape[0], per_chunk)]
+
+        def run(chunk: slice) -> None:
             valid[chunk] = self._normalize_chunk(images[chunk], out=normalized[chunk])
+
+        threads = torch.get_num_threads()
+        workers = min(threads, len(chunks)) if images.device.type == "cpu" else 1
+        if workers <= 1:
+            for chunk in chunks:
+                run(chunk)
+            return normalized, valid
+
+        def run_single_threaded(chunk: slice) -> None:
+            torch.set_num_threads(1)  # this worker thread only (and the count new threads start with) ...
+            try:
+                run(chunk)
+            finally:
+                torch.set_num_threads(threads)  # ... which goes back to the caller's setting
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="macenko") as pool:
+            for _ in pool.map(run_single_threaded, chunks):
+                pass
         return normalized, valid
 
     def _normalize_chunk(self, images: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
