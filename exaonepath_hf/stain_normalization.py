@@ -211,13 +211,18 @@ class MacenkoNormalizer:
         max_batch_pixels: images are processed in chunks of at most this many pixels (bounds the memory of the
             per-pixel intermediates; a single larger image is processed whole).
 
-    An image comes back unchanged (float 0..1) with ``normalized=False`` when it has fewer than 2 tissue pixels
-    (the release raises and returns the input), when its output would contain non-finite values (the release
-    returns the input), when its tissue fraction is below ``min_tissue_fraction``, or when its decomposition is
-    degenerate: a rank-deficient stain matrix (both stain vectors equal, e.g. a single-coloured image) or a
-    non-positive 99th-percentile concentration, where the release's output is meaningless. With
-    ``min_tissue_fraction=0`` the decisions and outputs equal the release's for every image whose release output
-    is meaningful (all real patches measured, including background crops).
+    An image comes back unchanged (float 0..1) with ``normalized=False`` when:
+
+    - it has fewer than 2 tissue pixels (the release raises and returns the input), or its per-image
+      coefficients are not finite (the release's output has NaN and it returns the input): the release's rule;
+    - with ``min_tissue_fraction > 0`` (default :data:`DEFAULT_MIN_TISSUE_FRACTION`), also when its tissue
+      fraction is below the threshold or its decomposition is degenerate: a rank-deficient stain matrix (both
+      stain vectors equal, e.g. a single-coloured image) or a non-positive 99th-percentile concentration. The
+      release returns meaningless images for those.
+
+    ``min_tissue_fraction=0`` therefore reproduces the release's decisions exactly, and its outputs to float32
+    rounding (except where the tissue covariance is rank-deficient, e.g. 2 tissue pixels: the stain plane is
+    then arbitrary in both implementations).
     """
 
     def __init__(
