@@ -64,6 +64,8 @@ def _to_rgb(region: np.ndarray, what: str) -> np.ndarray:
     if channels == 3:
         return region
     if channels == 4:
+        if (region[..., 3] == 255).all():  # the common case: every pixel was scanned
+            return region[..., :3]
         alpha = region[..., 3:4].astype(np.uint16)
         rgb = region[..., :3].astype(np.uint16)
         return ((rgb * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
