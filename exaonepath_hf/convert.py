@@ -231,10 +231,12 @@ def save_folder(
     out_dir: str | os.PathLike,
     processor: ExaonePathImageProcessor | None = None,
     overwrite: bool = False,
+    model_card: str | None = None,
 ) -> Path:
     """Write model, processor, remote code and card to `out_dir` atomically (a temp folder renamed at the end).
 
-    Without a `processor`, the release's preprocessing with the default (HEnorm) stain reference is saved.
+    Without a `processor`, the release's preprocessing with the default (HEnorm) stain reference is saved;
+    without a `model_card`, the EXAONEPath release card.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -244,7 +246,7 @@ def save_folder(
     try:
         model.save_pretrained(staging)
         (processor or ExaonePathImageProcessor()).save_pretrained(staging)
-        (staging / "README.md").write_text(model_card_text(), encoding="utf-8")
+        (staging / "README.md").write_text(model_card or model_card_text(), encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)

@@ -280,8 +280,15 @@ def test_push_to_hub_uploads_the_exported_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     backbone = ExaonePathModel(ExaonePathConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
     export_backbone(
-        backbone, tmp_path / "export", DEFAULT_STAIN_REFERENCE, push_to_hub="org/dino", private=True
+        backbone,
+        tmp_path / "export",
+        DEFAULT_STAIN_REFERENCE,
+        push_to_hub="org/dino",
+        private=True,
+        training_config={"optim": {"lr": 0.005}},
     )
     assert calls[0] == ("create_repo", "org/dino", {"repo_type": "model", "private": True, "exist_ok": True})
     assert calls[1][0:2] == ("upload_folder", "org/dino")
-    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(calls[1][2])
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(calls[1][2])
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "not the\nreleased EXAONEPath weights" in card and '"lr": 0.005' in card

@@ -286,7 +286,12 @@ def export(cfg, accelerator, teacher, reference, push_to_hub: str | None) -> int
     if accelerator.is_main_process:
         target = Path(cfg.run.export_dir or Path(cfg.run.output_dir) / "export")
         export_backbone(
-            teacher.backbone, target, reference, push_to_hub or cfg.run.push_to_hub, cfg.run.hub_private
+            teacher.backbone,
+            target,
+            reference,
+            push_to_hub or cfg.run.push_to_hub,
+            cfg.run.hub_private,
+            training_config=cfg.to_dict(),
         )
         logger.info("exported the teacher backbone to %s", target)
     accelerator.wait_for_everyone()

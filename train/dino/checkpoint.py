@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -86,32 +87,57 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, step: 
     return final
 
 
+TRAINED_MODEL_CARD = """---
+library_name: transformers
+pipeline_tag: image-feature-extraction
+tags: [pathology, histopathology, vision-transformer, dino, macenko, exaonepath]
+arxiv: 2408.00380
+---
+
+# EXAONEPath-architecture ViT pretrained with DINO
+
+A backbone pretrained with [exaonepath-hf](https://github.com/exaonepath-hf/exaonepath-hf)'s DINO recipe
+(arXiv 2408.00380): Macenko stain normalization of every patch before the DINO augmentations. These are not the
+released EXAONEPath weights; the licence is the author's choice, within that of the initialization weights.
+
+```python
+from transformers import AutoImageProcessor, AutoModel
+processor = AutoImageProcessor.from_pretrained("THIS_REPO", trust_remote_code=True)
+model = AutoModel.from_pretrained("THIS_REPO", trust_remote_code=True).eval()
+features = model(**processor(images, return_tensors="pt")).pooler_output
+```
+
+The processor carries the stain reference used in training (`preprocessor_config.json`). For research only,
+not for diagnosis.
+
+## Training configuration
+
+```json
+{config}
+```
+"""
+
+
 def export_backbone(
     backbone,
     out_dir: str | Path,
     stain_reference,
     push_to_hub: str | None = None,
     private: bool = True,
+    training_config: dict | None = None,
 ) -> Path:
     """Write the backbone with an image processor carrying the training stain reference, atomically.
 
     The folder loads with `AutoModel` / `AutoImageProcessor` (after `import exaonepath_hf`, or with
-    `trust_remote_code=True` from the hub). `push_to_hub` uploads the folder to that model repo id.
+    `trust_remote_code=True` from the hub) and has a model card with `training_config`. `push_to_hub` uploads
+    the folder to that model repo id.
     """
+    from exaonepath_hf.convert import push_folder_to_hub, save_folder
     from exaonepath_hf.image_processing_exaonepath import ExaonePathImageProcessor
 
-    from exaonepath_hf.convert import push_folder_to_hub
-
-    out_dir = Path(out_dir)
     processor = ExaonePathImageProcessor(stain_reference=stain_reference.to_dict())
-    staging = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    backbone.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
+    card = TRAINED_MODEL_CARD.replace("{config}", json.dumps(training_config or {}, indent=2, default=str))
+    out_dir = save_folder(backbone, out_dir, processor=processor, overwrite=True, model_card=card)
     if push_to_hub:
         push_folder_to_hub(
             out_dir,
