@@ -18,6 +18,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -172,16 +173,11 @@ def _positive_mpp(values: tuple[float | None, float | None]) -> tuple[float, flo
     return x, y
 
 
-class TiffSlideReader(SlideReader):
-    """tiffslide backend (pure Python: tifffile + zarr)."""
+class _OpenSlideApiReader(SlideReader):
+    """Shared by the backends whose slide object follows the OpenSlide API (tiffslide, openslide-python)."""
 
-    def __init__(self, path: str | Path):
-        import tiffslide
-
-        self.path = Path(path)
-        self._slide = tiffslide.TiffSlide(self.path)
-        # tiffslide parses lazily; parse now so a corrupt file fails at open, not halfway through a slide.
-        _ = self._slide.properties, self._slide.level_dimensions
+    property_prefix: str  # of the `<prefix>.mpp-x` / `<prefix>.mpp-y` properties
+    _slide: Any
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
@@ -194,17 +190,35 @@ class TiffSlideReader(SlideReader):
     @property
     def metadata_mpp(self) -> tuple[float, float] | None:
         props = self._slide.properties
-        return _positive_mpp((props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y")))
-
-    def _read(self, location, level, size):
-        return self._slide.read_region(location, level, size, as_array=True)
+        return _positive_mpp(
+            (props.get(f"{self.property_prefix}.mpp-x"), props.get(f"{self.property_prefix}.mpp-y"))
+        )
 
     def close(self) -> None:
         self._slide.close()
 
 
-class OpenSlideReader(SlideReader):
+class TiffSlideReader(_OpenSlideApiReader):
+    """tiffslide backend (pure Python: tifffile + zarr)."""
+
+    property_prefix = "tiffslide"
+
+    def __init__(self, path: str | Path):
+        import tiffslide
+
+        self.path = Path(path)
+        self._slide = tiffslide.TiffSlide(self.path)
+        # tiffslide parses lazily; parse now so a corrupt file fails at open, not halfway through a slide.
+        _ = self._slide.properties, self._slide.level_dimensions
+
+    def _read(self, location, level, size):
+        return self._slide.read_region(location, level, size, as_array=True)
+
+
+class OpenSlideReader(_OpenSlideApiReader):
     """openslide-python backend (needs the OpenSlide C library, e.g. from the `openslide-bin` wheel)."""
+
+    property_prefix = "openslide"
 
     def __init__(self, path: str | Path):
         try:
@@ -217,25 +231,9 @@ class OpenSlideReader(SlideReader):
         self.path = Path(path)
         self._slide = openslide.OpenSlide(str(self.path))
 
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return tuple(float(d) for d in self._slide.level_downsamples)
-
-    @property
-    def metadata_mpp(self) -> tuple[float, float] | None:
-        props = self._slide.properties
-        return _positive_mpp((props.get("openslide.mpp-x"), props.get("openslide.mpp-y")))
-
     def _read(self, location, level, size):
         # RGBA, not premultiplied; alpha 0 marks regions the scanner did not capture.
         return np.asarray(self._slide.read_region(location, level, size))
-
-    def close(self) -> None:
-        self._slide.close()
 
 
 class WsiDicomReader(SlideReader):
