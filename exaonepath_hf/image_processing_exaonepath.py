@@ -230,6 +230,7 @@ class ExaonePathImageProcessor(TorchvisionBackend):
     ) -> BatchFeature:
         scale = rescale_factor if do_rescale else 1.0
         if do_stain_normalize:
+            scale *= 255.0  # Macenko returns 0..1
             normalizer = self.stain_normalizer(
                 stain_reference=stain_reference,
                 stain_io=stain_io,
@@ -237,24 +238,33 @@ class ExaonePathImageProcessor(TorchvisionBackend):
                 stain_beta=stain_beta,
                 min_tissue_fraction=min_tissue_fraction,
             )
-            result = normalizer.normalize(images)
-            images, stain_normalized = result.images, result.normalized
-            scale *= 255.0  # Macenko already returned 0..1
-        else:
-            images = [image.float() for image in images]
-            stain_normalized = torch.zeros(len(images), dtype=torch.bool, device=images[0].device)
 
-        grouped, grouped_index = group_images_by_shape(images, disable_grouping=disable_grouping)
-        processed = {}
-        for shape, stacked in grouped.items():
+        def resize_crop_normalize(stacked: torch.Tensor) -> torch.Tensor:
+            stacked = stacked.float()  # the release resizes the float image, not a requantized one
             if do_resize:
                 stacked = self.resize(stacked, size=size, resample=resample, antialias=True)
             if do_center_crop:
                 stacked = self.center_crop(stacked, crop_size)
-            processed[shape] = self.rescale_and_normalize(
+            return self.rescale_and_normalize(
                 stacked, scale != 1.0, scale, do_normalize, image_mean, image_std
             )
-        pixel_values = reorder_images(processed, grouped_index)
+
+        # transformers leaves CPU images ungrouped by default; batched Macenko is what makes this processor fast
+        grouped, grouped_index = group_images_by_shape(images, disable_grouping=bool(disable_grouping))
+        processed, flags = {}, {}
+        for shape, stacked in grouped.items():
+            if do_stain_normalize:
+                # resize, crop and normalize each chunk right after Macenko, while it is in cache
+                result = normalizer.normalize(stacked, then=resize_crop_normalize)
+                processed[shape], flags[shape] = result.images, result.normalized
+            else:
+                processed[shape] = resize_crop_normalize(stacked)
+                flags[shape] = torch.zeros(len(stacked), dtype=torch.bool, device=stacked.device)
+        stain_normalized = torch.stack(reorder_images(flags, grouped_index))
+        if len(processed) == 1 and return_tensors is not None:  # already one batch in input order
+            pixel_values = next(iter(processed.values()))
+        else:
+            pixel_values = reorder_images(processed, grouped_index)
         return BatchFeature(
             data={"pixel_values": pixel_values, "stain_normalized": stain_normalized},
             tensor_type=return_tensors,

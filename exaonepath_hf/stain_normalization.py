@@ -21,7 +21,8 @@ Images that cannot be normalized come back unchanged (as float 0..1) and are fla
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -136,6 +137,59 @@ class _StainDecomposition:
     valid: torch.Tensor  # [N] bool: enough tissue and a well-posed decomposition
 
 
+@dataclass
+class _Workspace:
+    """The per-pixel buffers of one chunk of N images with P pixels, reused chunk after chunk.
+
+    Fresh buffers of this size come back from the allocator as new pages that the kernel faults in and zeroes
+    on first touch, which costs as much as the arithmetic on them; reuse keeps them mapped and in cache.
+    """
+
+    od: torch.Tensor  # [N, 3, P]
+    centered: torch.Tensor  # [N, 3, P]
+    weights: torch.Tensor  # [N, 1, P]
+    projection: torch.Tensor  # [N, 2, P]
+    angles: torch.Tensor  # [N, 2, P]
+    concentrations: torch.Tensor  # [N, 2, P]
+    scratch: torch.Tensor  # [N, P] float32
+    darkest: torch.Tensor  # [N, P] uint8
+    tissue: torch.Tensor  # [N, P] bool
+    background: torch.Tensor  # [N, P] bool
+    normalized: torch.Tensor  # [N, 3, H, W] float32; empty when not needed
+
+    @classmethod
+    def allocate(
+        cls, n: int, num_pixels: int, device: torch.device, image_size: tuple[int, int] = (0, 0)
+    ) -> _Workspace:
+        def buffer(*shape, dtype=torch.float32):
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        return cls(
+            od=buffer(n, 3, num_pixels),
+            centered=buffer(n, 3, num_pixels),
+            weights=buffer(n, 1, num_pixels),
+            projection=buffer(n, 2, num_pixels),
+            angles=buffer(n, 2, num_pixels),
+            concentrations=buffer(n, 2, num_pixels),
+            scratch=buffer(n, num_pixels),
+            darkest=buffer(n, num_pixels, dtype=torch.uint8),
+            tissue=buffer(n, num_pixels, dtype=torch.bool),
+            background=buffer(n, num_pixels, dtype=torch.bool),
+            normalized=buffer(n, 3, *image_size),
+        )
+
+    def first(self, n: int) -> _Workspace:
+        """The buffers of the first ``n`` images (for a last, smaller chunk)."""
+        return _Workspace(**{name: buffer[:n] for name, buffer in vars(self).items()})
+
+    def pixels(self, start: int, stop: int) -> _Workspace:
+        """The per-pixel buffers of pixels ``start:stop`` of every image."""
+        sliced = {
+            name: buffer[..., start:stop] for name, buffer in vars(self).items() if name != "normalized"
+        }
+        return _Workspace(**sliced, normalized=self.normalized)
+
+
 def _nearest_rank(count: torch.Tensor, percent: float) -> torch.Tensor:
     """1-based rank of the ``percent`` percentile among ``count`` values, torchstain's rule.
 
@@ -232,7 +286,7 @@ class MacenkoNormalizer:
         alpha: float = 1.0,
         beta: float = 0.15,
         min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION,
-        max_batch_pixels: int = 1 << 19,
+        max_batch_pixels: int = 1 << 17,
     ):
         if not isinstance(reference, StainReference):
             reference = StainReference.from_dict(reference)
@@ -263,10 +317,15 @@ class MacenkoNormalizer:
         release's (torchstain's) ``fit``.
         """
         batch = _validated_images(images, "images")
-        densities = [self._optical_density(image.unsqueeze(0)) for image in batch]
-        od = torch.cat([density for density, _ in densities], dim=-1)
-        tissue = torch.cat([mask for _, mask in densities], dim=-1)
-        decomposition = _macenko_decomposition(od, tissue, self.alpha, min_tissue_fraction=0.0)
+        sizes = [image.shape[-1] * image.shape[-2] for image in batch]
+        workspace = _Workspace.allocate(1, sum(sizes), batch[0].device)
+        start = 0
+        for image, size in zip(batch, sizes, strict=True):  # each target's OD and mask: a slice of one image
+            self._optical_density(image.unsqueeze(0), workspace.pixels(start, start + size))
+            start += size
+        decomposition = _macenko_decomposition(
+            workspace.od, workspace.tissue, self.alpha, min_tissue_fraction=0.0, workspace=workspace
+        )
         if not bool(decomposition.valid[0]):
             raise ValueError(
                 "cannot fit a stain reference: the target image(s) have too few tissue pixels (optical density "
@@ -279,62 +338,94 @@ class MacenkoNormalizer:
         )
         return self.reference
 
-    def normalize(self, images: ImageBatch) -> MacenkoOutput:
+    def normalize(
+        self, images: ImageBatch, then: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> MacenkoOutput:
         """Normalize a batch of images: an N×3×H×W or 3×H×W tensor, or a list of 3×H×W tensors of any sizes.
 
         Images are uint8 or float on the 0..255 scale, on any device; the output is float32 0..1 on the same
         device. Equally sized images are processed together, in chunks of at most ``max_batch_pixels``.
+
+        ``then``, if given, is applied to every chunk of normalized images ([n, 3, H, W], float 0..1) right
+        where it was computed (e.g. resize and crop for a model), and its outputs are returned instead: the
+        full-size normalized images are then never materialized all at once.
         """
         batch = _validated_images(images, "images")
         if isinstance(images, torch.Tensor):
             stacked = images if images.dim() == 4 else images.unsqueeze(0)
-            normalized, flags = self._normalize_equal_sized(stacked)
-            return MacenkoOutput(images=normalized if images.dim() == 4 else normalized[0], normalized=flags)
-        outputs: list[torch.Tensor | None] = [None] * len(batch)
+            outputs, flags = self._normalize_equal_sized(stacked, then)
+            return MacenkoOutput(images=outputs if images.dim() == 4 else outputs[0], normalized=flags)
+        per_image: list[torch.Tensor | None] = [None] * len(batch)
         flags = torch.zeros(len(batch), dtype=torch.bool, device=batch[0].device)
         for indices in _group_by_shape(batch).values():
-            normalized, valid = self._normalize_equal_sized(torch.stack([batch[i] for i in indices]))
-            flags[indices] = valid
+            outputs, valid = self._normalize_equal_sized(torch.stack([batch[i] for i in indices]), then)
+            flags[indices] = valid.to(flags.device)
             for position, index in enumerate(indices):
-                outputs[index] = normalized[position]
-        return MacenkoOutput(images=outputs, normalized=flags)
+                per_image[index] = outputs[position]
+        return MacenkoOutput(images=per_image, normalized=flags)
 
     __call__ = normalize
 
     # ------------------------------------------------------------------------------------------------ internals
-    def _optical_density(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _optical_density(
+        self, images: torch.Tensor, workspace: _Workspace
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """OD [N, 3, P] float32 ``-log((I + 1) / io)`` and the tissue mask [N, P] (every OD channel >= beta)."""
         flat = images.reshape(images.shape[0], 3, -1)
         # log1p(I) - log(io) equals the release's log((I + 1) / io) to float32 rounding; a 256-entry table
         # gather is exact too but measured slower than the vectorised log on CPU
-        od = flat.to(torch.float32, copy=True).log1p_().sub_(math.log(self.io)).neg_()
+        od = workspace.od.copy_(flat).log1p_().sub_(math.log(self.io)).neg_()
         if flat.dtype == torch.uint8:
             # the mask from the table computed the release's way, so that it is exact: OD >= beta <=> I < limit
             table = -torch.log((torch.arange(256, dtype=torch.float32) + 1) / self.io)
-            return od, flat.amax(dim=1) < int((table >= self.beta).sum())
-        return od, od.amin(dim=1) >= self.beta
+            darkest = torch.amax(flat, dim=1, out=workspace.darkest)
+            return od, torch.lt(darkest, int((table >= self.beta).sum()), out=workspace.tissue)
+        lowest = torch.amin(od, dim=1, out=workspace.scratch)
+        return od, torch.ge(lowest, self.beta, out=workspace.tissue)
 
-    def _normalize_equal_sized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalize [N, 3, H, W] chunk by chunk -> (float 0..1 [N, 3, H, W], valid [N]).
+    def _normalize_equal_sized(
+        self, images: torch.Tensor, then: Callable[[torch.Tensor], torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalize [N, 3, H, W] chunk by chunk -> (float 0..1 [N, 3, H, W] or ``then``'s outputs, valid [N]).
 
         On CPU the chunks are shared out to ``torch.get_num_threads()`` worker threads that each run their
         ops single-threaded: the per-pixel steps are many short passes, and splitting every one of them across
         threads costs more in synchronisation than it gains (badly so on a busy machine).
         """
-        per_chunk = max(1, self.max_batch_pixels // (images.shape[-1] * images.shape[-2]))
-        normalized = torch.empty(images.shape, dtype=torch.float32, device=images.device)
-        valid = torch.empty(images.shape[0], dtype=torch.bool, device=images.device)
+        pixels = images.shape[-1] * images.shape[-2]
+        per_chunk = min(images.shape[0], max(1, self.max_batch_pixels // pixels))
         chunks = [slice(start, start + per_chunk) for start in range(0, images.shape[0], per_chunk)]
+        valid = torch.empty(images.shape[0], dtype=torch.bool, device=images.device)
+        # the output; with `then` its shape is known from the first chunk's result
+        outputs = None if then else torch.empty(images.shape, dtype=torch.float32, device=images.device)
+        workspaces: dict[int, _Workspace] = {}  # one per worker thread
 
-        def run(chunk: slice) -> None:
-            valid[chunk] = self._normalize_chunk(images[chunk], out=normalized[chunk])
+        def run(chunk: slice) -> torch.Tensor | None:
+            thread = threading.get_ident()
+            if thread not in workspaces:
+                workspaces[thread] = _Workspace.allocate(per_chunk, pixels, images.device, images.shape[-2:])
+            part = images[chunk]
+            workspace = workspaces[thread].first(part.shape[0])
+            if then is None:
+                valid[chunk] = self._normalize_chunk(part, out=outputs[chunk], workspace=workspace)
+                return None
+            valid[chunk] = self._normalize_chunk(part, out=workspace.normalized, workspace=workspace)
+            result = then(workspace.normalized)
+            if outputs is not None:
+                outputs[chunk] = result
+            return result
 
+        first = run(chunks[0])
+        if then is not None:
+            outputs = first.new_empty((images.shape[0], *first.shape[1:]))
+            outputs[chunks[0]] = first
+        remaining = chunks[1:]
         threads = torch.get_num_threads()
-        workers = min(threads, len(chunks)) if images.device.type == "cpu" else 1
+        workers = min(threads, len(remaining)) if images.device.type == "cpu" else 1
         if workers <= 1:
-            for chunk in chunks:
+            for chunk in remaining:
                 run(chunk)
-            return normalized, valid
+            return outputs, valid
 
         def run_single_threaded(chunk: slice) -> None:
             torch.set_num_threads(1)  # this worker thread only (and the count new threads start with) ...
@@ -344,14 +435,16 @@ class MacenkoNormalizer:
                 torch.set_num_threads(threads)  # ... which goes back to the caller's setting
 
         with ThreadPoolExecutor(workers, thread_name_prefix="macenko") as pool:
-            for _ in pool.map(run_single_threaded, chunks):
+            for _ in pool.map(run_single_threaded, remaining):
                 pass
-        return normalized, valid
+        return outputs, valid
 
-    def _normalize_chunk(self, images: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _normalize_chunk(
+        self, images: torch.Tensor, out: torch.Tensor, workspace: _Workspace
+    ) -> torch.Tensor:
         """Normalize equally sized images [N, 3, H, W] into ``out`` (float 0..1); returns the valid flags [N]."""
-        od, tissue = self._optical_density(images)
-        decomposition = _macenko_decomposition(od, tissue, self.alpha, self.min_tissue_fraction)
+        od, tissue = self._optical_density(images, workspace)
+        decomposition = _macenko_decomposition(od, tissue, self.alpha, self.min_tissue_fraction, workspace)
         reference_matrix, reference_max = self.reference.tensors(images.device)
         # scaling the concentrations by maxCRef / maxC is a per-image scaling of the reference stain columns
         mixing = reference_matrix * (reference_max / decomposition.max_concentrations).unsqueeze(-2)
@@ -370,7 +463,7 @@ class MacenkoNormalizer:
 
 
 def _macenko_decomposition(
-    od: torch.Tensor, tissue: torch.Tensor, alpha: float, min_tissue_fraction: float
+    od: torch.Tensor, tissue: torch.Tensor, alpha: float, min_tissue_fraction: float, workspace: _Workspace
 ) -> _StainDecomposition:
     """Stain matrix, concentrations and their 99th percentiles of every image of OD [N, 3, P] at once."""
     n, _, num_pixels = od.shape
@@ -379,8 +472,8 @@ def _macenko_decomposition(
 
     # unbiased covariance of the tissue OD, two-pass like torchstain's (raw second moments lose float32
     # precision to cancellation on large images): masked mean, then the masked centred products
-    weights = tissue.unsqueeze(1).to(od.dtype)
-    centered = od * weights
+    weights = workspace.weights.copy_(tissue.unsqueeze(1))
+    centered = torch.mul(od, weights, out=workspace.centered)
     mean = centered.sum(dim=-1, keepdim=True) / tissue_count.clamp(min=1)[:, None, None]
     centered.addcmul_(weights, mean, value=-1)
     count = tissue_count.to(torch.float64).clamp(min=2)[:, None, None]
@@ -393,11 +486,12 @@ def _macenko_decomposition(
     # angles of the tissue OD in that plane; their alpha / 100-alpha nearest-rank percentiles give the stains.
     # Row 0 holds the angles, row 1 their negatives (k-th smallest = -(k-th largest of the negatives)); the
     # background is pushed below every angle so that one batched selection serves both percentiles.
-    projection = plane.transpose(-1, -2) @ od  # [N, 2, P]
-    angles = od.new_empty((n, 2, num_pixels))
+    projection = torch.bmm(plane.transpose(-1, -2), od, out=workspace.projection)
+    angles = workspace.angles
     torch.atan2(projection[:, 1], projection[:, 0], out=angles[:, 0])
     torch.neg(angles[:, 0], out=angles[:, 1])
-    angles.add_((~tissue).unsqueeze(1), alpha=-_EXCLUDED_OFFSET)
+    background = torch.logical_not(tissue, out=workspace.background)
+    angles.add_(background.unsqueeze(1), alpha=-_EXCLUDED_OFFSET)
     max_rank = tissue_count - _nearest_rank(tissue_count, 100 - alpha) + 1
     min_rank = _nearest_rank(tissue_count, alpha)
     extremes = _kth_largest(angles.view(n * 2, num_pixels), torch.stack((max_rank, min_rank), 1).view(-1))
@@ -411,7 +505,7 @@ def _macenko_decomposition(
 
     # concentrations of every pixel (least squares in closed form) and their nearest-rank 99th percentile
     unmixing, full_rank = _pseudo_inverse_3x2(stain_matrix)
-    concentrations = unmixing @ od  # [N, 2, P]
+    concentrations = torch.bmm(unmixing, od, out=workspace.concentrations)
     rank_from_top = num_pixels - int(_nearest_rank(torch.tensor(num_pixels), 99)) + 1
     max_concentrations = _kth_largest(
         concentrations.view(n * 2, num_pixels), torch.full((n * 2,), rank_from_top, device=od.device)
