@@ -301,3 +301,21 @@ def test_cuda_matches_cpu(patches):
     assert gpu.images.is_cuda
     torch.testing.assert_close(gpu.images.cpu(), cpu.images, atol=1e-4, rtol=0)
     assert torch.equal(gpu.normalized.cpu(), cpu.normalized)
+
+
+def test_then_hook_and_worker_threads_leave_no_trace(patches):
+    batch = torch.stack(patches[:7])
+    normalizer = MacenkoNormalizer(max_batch_pixels=2 * 224 * 224)  # 4 chunks, shared by worker threads
+
+    def crop(chunk):
+        return chunk[..., 50:60, 70:90] * 2
+
+    threads = torch.get_num_threads()
+    whole = normalizer.normalize(batch)
+    hooked = normalizer.normalize(batch, then=crop)
+    assert torch.get_num_threads() == threads
+    assert hooked.images.shape == (7, 3, 10, 20)
+    torch.testing.assert_close(hooked.images, crop(whole.images), atol=0, rtol=0)
+    assert torch.equal(hooked.normalized, whole.normalized)
+    mixed = normalizer.normalize([patches[0], patches[1][:, :100]], then=crop)
+    torch.testing.assert_close(mixed.images[0], crop(whole.images[:1])[0], atol=0, rtol=0)
