@@ -18,7 +18,7 @@ def main() -> None:
         if not pattern.search(text):
             raise SystemExit(f"README.md has no <!-- bench:{name} --> ... <!-- /bench:{name} --> section")
         figures = table.read_text(encoding="utf-8").strip()
-        text = pattern.sub(lambda match: f"{match.group(1)}{figures}\n{match.group(2)}", text)
+        text = pattern.sub(lambda match, figures=figures: f"{match.group(1)}{figures}\n{match.group(2)}", text)
     readme.write_text(text, encoding="utf-8")
 
 
