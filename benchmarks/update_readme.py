@@ -1,6 +1,6 @@
 """Copy every benchmarks/results/<name>.md into README.md between `<!-- bench:<name> -->` markers.
 
-    python benchmarks/update_readme.py
+python benchmarks/update_readme.py
 """
 
 import re
@@ -18,7 +18,9 @@ def main() -> None:
         if not pattern.search(text):
             raise SystemExit(f"README.md has no <!-- bench:{name} --> ... <!-- /bench:{name} --> section")
         figures = table.read_text(encoding="utf-8").strip()
-        text = pattern.sub(lambda match, figures=figures: f"{match.group(1)}{figures}\n{match.group(2)}", text)
+        text = pattern.sub(
+            lambda match, figures=figures: f"{match.group(1)}{figures}\n{match.group(2)}", text
+        )
     readme.write_text(text, encoding="utf-8")
 
 
