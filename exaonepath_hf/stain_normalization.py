@@ -286,7 +286,7 @@ class MacenkoNormalizer:
         alpha: float = 1.0,
         beta: float = 0.15,
         min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION,
-        max_batch_pixels: int = 1 << 17,
+        max_batch_pixels: int = 1 << 19,
     ):
         if not isinstance(reference, StainReference):
             reference = StainReference.from_dict(reference)
@@ -427,10 +427,15 @@ class MacenkoNormalizer:
                 run(chunk)
             return outputs, valid
 
+        # Grad and inference modes are thread-local: worker threads take the caller's, or tensors created under
+        # the caller's torch.inference_mode() could not be written by them.
+        inference_mode = torch.is_inference_mode_enabled()
+
         def run_single_threaded(chunk: slice) -> None:
             torch.set_num_threads(1)  # this worker thread only (and the count new threads start with) ...
             try:
-                run(chunk)
+                with torch.inference_mode(inference_mode), torch.no_grad():
+                    run(chunk)
             finally:
                 torch.set_num_threads(threads)  # ... which goes back to the caller's setting
 
