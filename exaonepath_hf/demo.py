@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import shutil
@@ -61,6 +62,18 @@ DEMO_TRAINING = [
     "optim.warmup_steps=10",
     "data.num_workers=1",
 ]
+
+
+def check_extras() -> None:
+    """The demo trains and evaluates: say which extra is missing instead of failing halfway."""
+    missing = [
+        module for module in ("yaml", "sklearn", "matplotlib") if importlib.util.find_spec(module) is None
+    ]
+    if missing:
+        raise SystemExit(
+            f'exaonepath-demo needs {", ".join(missing)}: install the extras with pip install -e ".[train,eval]" '
+            '(or pip install "exaonepath-hf[train,eval]")'
+        )
 
 
 def sample_slide() -> Path:
@@ -185,6 +198,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    check_extras()
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
