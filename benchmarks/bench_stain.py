@@ -13,6 +13,11 @@ source images so that every stain, tissue type and the background crops are repr
 2. End to end from PIL images to `pixel_values`: `ExaonePathImageProcessor` against the release pipeline
    (torchstain normalizer, then torchvision Resize(256, bicubic) / CenterCrop(224) / Normalize per image).
 
+Peers: `pip install -e ".[bench]"` (torchstain, macenko-pca), then, as their pins would replace torch:
+`pip install --no-build-isolation --no-deps stainx==0.1.6`,
+`pip install --no-deps torch-staintools==1.0.7 kornia==0.8.2 kornia-rs staintools==2.1.2 spams-bin
+opencv-python-headless`.
+
 Each method runs once (after a warm-up on 8 patches) with `torch.set_num_threads(--threads)`. Writes
 benchmarks/results/stain.json and stain.md. `real_patches()` is also the patch set of the parity tests.
 """
