@@ -20,7 +20,9 @@ Images that cannot be normalized come back unchanged (as float 0..1) and are fla
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -397,7 +399,7 @@ class MacenkoNormalizer:
         chunks = [slice(start, start + per_chunk) for start in range(0, images.shape[0], per_chunk)]
         valid = torch.empty(images.shape[0], dtype=torch.bool, device=images.device)
         # the output; with `then` its shape is known from the first chunk's result
-        outputs = None if then else torch.empty(images.shape, dtype=torch.float32, device=images.device)
+        outputs = None if then else _empty_output(images.shape, images.device)
         workspaces: dict[int, _Workspace] = {}  # one per worker thread
 
         def run(chunk: slice) -> torch.Tensor | None:
@@ -521,6 +523,40 @@ def _macenko_decomposition(
         well_posed = full_rank & (max_concentrations > 0).all(dim=-1)
         valid = valid & well_posed & (tissue_count >= min_tissue_fraction * num_pixels)
     return _StainDecomposition(stain_matrix, concentrations, max_concentrations, valid)
+
+
+def _load_madvise() -> Callable[[int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_MADVISE = _load_madvise()
+_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+_HUGE_PAGE = 1 << 21
+
+
+def _empty_output(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """An uninitialised float32 output tensor, backed by transparent huge pages where the OS allows it.
+
+    A fresh batch of full-size images is new memory that the kernel maps and zeroes page by page on first write:
+    with 4 KiB pages that cost about 0.2 ms per 224x224 image, as much as the whole stain decomposition of it.
+    Asking for 2 MiB pages (``madvise(MADV_HUGEPAGE)``, what torch does itself under ``THP_MEM_ALLOC_ENABLE``)
+    cuts it fivefold. Purely advisory: without Linux THP the call fails or is ignored and nothing changes.
+    """
+    output = torch.empty(shape, dtype=torch.float32, device=device)
+    if _MADVISE is not None and output.device.type == "cpu":
+        start = -(-output.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # whole huge pages inside the tensor only
+        stop = (output.data_ptr() + output.numel() * output.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+        if stop > start:
+            _MADVISE(start, stop - start, _MADV_HUGEPAGE)
+    return output
 
 
 def _group_by_shape(images: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
