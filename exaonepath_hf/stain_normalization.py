@@ -50,8 +50,8 @@ DEFAULT_MIN_TISSUE_FRACTION = 0.01
 
 ImageBatch = torch.Tensor | Sequence[torch.Tensor]
 
-# percentile selections first pick the blocks of this many consecutive values with the largest maxima
-_BLOCK = 8
+# percentile selections narrow a row down in blocks of this many sub-blocks of this many values
+_BLOCK = 4
 # angles lie in [-pi, pi]; background pixels are pushed below them by this much before selecting percentiles
 _EXCLUDED_OFFSET = 16.0
 
@@ -203,24 +203,31 @@ def _nearest_rank(count: torch.Tensor, percent: float) -> torch.Tensor:
 def _kth_largest(values: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     """Exact ``rank``-th (1-based, per row) largest of each row of ``values`` [R, P].
 
-    ``torch.topk`` over a whole row costs about as much as copying it into (value, index) pairs, so each row is
-    split into blocks of ``_BLOCK`` values first (block j = values j, j + P/_BLOCK, ...): with k = max(rank),
-    the k blocks with the largest maxima contain a k-th largest value of the row (if a block holding one of the
-    row's top k is not among them, the k chosen blocks' maxima are k values at least as large), so a top-k over
-    those k·_BLOCK values is exact. For 1% percentiles that is one pass for the block maxima and two top-k's
-    over ~1/8 of the row each; no sort, no host sync beyond k.
+    ``torch.topk`` costs about 8 ns per input value on CPU whatever k is, so the work is to hand it few values.
+    With k = max(rank): among any groups of values, the k groups with the largest maxima hold a k-th largest
+    value of the row (if a group holding one of the row's top k is not among them, the k chosen groups' maxima
+    are k values at least as large). Applied twice: each row is split into ``_BLOCK`` x ``_BLOCK`` blocks of
+    ``_BLOCK`` sub-blocks (sub-block (a, j) = values j + (a·_BLOCK + b)·S, b < _BLOCK, S = P / _BLOCK²); top-k of
+    the P / _BLOCK² block maxima, then of the k·_BLOCK sub-block maxima inside the chosen blocks, then of the
+    k·_BLOCK values inside the chosen sub-blocks. For 1% percentiles of a 224² image that hands top-k 7k values
+    instead of 50k; one pass over the row for the maxima, no sort, no host sync beyond k.
     """
     rank = rank.clamp(min=1)
     k = int(rank.max())
     num_rows, num_values = values.shape
-    block_stride = num_values // _BLOCK
-    if 2 * k * _BLOCK > num_values:  # a large fraction of the row is wanted anyway
+    stride = num_values // _BLOCK**2
+    if 2 * k * _BLOCK**2 > num_values:  # a large fraction of the row is wanted anyway
         return _gather_rank(values.topk(k, dim=-1).values, rank)
-    blocks = values[:, : block_stride * _BLOCK].view(num_rows, _BLOCK, block_stride)
-    best_blocks = blocks.amax(dim=1).topk(k, dim=-1, sorted=False).indices
-    candidates = blocks.gather(2, best_blocks.unsqueeze(1).expand(num_rows, _BLOCK, k)).flatten(1)
-    if num_values % _BLOCK:  # the values after the last whole block are candidates too
-        candidates = torch.cat((candidates, values[:, block_stride * _BLOCK :]), dim=-1)
+    whole = stride * _BLOCK**2
+    sub_block_maxima = values[:, :whole].view(num_rows, _BLOCK, _BLOCK, stride).amax(dim=2)  # [R, a, j]
+    blocks = sub_block_maxima.amax(dim=1).topk(k, dim=-1, sorted=False).indices  # j of the chosen blocks
+    inner = sub_block_maxima.gather(2, blocks.unsqueeze(1).expand(num_rows, _BLOCK, k)).flatten(1)
+    chosen = inner.topk(k, dim=-1, sorted=False).indices  # a * k + position in `blocks`
+    first_value = (chosen // k) * (_BLOCK * stride) + blocks.gather(1, chosen % k)
+    offsets = torch.arange(_BLOCK, device=values.device) * stride
+    candidates = values.gather(1, (first_value.unsqueeze(-1) + offsets).flatten(1))
+    if whole < num_values:  # the values after the last whole block are candidates too
+        candidates = torch.cat((candidates, values[:, whole:]), dim=-1)
     return _gather_rank(candidates.topk(k, dim=-1).values, rank)
 
 
