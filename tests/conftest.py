@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,4 +19,17 @@ def shared_data() -> Path:
     path = shared_data_dir()
     if not path.is_dir():
         pytest.skip(f"real H&E test data not found at {path}; set EXAONEPATH_TEST_DATA to its folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A small random EXAONEPath model saved with save_pretrained (64-d, 2 blocks)."""
+    from exaonepath_hf import ExaonePathConfig, ExaonePathModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny-exaonepath"
+    ExaonePathModel(
+        ExaonePathConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2)
+    ).save_pretrained(path)
     return path

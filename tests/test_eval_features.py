@@ -10,18 +10,8 @@ from PIL import Image
 
 from eval.backbones import Preprocessing, load_encoder
 from eval.features import cache_dir_for, cache_key, extract_features, load_cached
-from exaonepath_hf import ExaonePathConfig, ExaonePathModel
+from exaonepath_hf import ExaonePathModel
 from exaonepath_hf.stain_normalization import StainReference
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    ExaonePathModel(
-        ExaonePathConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2)
-    ).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

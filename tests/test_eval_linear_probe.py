@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
 from eval.linear_probe import main
-from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 
 CLASSES = ("ADI", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 
@@ -28,16 +27,6 @@ def crc_imagefolder(shared_data, tmp_path_factory):
         )
     (root / "metadata.csv").write_text("\n".join(lines) + "\n")
     return root
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny-exaonepath"
-    ExaonePathModel(
-        ExaonePathConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2)
-    ).save_pretrained(path)
-    return path
 
 
 def test_end_to_end_on_crc_samples(crc_imagefolder, tiny_model_dir, tmp_path, capsys):
