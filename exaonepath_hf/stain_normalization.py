@@ -272,7 +272,8 @@ class MacenkoNormalizer:
         min_tissue_fraction: images whose tissue fraction (pixels with every OD channel >= ``beta``) is below
             this are returned unchanged; see :data:`DEFAULT_MIN_TISSUE_FRACTION`.
         max_batch_pixels: images are processed in chunks of at most this many pixels (bounds the memory of the
-            per-pixel intermediates; a single larger image is processed whole).
+            per-pixel intermediates; a single larger image is processed whole). The default, eight 224x224
+            images, measured fastest on CPU: larger chunks spill the per-pixel buffers out of cache.
 
     An image comes back unchanged (float 0..1) with ``normalized=False`` when:
 
@@ -295,7 +296,7 @@ class MacenkoNormalizer:
         alpha: float = 1.0,
         beta: float = 0.15,
         min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION,
-        max_batch_pixels: int = 1 << 19,
+        max_batch_pixels: int = 8 * 224 * 224,
     ):
         if not isinstance(reference, StainReference):
             reference = StainReference.from_dict(reference)
@@ -424,11 +425,12 @@ class MacenkoNormalizer:
                 outputs[chunk] = result
             return result
 
-        first = run(chunks[0])
-        if then is not None:
+        remaining = chunks
+        if then is not None:  # the output's shape is `then`'s
+            first = run(chunks[0])
             outputs = first.new_empty((images.shape[0], *first.shape[1:]))
             outputs[chunks[0]] = first
-        remaining = chunks[1:]
+            remaining = chunks[1:]
         threads = torch.get_num_threads()
         workers = min(threads, len(remaining)) if images.device.type == "cpu" else 1
         if workers <= 1:
