@@ -319,3 +319,13 @@ def test_then_hook_and_worker_threads_leave_no_trace(patches):
     assert torch.equal(hooked.normalized, whole.normalized)
     mixed = normalizer.normalize([patches[0], patches[1][:, :100]], then=crop)
     torch.testing.assert_close(mixed.images[0], crop(whole.images[:1])[0], atol=0, rtol=0)
+
+
+def test_worker_threads_follow_the_callers_inference_mode(patches):
+    batch = torch.stack(patches[:6])
+    normalizer = MacenkoNormalizer(max_batch_pixels=2 * 224 * 224)  # 3 chunks on worker threads
+    expected = normalizer.normalize(batch)
+    with torch.inference_mode():
+        inside = normalizer.normalize(batch)
+    torch.testing.assert_close(inside.images, expected.images, atol=0, rtol=0)
+    assert torch.equal(inside.normalized, expected.normalized)
