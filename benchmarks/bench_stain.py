@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from exaonepath_hf.atomic_io import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(os.environ.get("EXAONEPATH_TEST_DATA", ROOT.parent / "shared" / "data"))
@@ -322,12 +324,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -337,8 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     results = run_benchmark(args.threads, args.count, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.out / "stain.json", json.dumps(results, indent=2) + "\n")
-    write_atomically(args.out / "stain.md", markdown(results))
+    atomic_write_text(args.out / "stain.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(args.out / "stain.md", markdown(results))
     print(markdown(results))
 
 

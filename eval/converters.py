@@ -30,7 +30,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._io import atomic_write_bytes
+from exaonepath_hf.atomic_io import atomic_write_bytes
+
 from .tasks import parse_tcga_ids
 
 __all__ = ["MetadataRow", "CONVERTERS", "convert_mhist", "convert_til", "convert_msi", "write_metadata"]

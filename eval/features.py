@@ -38,7 +38,8 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ._io import atomic_save_tensors, write_json
+from exaonepath_hf.atomic_io import atomic_save_tensors, write_json
+
 from .backbones import Encoder, Preprocessing
 
 __all__ = [

@@ -25,7 +25,8 @@ import evaluate
 import torch
 from accelerate import PartialState
 
-from ._io import atomic_save_tensors, write_json
+from exaonepath_hf.atomic_io import atomic_save_tensors, write_json
+
 from .backbones import Encoder, Preprocessing, load_encoder
 from .features import FeatureSet, cache_key, default_cache_root, distributed_state, extract_features
 from .probes import PRESETS, FeatureSplit, ProbeConfig, fit_linear_probe, predict, summarize_seeds

@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_bytes
+from exaonepath_hf.atomic_io import atomic_write_bytes
+
 from .tasks import PAPER_MEAN_TOP1, PAPER_TASK_ORDER, TASKS
 
 __all__ = ["environment", "load_records", "render_table1", "render_details", "write_report"]

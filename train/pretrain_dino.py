@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a file by `accelerate launch train/pretr
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel  # noqa: E402
+from exaonepath_hf.atomic_io import write_json  # noqa: E402
 from exaonepath_hf.convert import load_backbone  # noqa: E402
 from exaonepath_hf.stain_normalization import DEFAULT_STAIN_REFERENCE, MacenkoNormalizer, StainReference  # noqa: E402
 from train.dino import data as dino_data  # noqa: E402
@@ -306,10 +307,7 @@ def write_rank_record(out: Path, rank: int, ids: list[str], teacher, dino_loss) 
         "center_sha256": weights_digest(dino_loss),
         "samples": ids,
     }
-    path = out / f"rank_{rank}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    write_json(out / f"rank_{rank}.json", record)
 
 
 if __name__ == "__main__":

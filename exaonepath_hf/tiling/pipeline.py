@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..atomic_io import atomic_write_bytes, write_json
 from .grid import grid_coordinates, level0_patch_size, tissue_fractions
 from .shards import ImageFormat, PatchRecord, encode_patch, write_shard
 from .slide_io import SLIDE_BACKENDS, SlideReader, open_slide, read_downsampled, read_downsampled_views
@@ -240,16 +241,6 @@ def read_patch(reader: SlideReader, x: int, y: int, plan: PatchPlan) -> np.ndarr
     return pixels
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
-def _atomic_write_json(path: Path, value: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
-
-
 def _shard_name(slide_id: str, part: int) -> str:
     return f"{slide_id}-{part:05d}.parquet"
 
@@ -328,7 +319,7 @@ def _check_folder_config(out_dir: Path, config: TilingConfig) -> None:
             )
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(path, wanted)
+    write_json(path, wanted)
 
 
 def tile_slide(
@@ -384,8 +375,8 @@ def tile_slide(
 
         coords_path = Path("coords") / f"{slide_id}.csv"
         thumbnail_path = Path("thumbnails") / f"{slide_id}.png"
-        _atomic_write_bytes(out_dir / coords_path, _coords_csv(plan))
-        _atomic_write_bytes(out_dir / thumbnail_path, _thumbnail_png(plan, config))
+        atomic_write_bytes(out_dir / coords_path, _coords_csv(plan))
+        atomic_write_bytes(out_dir / thumbnail_path, _thumbnail_png(plan, config))
         record = {
             "slide_id": slide_id,
             "path": str(Path(path).resolve()),
@@ -408,7 +399,7 @@ def tile_slide(
             "thumbnail": thumbnail_path.as_posix(),
             "seconds": round(time.perf_counter() - start, 3),
         }
-    _atomic_write_json(_slide_record_path(out_dir, slide_id), record)
+    write_json(_slide_record_path(out_dir, slide_id), record)
     return record
 
 
@@ -519,7 +510,7 @@ def _write_manifest(out_dir: Path, config: TilingConfig, failures: Sequence[Slid
         "slides": slides,
         "failures": [asdict(f) for f in failures],
     }
-    _atomic_write_json(out_dir / "manifest.json", manifest)
+    write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 
@@ -574,7 +565,7 @@ def tile_slides(
         if isinstance(outcome, SlideFailure):
             summary.failures.append(outcome)
             logger.warning("slide %s failed: %s: %s", task.slide_id, outcome.error, outcome.message)
-            _atomic_write_json(out_dir / "failures.json", [asdict(f) for f in summary.failures])
+            write_json(out_dir / "failures.json", [asdict(f) for f in summary.failures])
         else:
             summary.tiled.append(task.slide_id)
             summary.num_patches += outcome["num_patches"]
@@ -592,7 +583,7 @@ def tile_slides(
             _run_in_processes(todo, num_workers, on_done)
     finally:
         bar.close()
-        _atomic_write_json(out_dir / "failures.json", [asdict(f) for f in summary.failures])
+        write_json(out_dir / "failures.json", [asdict(f) for f in summary.failures])
         _write_manifest(out_dir, config, summary.failures)
     summary.seconds = time.perf_counter() - start
     return summary

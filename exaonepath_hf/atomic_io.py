@@ -1,4 +1,7 @@
-"""Atomic file writes: a temporary file in the target's folder, then `os.replace`."""
+"""Atomic file writes: a uniquely named temporary file in the target's folder, then `os.replace`.
+
+Readers never see a half-written file, and parallel writers (tiling workers, ranks) never share a temporary.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["atomic_write_bytes", "atomic_save_tensors", "write_json"]
+__all__ = ["atomic_save_tensors", "atomic_write_bytes", "atomic_write_text", "write_json"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -20,6 +23,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
         handle.write(data)
     os.replace(handle.name, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
