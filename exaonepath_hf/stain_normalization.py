@@ -50,10 +50,7 @@ DEFAULT_MIN_TISSUE_FRACTION = 0.01
 
 ImageBatch = torch.Tensor | Sequence[torch.Tensor]
 
-# percentile selections narrow a row down in blocks of this many sub-blocks of this many values
-_BLOCK = 4
-# angles lie in [-pi, pi]; background pixels are pushed below them by this much before selecting percentiles
-_EXCLUDED_OFFSET = 16.0
+_LOG2_E = math.log2(math.e)
 
 
 @dataclass(frozen=True)
@@ -134,7 +131,8 @@ class _StainDecomposition:
     """Per-image Macenko decomposition of a batch of N images with P pixels each."""
 
     stain_matrix: torch.Tensor  # [N, 3, 2], hematoxylin first
-    concentrations: torch.Tensor  # [N, 2, P]
+    projection: torch.Tensor  # [N, 2, P]: every pixel's OD in the plane of the two leading eigenvectors
+    to_concentrations: torch.Tensor  # [N, 2, 2]: plane coordinates -> least-squares concentrations
     max_concentrations: torch.Tensor  # [N, 2], nearest-rank 99th percentile
     valid: torch.Tensor  # [N] bool: enough tissue and a well-posed decomposition
 
@@ -147,49 +145,51 @@ class _Workspace:
     on first touch, which costs as much as the arithmetic on them; reuse keeps them mapped and in cache.
     """
 
-    od: torch.Tensor  # [N, 3, P]
-    centered: torch.Tensor  # [N, 3, P]
-    weights: torch.Tensor  # [N, 1, P]
+    log_intensity: torch.Tensor  # [N, 3, P] float32
+    weights: torch.Tensor  # [N, 1, P] float32: 1 on tissue, 0 on background
     projection: torch.Tensor  # [N, 2, P]
-    angles: torch.Tensor  # [N, 2, P]
     concentrations: torch.Tensor  # [N, 2, P]
-    scratch: torch.Tensor  # [N, P] float32
-    darkest: torch.Tensor  # [N, P] uint8
-    tissue: torch.Tensor  # [N, P] bool
-    background: torch.Tensor  # [N, P] bool
-    normalized: torch.Tensor  # [N, 3, H, W] float32; empty when not needed
+    angles: torch.Tensor  # [N, P]
+    # [P]: what background pixels get instead of an angle: below every angle (-pi..pi), and distinct, since a
+    # selection among many equal values is slow (45k equal values: 4x slower)
+    background_angles: torch.Tensor
+    brightest: torch.Tensor  # [N, P], the input's dtype
+    normalized: torch.Tensor  # [N, 3, H, W] float32: `then`'s input; empty when not needed
 
     @classmethod
     def allocate(
-        cls, n: int, num_pixels: int, device: torch.device, image_size: tuple[int, int] = (0, 0)
+        cls,
+        n: int,
+        num_pixels: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        image_size: tuple[int, int] = (0, 0),
     ) -> _Workspace:
         def buffer(*shape, dtype=torch.float32):
             return torch.empty(shape, dtype=dtype, device=device)
 
         return cls(
-            od=buffer(n, 3, num_pixels),
-            centered=buffer(n, 3, num_pixels),
+            log_intensity=buffer(n, 3, num_pixels),
             weights=buffer(n, 1, num_pixels),
             projection=buffer(n, 2, num_pixels),
-            angles=buffer(n, 2, num_pixels),
             concentrations=buffer(n, 2, num_pixels),
-            scratch=buffer(n, num_pixels),
-            darkest=buffer(n, num_pixels, dtype=torch.uint8),
-            tissue=buffer(n, num_pixels, dtype=torch.bool),
-            background=buffer(n, num_pixels, dtype=torch.bool),
+            angles=buffer(n, num_pixels),
+            background_angles=_distinct_values_below(-4.0, num_pixels, device),
+            brightest=buffer(n, num_pixels, dtype=dtype),
             normalized=buffer(n, 3, *image_size),
         )
 
     def first(self, n: int) -> _Workspace:
         """The buffers of the first ``n`` images (for a last, smaller chunk)."""
-        return _Workspace(**{name: buffer[:n] for name, buffer in vars(self).items()})
+        first = {name: buffer[:n] for name, buffer in vars(self).items() if name != "background_angles"}
+        return _Workspace(**first, background_angles=self.background_angles)
 
-    def pixels(self, start: int, stop: int) -> _Workspace:
-        """The per-pixel buffers of pixels ``start:stop`` of every image."""
-        sliced = {
-            name: buffer[..., start:stop] for name, buffer in vars(self).items() if name != "normalized"
-        }
-        return _Workspace(**sliced, normalized=self.normalized)
+
+def _distinct_values_below(ceiling: float, count: int, device: torch.device) -> torch.Tensor:
+    """``count`` distinct float32 values below ``ceiling`` in a fixed shuffled order: introselect picks its pivots
+    from the middle and the ends of a range, and a monotonic run of values makes those bad pivots."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(0))
+    return (ceiling - order.to(torch.float32)).to(device)
 
 
 def _nearest_rank(count: torch.Tensor, percent: float) -> torch.Tensor:
@@ -200,39 +200,24 @@ def _nearest_rank(count: torch.Tensor, percent: float) -> torch.Tensor:
     return 1 + torch.round((0.01 * float(percent)) * (count.to(torch.float64) - 1)).to(torch.int64)
 
 
-def _kth_largest(values: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
-    """Exact ``rank``-th (1-based, per row) largest of each row of ``values`` [R, P].
+def _order_statistics(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The values at 0-based ``positions`` [R, m] of each row of ``rows`` [R, P] sorted ascending; exact.
 
-    ``torch.topk`` costs about 8 ns per input value on CPU whatever k is, so the work is to hand it few values.
-    With k = max(rank): among any groups of values, the k groups with the largest maxima hold a k-th largest
-    value of the row (if a group holding one of the row's top k is not among them, the k chosen groups' maxima
-    are k values at least as large). Applied twice: each row is split into ``_BLOCK`` x ``_BLOCK`` blocks of
-    ``_BLOCK`` sub-blocks (sub-block (a, j) = values j + (a·_BLOCK + b)·S, b < _BLOCK, S = P / _BLOCK²); top-k of
-    the P / _BLOCK² block maxima, then of the k·_BLOCK sub-block maxima inside the chosen blocks, then of the
-    k·_BLOCK values inside the chosen sub-blocks. For 1% percentiles of a 224² image that hands top-k 7k values
-    instead of 50k; one pass over the row for the maxima, no sort, no host sync beyond k.
+    ``rows`` is scratch: it is reordered in place. On CPU every row is partitioned by numpy's introselect,
+    which works on the tensor's own memory and releases the GIL: O(P) at about 0.6 ns per value, where
+    ``torch.topk``/``kthvalue`` select (value, index) pairs at about 7 ns per value. Elsewhere a sort, which
+    GPUs do fast.
     """
-    rank = rank.clamp(min=1)
-    k = int(rank.max())
-    num_rows, num_values = values.shape
-    stride = num_values // _BLOCK**2
-    if 2 * k * _BLOCK**2 > num_values:  # a large fraction of the row is wanted anyway
-        return _gather_rank(values.topk(k, dim=-1).values, rank)
-    whole = stride * _BLOCK**2
-    sub_block_maxima = values[:, :whole].view(num_rows, _BLOCK, _BLOCK, stride).amax(dim=2)  # [R, a, j]
-    blocks = sub_block_maxima.amax(dim=1).topk(k, dim=-1, sorted=False).indices  # j of the chosen blocks
-    inner = sub_block_maxima.gather(2, blocks.unsqueeze(1).expand(num_rows, _BLOCK, k)).flatten(1)
-    chosen = inner.topk(k, dim=-1, sorted=False).indices  # a * k + position in `blocks`
-    first_value = (chosen // k) * (_BLOCK * stride) + blocks.gather(1, chosen % k)
-    offsets = torch.arange(_BLOCK, device=values.device) * stride
-    candidates = values.gather(1, (first_value.unsqueeze(-1) + offsets).flatten(1))
-    if whole < num_values:  # the values after the last whole block are candidates too
-        candidates = torch.cat((candidates, values[:, whole:]), dim=-1)
-    return _gather_rank(candidates.topk(k, dim=-1).values, rank)
-
-
-def _gather_rank(sorted_descending: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
-    return sorted_descending.gather(-1, (rank - 1).unsqueeze(-1)).squeeze(-1)
+    if rows.device.type != "cpu":
+        return rows.sort(dim=-1).values.gather(1, positions)
+    for row, kths in zip(rows.numpy(), positions.tolist(), strict=True):
+        # one position at a time, each in the part left of the previous one: numpy's several-kth partition
+        # measured 2-15x slower than these single selections
+        end = row.shape[0]
+        for kth in sorted(set(kths), reverse=True):
+            row[:end].partition(kth)
+            end = kth
+    return rows.gather(1, positions)
 
 
 def _pseudo_inverse_3x2(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,15 +312,11 @@ class MacenkoNormalizer:
         release's (torchstain's) ``fit``.
         """
         batch = _validated_images(images, "images")
-        sizes = [image.shape[-1] * image.shape[-2] for image in batch]
-        workspace = _Workspace.allocate(1, sum(sizes), batch[0].device)
-        start = 0
-        for image, size in zip(batch, sizes, strict=True):  # each target's OD and mask: a slice of one image
-            self._optical_density(image.unsqueeze(0), workspace.pixels(start, start + size))
-            start += size
-        decomposition = _macenko_decomposition(
-            workspace.od, workspace.tissue, self.alpha, min_tissue_fraction=0.0, workspace=workspace
-        )
+        pooled = torch.cat([image.reshape(3, -1) for image in batch], dim=1).unsqueeze(0)
+        num_pixels = pooled.shape[-1]
+        workspace = _Workspace.allocate(1, num_pixels, pooled.device, pooled.dtype)
+        scratch = torch.empty(1, 3, num_pixels, device=pooled.device)
+        decomposition = self._decompose(pooled, workspace, scratch, min_tissue_fraction=0.0)
         if not bool(decomposition.valid[0]):
             raise ValueError(
                 "cannot fit a stain reference: the target image(s) have too few tissue pixels (optical density "
@@ -377,22 +358,6 @@ class MacenkoNormalizer:
     __call__ = normalize
 
     # ------------------------------------------------------------------------------------------------ internals
-    def _optical_density(
-        self, images: torch.Tensor, workspace: _Workspace
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """OD [N, 3, P] float32 ``-log((I + 1) / io)`` and the tissue mask [N, P] (every OD channel >= beta)."""
-        flat = images.reshape(images.shape[0], 3, -1)
-        # log1p(I) - log(io) equals the release's log((I + 1) / io) to float32 rounding; a 256-entry table
-        # gather is exact too but measured slower than the vectorised log on CPU
-        od = workspace.od.copy_(flat).log1p_().sub_(math.log(self.io)).neg_()
-        if flat.dtype == torch.uint8:
-            # the mask from the table computed the release's way, so that it is exact: OD >= beta <=> I < limit
-            table = -torch.log((torch.arange(256, dtype=torch.float32) + 1) / self.io)
-            darkest = torch.amax(flat, dim=1, out=workspace.darkest)
-            return od, torch.lt(darkest, int((table >= self.beta).sum()), out=workspace.tissue)
-        lowest = torch.amin(od, dim=1, out=workspace.scratch)
-        return od, torch.ge(lowest, self.beta, out=workspace.tissue)
-
     def _normalize_equal_sized(
         self, images: torch.Tensor, then: Callable[[torch.Tensor], torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -415,7 +380,9 @@ class MacenkoNormalizer:
             nonlocal outputs
             thread = threading.get_ident()
             if thread not in workspaces:
-                workspaces[thread] = _Workspace.allocate(per_chunk, pixels, images.device, images.shape[-2:])
+                workspaces[thread] = _Workspace.allocate(
+                    per_chunk, pixels, images.device, images.dtype, images.shape[-2:]
+                )
             part = images[chunk]
             workspace = workspaces[thread].first(part.shape[0])
             if then is None:
@@ -458,17 +425,20 @@ class MacenkoNormalizer:
         self, images: torch.Tensor, out: torch.Tensor, workspace: _Workspace
     ) -> torch.Tensor:
         """Normalize equally sized images [N, 3, H, W] into ``out`` (float 0..1); returns the valid flags [N]."""
-        od, tissue = self._optical_density(images, workspace)
-        decomposition = _macenko_decomposition(od, tissue, self.alpha, self.min_tissue_fraction, workspace)
+        flat_out = out.view(images.shape[0], 3, -1)
+        # `out` is free until the very end: it serves as the decomposition's scratch
+        decomposition = self._decompose(images, workspace, scratch=flat_out)
         reference_matrix, reference_max = self.reference.tensors(images.device)
         # scaling the concentrations by maxCRef / maxC is a per-image scaling of the reference stain columns
         mixing = reference_matrix * (reference_max / decomposition.max_concentrations).unsqueeze(-2)
-        flat_out = out.view(od.shape)
-        torch.bmm(-mixing, decomposition.concentrations, out=flat_out)
-        flat_out.exp_().mul_(self.io / 255.0).clamp_(max=1)
+        # io/255 * exp(-mixing @ C) with C = to_concentrations @ projection, as one exp2 of one batched product
+        exponent = mixing @ decomposition.to_concentrations * -_LOG2_E
+        log2_scale = torch.full((1, 1, 1), math.log2(self.io / 255.0), device=images.device)
+        torch.baddbmm(log2_scale, exponent, decomposition.projection, out=flat_out)
+        flat_out.exp2_().clamp_(max=1)
         # the release falls back when its output has NaN; with finite inputs that happens exactly when the
         # per-image coefficients are not finite (the exponent is then finite, or +-inf without inf - inf)
-        finite = torch.isfinite(mixing).flatten(1).all(1) & torch.isfinite(
+        finite = torch.isfinite(exponent).flatten(1).all(1) & torch.isfinite(
             decomposition.stain_matrix
         ).flatten(1).all(1)
         valid = decomposition.valid & finite
@@ -476,61 +446,98 @@ class MacenkoNormalizer:
             out[~valid] = images[~valid].float() / 255.0
         return valid
 
+    def _decompose(
+        self,
+        images: torch.Tensor,
+        workspace: _Workspace,
+        scratch: torch.Tensor,
+        min_tissue_fraction: float | None = None,
+    ) -> _StainDecomposition:
+        """Stain matrix, plane projection, concentration map and 99th percentiles of every image at once.
 
-def _macenko_decomposition(
-    od: torch.Tensor, tissue: torch.Tensor, alpha: float, min_tissue_fraction: float, workspace: _Workspace
-) -> _StainDecomposition:
-    """Stain matrix, concentrations and their 99th percentiles of every image of OD [N, 3, P] at once."""
-    n, _, num_pixels = od.shape
-    tissue_count = tissue.count_nonzero(dim=1)
-    enough_tissue = tissue_count >= 2
+        ``images`` [N, 3, H, W] or [N, 3, P]; ``scratch`` a float32 [N, 3, P] buffer that is overwritten.
+        """
+        if min_tissue_fraction is None:
+            min_tissue_fraction = self.min_tissue_fraction
+        n = images.shape[0]
+        flat = images.reshape(n, 3, -1)
+        num_pixels = flat.shape[-1]
+        weights = self._tissue_weights(flat, workspace)
+        tissue_count = weights.sum(dim=-1).squeeze(-1).round().to(torch.int64)  # exact below 2^24 pixels
+        enough_tissue = tissue_count >= 2
 
-    # unbiased covariance of the tissue OD, two-pass like torchstain's (raw second moments lose float32
-    # precision to cancellation on large images): masked mean, then the masked centred products
-    weights = workspace.weights.copy_(tissue.unsqueeze(1))
-    centered = torch.mul(od, weights, out=workspace.centered)
-    mean = centered.sum(dim=-1, keepdim=True) / tissue_count.clamp(min=1)[:, None, None]
-    centered.addcmul_(weights, mean, value=-1)
-    count = tissue_count.to(torch.float64).clamp(min=2)[:, None, None]
-    covariance = (centered @ centered.transpose(-1, -2)).double() / (count - 1)
-    # images with < 2 tissue pixels get the identity so that the batched eigh never sees NaN; they are flagged
-    identity = torch.eye(3, dtype=covariance.dtype, device=od.device).expand(n, 3, 3)
-    covariance = torch.where(enough_tissue[:, None, None], covariance, identity)
-    plane = torch.linalg.eigh(covariance).eigenvectors[..., 1:].to(od.dtype)  # the two largest, ascending
+        # OD = log(io) - log(I + 1): its covariance is that of log(I + 1). Two-pass like torchstain's (raw
+        # second moments lose float32 precision to cancellation): the tissue mean, then the centred products.
+        centered = workspace.log_intensity.copy_(flat).log1p_()
+        # a sum, not a matrix product: BLAS accumulates the long dot products in order (measured 1e-4 error on
+        # a 1000x1000 target)
+        tissue_sum = torch.mul(centered, weights, out=scratch).sum(dim=-1, keepdim=True)
+        mean = tissue_sum / tissue_count.clamp(min=1)[:, None, None]
+        centered.sub_(mean)
+        weighted = torch.mul(centered, weights, out=scratch)
+        count = tissue_count.to(torch.float64).clamp(min=2)[:, None, None]
+        covariance = torch.bmm(weighted, centered.transpose(1, 2)).double() / (count - 1)
+        # images with < 2 tissue pixels get the identity so that the batched eigh never sees NaN; they are flagged
+        identity = torch.eye(3, dtype=covariance.dtype, device=flat.device).expand(n, 3, 3)
+        covariance = torch.where(enough_tissue[:, None, None], covariance, identity)
+        plane = torch.linalg.eigh(covariance).eigenvectors[..., 1:].to(torch.float32)  # the two largest
+        plane_t = plane.transpose(-1, -2)
 
-    # angles of the tissue OD in that plane; their alpha / 100-alpha nearest-rank percentiles give the stains.
-    # Row 0 holds the angles, row 1 their negatives (k-th smallest = -(k-th largest of the negatives)); the
-    # background is pushed below every angle so that one batched selection serves both percentiles.
-    projection = torch.bmm(plane.transpose(-1, -2), od, out=workspace.projection)
-    angles = workspace.angles
-    torch.atan2(projection[:, 1], projection[:, 0], out=angles[:, 0])
-    torch.neg(angles[:, 0], out=angles[:, 1])
-    background = torch.logical_not(tissue, out=workspace.background)
-    angles.add_(background.unsqueeze(1), alpha=-_EXCLUDED_OFFSET)
-    max_rank = tissue_count - _nearest_rank(tissue_count, 100 - alpha) + 1
-    min_rank = _nearest_rank(tissue_count, alpha)
-    extremes = _kth_largest(angles.view(n * 2, num_pixels), torch.stack((max_rank, min_rank), 1).view(-1))
-    max_angle, min_angle = extremes.view(n, 2).unbind(-1)
-    min_angle = -min_angle
-    v_min = plane @ torch.stack((torch.cos(min_angle), torch.sin(min_angle)), dim=-1).unsqueeze(-1)
-    v_max = plane @ torch.stack((torch.cos(max_angle), torch.sin(max_angle)), dim=-1).unsqueeze(-1)
-    # hematoxylin first: the vector with the larger red OD component (HEnorm's heuristic)
-    min_first = (v_min[:, 0, 0] > v_max[:, 0, 0])[:, None, None]
-    stain_matrix = torch.where(min_first, torch.cat((v_min, v_max), -1), torch.cat((v_max, v_min), -1))
+        # every pixel's OD in the plane: plane^T (log(io) - mean) - plane^T centered
+        projection = torch.baddbmm(
+            plane_t @ (math.log(self.io) - mean), plane_t, centered, alpha=-1, out=workspace.projection
+        )
+        # the alpha / 100-alpha nearest-rank percentiles of the tissue angles give the stain vectors; with the
+        # background below every angle, they sit at (background count + rank - 1) in the sorted row
+        angles = torch.atan2(projection[:, 1], projection[:, 0], out=workspace.angles)
+        torch.lerp(
+            workspace.background_angles, angles, weights.squeeze(1), out=angles
+        )  # exact for 0/1 weights
+        background_count = num_pixels - tissue_count
+        positions = torch.stack(
+            (
+                background_count + _nearest_rank(tissue_count, self.alpha) - 1,
+                background_count + _nearest_rank(tissue_count, 100 - self.alpha) - 1,
+            ),
+            dim=1,
+        ).clamp(0, num_pixels - 1)
+        min_angle, max_angle = _order_statistics(angles, positions).unbind(-1)
+        v_min = plane @ torch.stack((torch.cos(min_angle), torch.sin(min_angle)), dim=-1).unsqueeze(-1)
+        v_max = plane @ torch.stack((torch.cos(max_angle), torch.sin(max_angle)), dim=-1).unsqueeze(-1)
+        # hematoxylin first: the vector with the larger red OD component (HEnorm's heuristic)
+        min_first = (v_min[:, 0, 0] > v_max[:, 0, 0])[:, None, None]
+        stain_matrix = torch.where(min_first, torch.cat((v_min, v_max), -1), torch.cat((v_max, v_min), -1))
 
-    # concentrations of every pixel (least squares in closed form) and their nearest-rank 99th percentile
-    unmixing, full_rank = _pseudo_inverse_3x2(stain_matrix)
-    concentrations = torch.bmm(unmixing, od, out=workspace.concentrations)
-    rank_from_top = num_pixels - int(_nearest_rank(torch.tensor(num_pixels), 99)) + 1
-    max_concentrations = _kth_largest(
-        concentrations.view(n * 2, num_pixels), torch.full((n * 2,), rank_from_top, device=od.device)
-    ).view(n, 2)
+        # least-squares concentrations (closed-form pseudo-inverse). Its rows lie in the stain plane, so it
+        # sees only a pixel's projection: a 2x2 map of the plane coordinates instead of a pass over the OD.
+        unmixing, full_rank = _pseudo_inverse_3x2(stain_matrix)
+        to_concentrations = unmixing @ plane
+        concentrations = torch.bmm(to_concentrations, projection, out=workspace.concentrations)
+        kth = int(_nearest_rank(torch.tensor(num_pixels), 99)) - 1
+        max_concentrations = _order_statistics(
+            concentrations.view(n * 2, num_pixels), torch.full((n * 2, 1), kth, device=flat.device)
+        ).view(n, 2)
 
-    valid = enough_tissue
-    if min_tissue_fraction > 0:  # 0 = the release's own decisions; otherwise also refuse meaningless results
-        well_posed = full_rank & (max_concentrations > 0).all(dim=-1)
-        valid = valid & well_posed & (tissue_count >= min_tissue_fraction * num_pixels)
-    return _StainDecomposition(stain_matrix, concentrations, max_concentrations, valid)
+        valid = enough_tissue
+        if (
+            min_tissue_fraction > 0
+        ):  # 0 = the release's own decisions; otherwise also refuse meaningless results
+            well_posed = full_rank & (max_concentrations > 0).all(dim=-1)
+            valid = valid & well_posed & (tissue_count >= min_tissue_fraction * num_pixels)
+        return _StainDecomposition(stain_matrix, projection, to_concentrations, max_concentrations, valid)
+
+    def _tissue_weights(self, flat: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
+        """[N, 1, P] float32: 1 on tissue, 0 on background. Tissue: every OD channel >= beta, i.e. the brightest
+        channel's OD >= beta, exactly the release's float32 test."""
+        brightest = torch.amax(flat, dim=1, out=workspace.brightest)
+        weights = workspace.weights.squeeze(1)
+        if flat.dtype == torch.uint8:
+            # OD >= beta <=> I < limit, with the 256 OD values computed the release's way
+            table = -torch.log((torch.arange(256, dtype=torch.float32) + 1) / self.io)
+            torch.lt(brightest, int((table >= self.beta).sum()), out=weights)
+        else:
+            torch.ge(-torch.log((brightest + 1) / self.io), self.beta, out=weights)
+        return workspace.weights
 
 
 def _load_madvise() -> Callable[[int, int, int], int] | None:
