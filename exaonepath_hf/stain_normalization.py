@@ -51,6 +51,10 @@ DEFAULT_MIN_TISSUE_FRACTION = 0.01
 ImageBatch = torch.Tensor | Sequence[torch.Tensor]
 
 _LOG2_E = math.log2(math.e)
+# the shift of the covariance pass is a tissue mean over every this-many-th pixel
+_SHIFT_SAMPLE_STRIDE = 8
+# float32 matrix products over this many pixels at most, accumulated in float64
+_PRODUCT_BLOCK = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,17 @@ def _distinct_values_below(ceiling: float, count: int, device: torch.device) -> 
     from the middle and the ends of a range, and a monotonic run of values makes those bad pivots."""
     order = torch.randperm(count, generator=torch.Generator().manual_seed(0))
     return (ceiling - order.to(torch.float32)).to(device)
+
+
+def _blocked_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b^T`` [N, R, R] in float64 for [N, R, P] float32 inputs: float32 products over blocks of pixels, summed
+    in float64. BLAS accumulates a long product in few running sums: over a 1000x1000 image that is 1e-4 off,
+    enough to turn the stain plane of a target by 1e-3 when its two smaller eigenvalues are close."""
+    products = torch.zeros(a.shape[0], a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[-1], _PRODUCT_BLOCK):
+        block = slice(start, start + _PRODUCT_BLOCK)
+        products += torch.bmm(a[..., block], b[..., block].transpose(1, 2))
+    return products
 
 
 def _nearest_rank(count: torch.Tensor, percent: float) -> torch.Tensor:
@@ -466,26 +481,24 @@ class MacenkoNormalizer:
         tissue_count = weights.sum(dim=-1).squeeze(-1).round().to(torch.int64)  # exact below 2^24 pixels
         enough_tissue = tissue_count >= 2
 
-        # OD = log(io) - log(I + 1): its covariance is that of log(I + 1). Two-pass like torchstain's (raw
-        # second moments lose float32 precision to cancellation): the tissue mean, then the centred products.
-        centered = workspace.log_intensity.copy_(flat).log1p_()
-        # a sum, not a matrix product: BLAS accumulates the long dot products in order (measured 1e-4 error on
-        # a 1000x1000 target)
-        tissue_sum = torch.mul(centered, weights, out=scratch).sum(dim=-1, keepdim=True)
-        mean = tissue_sum / tissue_count.clamp(min=1)[:, None, None]
-        centered.sub_(mean)
-        weighted = torch.mul(centered, weights, out=scratch)
+        # OD = log(io) - log(I + 1): its covariance is that of log(I + 1), taken about a shift close to the tissue
+        # mean, so that the float32 products of one pass lose no precision to cancellation
+        shifted, shift = self._shifted_log_intensity(flat, weights, workspace)
+        weighted = torch.mul(shifted, weights, out=scratch)
+        # the sum is pairwise; a matrix product would accumulate it in order (1e-4 error on 1000x1000 images)
+        offset = weighted.sum(dim=-1, keepdim=True).double()  # tissue count * (mean - shift)
         count = tissue_count.to(torch.float64).clamp(min=2)[:, None, None]
-        covariance = torch.bmm(weighted, centered.transpose(1, 2)).double() / (count - 1)
+        products = _blocked_products(weighted, shifted)
+        covariance = (products - offset @ offset.transpose(1, 2) / count) / (count - 1)
         # images with < 2 tissue pixels get the identity so that the batched eigh never sees NaN; they are flagged
         identity = torch.eye(3, dtype=covariance.dtype, device=flat.device).expand(n, 3, 3)
         covariance = torch.where(enough_tissue[:, None, None], covariance, identity)
         plane = torch.linalg.eigh(covariance).eigenvectors[..., 1:].to(torch.float32)  # the two largest
         plane_t = plane.transpose(-1, -2)
 
-        # every pixel's OD in the plane: plane^T (log(io) - mean) - plane^T centered
+        # every pixel's OD in the plane: plane^T (log(io) - shift) - plane^T shifted
         projection = torch.baddbmm(
-            plane_t @ (math.log(self.io) - mean), plane_t, centered, alpha=-1, out=workspace.projection
+            plane_t @ (math.log(self.io) - shift), plane_t, shifted, alpha=-1, out=workspace.projection
         )
         # the alpha / 100-alpha nearest-rank percentiles of the tissue angles give the stain vectors; with the
         # background below every angle, they sit at (background count + rank - 1) in the sorted row
@@ -525,6 +538,19 @@ class MacenkoNormalizer:
             well_posed = full_rank & (max_concentrations > 0).all(dim=-1)
             valid = valid & well_posed & (tissue_count >= min_tissue_fraction * num_pixels)
         return _StainDecomposition(stain_matrix, projection, to_concentrations, max_concentrations, valid)
+
+    @staticmethod
+    def _shifted_log_intensity(
+        flat: torch.Tensor, weights: torch.Tensor, workspace: _Workspace
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log(I + 1) - shift`` [N, 3, P] and the shift [N, 3, 1]: the tissue mean of ``log(I + 1)`` over every
+        ``_SHIFT_SAMPLE_STRIDE``-th pixel (the mean over all of them where that sample has no tissue)."""
+        sample = torch.log1p(flat[..., ::_SHIFT_SAMPLE_STRIDE].float())  # not in place: may be the input
+        sample_weights = weights[..., ::_SHIFT_SAMPLE_STRIDE]
+        sample_count = sample_weights.sum(dim=-1, keepdim=True)
+        tissue_mean = (sample * sample_weights).sum(dim=-1, keepdim=True) / sample_count.clamp(min=1)
+        shift = torch.where(sample_count > 0, tissue_mean, sample.mean(dim=-1, keepdim=True))
+        return workspace.log_intensity.copy_(flat).log1p_().sub_(shift), shift
 
     def _tissue_weights(self, flat: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
         """[N, 1, P] float32: 1 on tissue, 0 on background. Tissue: every OD channel >= beta, i.e. the brightest

@@ -233,6 +233,9 @@ def test_float_input_on_0_255_scale_equals_uint8(patches):
     from_float = normalizer.normalize(batch.double())
     torch.testing.assert_close(from_float.images, from_uint8.images, atol=1e-5, rtol=0)
     assert from_float.images.dtype == torch.float32
+    float32 = batch.float()
+    torch.testing.assert_close(normalizer.normalize(float32).images, from_uint8.images, atol=1e-5, rtol=0)
+    assert torch.equal(float32, batch.float()), "the input was modified"
 
 
 def test_images_that_cannot_be_normalized_come_back_unchanged(patches):
