@@ -21,6 +21,7 @@ Images that cannot be normalized come back unchanged (as float 0..1) and are fla
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import sys
 import threading
@@ -54,7 +55,7 @@ _LOG2_E = math.log2(math.e)
 # the shift of the covariance pass is a tissue mean over every this-many-th pixel
 _SHIFT_SAMPLE_STRIDE = 8
 # float32 matrix products over this many pixels at most, accumulated in float64
-_PRODUCT_BLOCK = 1 << 14
+_PRODUCT_BLOCK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -153,10 +154,10 @@ class _Workspace:
     weights: torch.Tensor  # [N, 1, P] float32: 1 on tissue, 0 on background
     projection: torch.Tensor  # [N, 2, P]
     concentrations: torch.Tensor  # [N, 2, P]
-    angles: torch.Tensor  # [N, P]
-    # [P]: what background pixels get instead of an angle: below every angle (-pi..pi), and distinct, since a
-    # selection among many equal values is slow (45k equal values: 4x slower)
-    background_angles: torch.Tensor
+    angle_keys: torch.Tensor  # [N, P]
+    # [P]: what background pixels get instead of an angle key: below every key, and distinct, since a selection
+    # among many equal values is slow (45k equal values: 4x slower)
+    background_keys: torch.Tensor
     brightest: torch.Tensor  # [N, P], the input's dtype
     normalized: torch.Tensor  # [N, 3, H, W] float32: `then`'s input; empty when not needed
 
@@ -167,6 +168,7 @@ class _Workspace:
         num_pixels: int,
         device: torch.device,
         dtype: torch.dtype,
+        lowest_key: float,
         image_size: tuple[int, int] = (0, 0),
     ) -> _Workspace:
         def buffer(*shape, dtype=torch.float32):
@@ -177,16 +179,16 @@ class _Workspace:
             weights=buffer(n, 1, num_pixels),
             projection=buffer(n, 2, num_pixels),
             concentrations=buffer(n, 2, num_pixels),
-            angles=buffer(n, num_pixels),
-            background_angles=_distinct_values_below(-4.0, num_pixels, device),
+            angle_keys=buffer(n, num_pixels),
+            background_keys=_distinct_values_below(lowest_key - 1, num_pixels, device),
             brightest=buffer(n, num_pixels, dtype=dtype),
             normalized=buffer(n, 3, *image_size),
         )
 
     def first(self, n: int) -> _Workspace:
         """The buffers of the first ``n`` images (for a last, smaller chunk)."""
-        first = {name: buffer[:n] for name, buffer in vars(self).items() if name != "background_angles"}
-        return _Workspace(**first, background_angles=self.background_angles)
+        first = {name: buffer[:n] for name, buffer in vars(self).items() if name != "background_keys"}
+        return _Workspace(**first, background_keys=self.background_keys)
 
 
 def _distinct_values_below(ceiling: float, count: int, device: torch.device) -> torch.Tensor:
@@ -207,12 +209,15 @@ def _blocked_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return products
 
 
-def _nearest_rank(count: torch.Tensor, percent: float) -> torch.Tensor:
+def _nearest_rank(count: torch.Tensor | int, percent: torch.Tensor | float) -> torch.Tensor | int:
     """1-based rank of the ``percent`` percentile among ``count`` values, torchstain's rule.
 
-    ``1 + round(0.01 * q * (n - 1))`` with Python's round-half-to-even, evaluated in float64 like Python does.
+    ``1 + round(0.01 * q * (n - 1))`` with round-half-to-even in float64, as Python evaluates it; for tensors or
+    plain numbers.
     """
-    return 1 + torch.round((0.01 * float(percent)) * (count.to(torch.float64) - 1)).to(torch.int64)
+    if isinstance(count, torch.Tensor):
+        return 1 + torch.round((0.01 * percent) * (count.to(torch.float64) - 1)).to(torch.int64)
+    return 1 + round((0.01 * percent) * (count - 1))
 
 
 def _order_statistics(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -238,26 +243,31 @@ def _order_statistics(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tens
 def _pseudo_inverse_3x2(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares solver (Moore-Penrose pseudo-inverse) of a batch of 3x2 matrices, and their full-rank flags.
 
-    Full rank: the closed form ``(A^T A)^-1 A^T``, with the 2x2 normal equations solved in float64 (which keeps
-    the float32 accuracy of a QR least squares for the well-conditioned stain matrices). Rank deficient (LAPACK's
-    least-squares rule: smaller singular value at most ``3 eps`` times the larger): ``A^T / ||A||_F^2``, the
-    minimum-norm solution that ``torch.linalg.lstsq`` (and so the release) returns for a rank-1 matrix.
+    LAPACK's least-squares rank rule, in float64: a singular value at most ``3 eps`` (of float32) times the
+    largest counts as zero. For a rank-1 matrix that gives ``A^T / ||A||_F^2``, the minimum-norm solution that
+    ``torch.linalg.lstsq`` (and so the release) returns.
     """
     a = matrix.to(torch.float64)
-    a_t = a.transpose(-1, -2)
-    gram = a_t @ a  # [N, 2, 2]
-    g00, g01, g11 = gram[..., 0, 0], gram[..., 0, 1], gram[..., 1, 1]
-    determinant = g00 * g11 - g01 * g01
-    trace = g00 + g11
-    # the squared singular values are the eigenvalues (t -+ r) / 2 of the Gram matrix
-    root = torch.sqrt(torch.clamp(trace * trace - 4 * determinant, min=0))
-    rcond = torch.finfo(matrix.dtype).eps * 3
-    full_rank = (trace - root) > (rcond * rcond) * (trace + root)
-    adjugate = torch.stack((torch.stack((g11, -g01), -1), torch.stack((-g01, g00), -1)), -2)
-    full_rank_inverse = adjugate @ a_t / torch.where(full_rank, determinant, 1.0)[..., None, None]
-    rank_one_inverse = a_t / trace.clamp(min=torch.finfo(torch.float64).tiny)[..., None, None]
-    inverse = torch.where(full_rank[..., None, None], full_rank_inverse, rank_one_inverse)
-    return inverse.to(matrix.dtype), full_rank
+    rcond = 3 * torch.finfo(matrix.dtype).eps
+    singular_values = torch.linalg.svdvals(a)
+    full_rank = singular_values[..., 1] > rcond * singular_values[..., 0]
+    return torch.linalg.pinv(a, rtol=rcond).to(matrix.dtype), full_rank
+
+
+@functools.lru_cache(maxsize=16)
+def _output_constants(
+    reference: StainReference, io: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference stain matrix [3, 2], max concentrations [2] and ``log2(io / 255)`` [1, 1, 1] on ``device``."""
+    stain_matrix, max_concentrations = reference.tensors(device)
+    return stain_matrix, max_concentrations, torch.full((1, 1, 1), math.log2(io / 255.0), device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _uint8_tissue_limit(io: float, beta: float) -> int:
+    """OD >= beta <=> I < this, for uint8 intensities I, with the 256 ODs computed the release's way (float32)."""
+    table = -torch.log((torch.arange(256, dtype=torch.float32) + 1) / io)
+    return int((table >= beta).sum())
 
 
 class MacenkoNormalizer:
@@ -329,7 +339,7 @@ class MacenkoNormalizer:
         batch = _validated_images(images, "images")
         pooled = torch.cat([image.reshape(3, -1) for image in batch], dim=1).unsqueeze(0)
         num_pixels = pooled.shape[-1]
-        workspace = _Workspace.allocate(1, num_pixels, pooled.device, pooled.dtype)
+        workspace = _Workspace.allocate(1, num_pixels, pooled.device, pooled.dtype, self._lowest_angle_key())
         scratch = torch.empty(1, 3, num_pixels, device=pooled.device)
         decomposition = self._decompose(pooled, workspace, scratch, min_tissue_fraction=0.0)
         if not bool(decomposition.valid[0]):
@@ -396,7 +406,12 @@ class MacenkoNormalizer:
             thread = threading.get_ident()
             if thread not in workspaces:
                 workspaces[thread] = _Workspace.allocate(
-                    per_chunk, pixels, images.device, images.dtype, images.shape[-2:]
+                    per_chunk,
+                    pixels,
+                    images.device,
+                    images.dtype,
+                    self._lowest_angle_key(),
+                    images.shape[-2:],
                 )
             part = images[chunk]
             workspace = workspaces[thread].first(part.shape[0])
@@ -423,17 +438,20 @@ class MacenkoNormalizer:
         # the caller's torch.inference_mode() could not be written by them.
         inference_mode = torch.is_inference_mode_enabled()
 
-        def run_single_threaded(chunk: slice) -> None:
-            torch.set_num_threads(1)  # this worker thread only (and the count new threads start with) ...
-            try:
-                with torch.inference_mode(inference_mode), torch.no_grad():
-                    run(chunk)
-            finally:
-                torch.set_num_threads(threads)  # ... which goes back to the caller's setting
+        def run_in_worker(chunk: slice) -> None:
+            with torch.inference_mode(inference_mode), torch.no_grad():
+                run(chunk)
 
-        with ThreadPoolExecutor(workers, thread_name_prefix="macenko") as pool:
-            for _ in pool.map(run_single_threaded, chunks):
-                pass
+        # each worker runs its ops on one intra-op thread; the setting also reaches process-wide parts (BLAS),
+        # so it is restored once, after the pool
+        try:
+            with ThreadPoolExecutor(
+                workers, thread_name_prefix="macenko", initializer=torch.set_num_threads, initargs=(1,)
+            ) as pool:
+                for _ in pool.map(run_in_worker, chunks):
+                    pass
+        finally:
+            torch.set_num_threads(threads)  # the caller's setting, process-wide parts included
         return outputs, valid
 
     def _normalize_chunk(
@@ -443,20 +461,19 @@ class MacenkoNormalizer:
         flat_out = out.view(images.shape[0], 3, -1)
         # `out` is free until the very end: it serves as the decomposition's scratch
         decomposition = self._decompose(images, workspace, scratch=flat_out)
-        reference_matrix, reference_max = self.reference.tensors(images.device)
+        reference_matrix, reference_max, log2_scale = _output_constants(
+            self.reference, self.io, images.device
+        )
         # scaling the concentrations by maxCRef / maxC is a per-image scaling of the reference stain columns
         mixing = reference_matrix * (reference_max / decomposition.max_concentrations).unsqueeze(-2)
         # io/255 * exp(-mixing @ C) with C = to_concentrations @ projection, as one exp2 of one batched product
         exponent = mixing @ decomposition.to_concentrations * -_LOG2_E
-        log2_scale = torch.full((1, 1, 1), math.log2(self.io / 255.0), device=images.device)
         torch.baddbmm(log2_scale, exponent, decomposition.projection, out=flat_out)
         flat_out.exp2_().clamp_(max=1)
         # the release falls back when its output has NaN; with finite inputs that happens exactly when the
         # per-image coefficients are not finite (the exponent is then finite, or +-inf without inf - inf)
-        finite = torch.isfinite(exponent).flatten(1).all(1) & torch.isfinite(
-            decomposition.stain_matrix
-        ).flatten(1).all(1)
-        valid = decomposition.valid & finite
+        coefficients = torch.cat((exponent, decomposition.stain_matrix), dim=-1).flatten(1)
+        valid = decomposition.valid & torch.isfinite(coefficients).all(dim=1)
         if not bool(valid.all()):
             out[~valid] = images[~valid].float() / 255.0
         return valid
@@ -500,21 +517,29 @@ class MacenkoNormalizer:
         projection = torch.baddbmm(
             plane_t @ (math.log(self.io) - shift), plane_t, shifted, alpha=-1, out=workspace.projection
         )
-        # the alpha / 100-alpha nearest-rank percentiles of the tissue angles give the stain vectors; with the
-        # background below every angle, they sit at (background count + rank - 1) in the sorted row
-        angles = torch.atan2(projection[:, 1], projection[:, 0], out=workspace.angles)
-        torch.lerp(
-            workspace.background_angles, angles, weights.squeeze(1), out=angles
-        )  # exact for 0/1 weights
-        background_count = num_pixels - tissue_count
-        positions = torch.stack(
-            (
-                background_count + _nearest_rank(tissue_count, self.alpha) - 1,
-                background_count + _nearest_rank(tissue_count, 100 - self.alpha) - 1,
-            ),
-            dim=1,
-        ).clamp(0, num_pixels - 1)
-        min_angle, max_angle = _order_statistics(angles, positions).unbind(-1)
+        # The stain vectors come from the alpha / 100-alpha nearest-rank percentiles of the tissue angles
+        # atan2(y, x), with y and x a pixel's coordinates along the largest and the second eigenvector. Where y
+        # has one sign over the tissue, the angle is sign(y) pi/2 + atan(-x/y): -x/y orders the pixels as their
+        # angles do at the cost of a division instead of an atan2 (7x slower). That holds whenever the leading
+        # eigenvector's components share a sign (usual for H&E): tissue OD is >= beta > 0 in every channel.
+        leading = plane[..., 1]
+        one_signed = (leading > 0).all(dim=-1) | (leading < 0).all(dim=-1)
+        by_slope = one_signed & (self.beta > 0)
+        keys = workspace.angle_keys
+        if bool(by_slope.any()):  # background pixels may divide by 0: NaN or inf would survive the lerp below
+            torch.div(projection[:, 0], projection[:, 1], out=keys).neg_().nan_to_num_(0.0, 0.0, 0.0)
+        if not bool(by_slope.all()):
+            by_angle = (~by_slope).nonzero().squeeze(1)
+            keys[by_angle] = torch.atan2(projection[by_angle, 1], projection[by_angle, 0])
+        torch.lerp(workspace.background_keys, keys, weights.squeeze(1), out=keys)  # exact for 0/1 weights
+        # with the background below every key, the percentiles sit at (background count + rank - 1)
+        percents = torch.tensor([self.alpha, 100 - self.alpha], dtype=torch.float64, device=flat.device)
+        ranks = _nearest_rank(tissue_count.unsqueeze(1), percents)  # [N, 2]
+        positions = (ranks + (num_pixels - 1 - tissue_count).unsqueeze(1)).clamp(0, num_pixels - 1)
+        extreme_keys = _order_statistics(keys, positions)
+        quarter_turns = torch.where(leading[:, :1] > 0, math.pi / 2, -math.pi / 2).to(torch.float64)
+        from_slopes = (quarter_turns + torch.atan(extreme_keys.to(torch.float64))).to(torch.float32)
+        min_angle, max_angle = torch.where(by_slope.unsqueeze(1), from_slopes, extreme_keys).unbind(-1)
         v_min = plane @ torch.stack((torch.cos(min_angle), torch.sin(min_angle)), dim=-1).unsqueeze(-1)
         v_max = plane @ torch.stack((torch.cos(max_angle), torch.sin(max_angle)), dim=-1).unsqueeze(-1)
         # hematoxylin first: the vector with the larger red OD component (HEnorm's heuristic)
@@ -526,7 +551,7 @@ class MacenkoNormalizer:
         unmixing, full_rank = _pseudo_inverse_3x2(stain_matrix)
         to_concentrations = unmixing @ plane
         concentrations = torch.bmm(to_concentrations, projection, out=workspace.concentrations)
-        kth = int(_nearest_rank(torch.tensor(num_pixels), 99)) - 1
+        kth = _nearest_rank(num_pixels, 99) - 1
         max_concentrations = _order_statistics(
             concentrations.view(n * 2, num_pixels), torch.full((n * 2, 1), kth, device=flat.device)
         ).view(n, 2)
@@ -543,13 +568,12 @@ class MacenkoNormalizer:
     def _shifted_log_intensity(
         flat: torch.Tensor, weights: torch.Tensor, workspace: _Workspace
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``log(I + 1) - shift`` [N, 3, P] and the shift [N, 3, 1]: the tissue mean of ``log(I + 1)`` over every
-        ``_SHIFT_SAMPLE_STRIDE``-th pixel (the mean over all of them where that sample has no tissue)."""
+        """``log(I + 1) - shift`` [N, 3, P] and the shift [N, 3, 1]: about the tissue mean of ``log(I + 1)``,
+        from every ``_SHIFT_SAMPLE_STRIDE``-th pixel."""
         sample = torch.log1p(flat[..., ::_SHIFT_SAMPLE_STRIDE].float())  # not in place: may be the input
-        sample_weights = weights[..., ::_SHIFT_SAMPLE_STRIDE]
-        sample_count = sample_weights.sum(dim=-1, keepdim=True)
-        tissue_mean = (sample * sample_weights).sum(dim=-1, keepdim=True) / sample_count.clamp(min=1)
-        shift = torch.where(sample_count > 0, tissue_mean, sample.mean(dim=-1, keepdim=True))
+        # all background pixels together weigh as much as one tissue pixel: a sample without tissue gets its mean
+        sample_weights = weights[..., ::_SHIFT_SAMPLE_STRIDE] + 1 / sample.shape[-1]
+        shift = (sample * sample_weights).sum(dim=-1, keepdim=True) / sample_weights.sum(dim=-1, keepdim=True)
         return workspace.log_intensity.copy_(flat).log1p_().sub_(shift), shift
 
     def _tissue_weights(self, flat: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
@@ -558,12 +582,17 @@ class MacenkoNormalizer:
         brightest = torch.amax(flat, dim=1, out=workspace.brightest)
         weights = workspace.weights.squeeze(1)
         if flat.dtype == torch.uint8:
-            # OD >= beta <=> I < limit, with the 256 OD values computed the release's way
-            table = -torch.log((torch.arange(256, dtype=torch.float32) + 1) / self.io)
-            torch.lt(brightest, int((table >= self.beta).sum()), out=weights)
+            torch.lt(brightest, _uint8_tissue_limit(self.io, self.beta), out=weights)
         else:
             torch.ge(-torch.log((brightest + 1) / self.io), self.beta, out=weights)
         return workspace.weights
+
+    def _lowest_angle_key(self) -> float:
+        """A bound below every tissue pixel's angle key: an angle (> -pi) or a slope -x/y, where |x| <= |OD| <=
+        sqrt(3) log(io) and |y| >= beta (see ``_decompose``)."""
+        if self.beta <= 0:
+            return -math.pi
+        return -(math.sqrt(3) * max(math.log(self.io), 1.0) / self.beta + math.pi)
 
 
 def _load_madvise() -> Callable[[int, int, int], int] | None:

@@ -184,6 +184,28 @@ def test_parity_with_release_on_real_patches(patches, target, release_results):
     assert sum(not normalized for _, normalized in release_results) < output.num_fallbacks
 
 
+def test_leading_eigenvector_with_mixed_signs_matches_release():
+    """The angle percentiles come from slopes when the leading eigenvector's components share a sign; this image's
+    does not (its OD varies along (1, -1, 0)), so the angles themselves are ranked. Both must equal the release."""
+    generator = np.random.default_rng(0)
+    along, across = generator.uniform(-1, 1, (2, 64 * 64, 1))
+    od = (
+        0.9
+        + along * [0.35, -0.35, 0.0]
+        + across * [0.08, 0.08, -0.16]
+        + generator.normal(0, 0.01, (64 * 64, 3))
+    )
+    _, vectors = np.linalg.eigh(np.cov(od.T))
+    assert (vectors[:, -1] > 0).any() and (vectors[:, -1] < 0).any()
+    image = np.clip(240 * np.exp(-od) - 1, 0, 255).round().astype(np.uint8)
+    image = torch.from_numpy(image.T.reshape(3, 64, 64).copy())
+    ours = MacenkoNormalizer().normalize(image)
+    release, release_normalized = release_macenko(TorchMacenkoNormalizer(), image)
+    assert bool(ours.normalized[0]) and release_normalized
+    difference = ((ours.images * 255).int() - (release * 255).int()).abs()
+    assert (difference <= 1).float().mean() >= 0.999
+
+
 def test_release_fallback_decisions_at_zero_threshold(patches, target, release_results):
     normalizer = MacenkoNormalizer(min_tissue_fraction=0)
     normalizer.fit(target)
