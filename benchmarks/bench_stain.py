@@ -105,7 +105,7 @@ def ours(target: torch.Tensor) -> Callable:
 
     normalizer = MacenkoNormalizer()
     normalizer.fit(target)
-    return lambda patches: normalizer.normalize(torch.stack(patches)).images
+    return lambda patches: normalizer.normalize(patches).images  # the list, as every peer gets it
 
 
 def torchstain_torch(target: torch.Tensor) -> Callable:

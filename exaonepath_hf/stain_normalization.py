@@ -160,6 +160,9 @@ class _Workspace:
     background_keys: torch.Tensor
     brightest: torch.Tensor  # [N, P], the input's dtype
     normalized: torch.Tensor  # [N, 3, H, W] float32: `then`'s input; empty when not needed
+    stacked: (
+        torch.Tensor
+    )  # [N, 3, H, W], the input's dtype: a chunk of a list of images; empty when not needed
 
     @classmethod
     def allocate(
@@ -170,6 +173,7 @@ class _Workspace:
         dtype: torch.dtype,
         lowest_key: float,
         image_size: tuple[int, int] = (0, 0),
+        stacked: bool = False,
     ) -> _Workspace:
         def buffer(*shape, dtype=torch.float32):
             return torch.empty(shape, dtype=dtype, device=device)
@@ -183,6 +187,7 @@ class _Workspace:
             background_keys=_distinct_values_below(lowest_key - 1, num_pixels, device),
             brightest=buffer(n, num_pixels, dtype=dtype),
             normalized=buffer(n, 3, *image_size),
+            stacked=buffer(n if stacked else 0, 3, *image_size, dtype=dtype),
         )
 
     def first(self, n: int) -> _Workspace:
@@ -374,7 +379,7 @@ class MacenkoNormalizer:
         per_image: list[torch.Tensor | None] = [None] * len(batch)
         flags = torch.zeros(len(batch), dtype=torch.bool, device=batch[0].device)
         for indices in _group_by_shape(batch).values():
-            outputs, valid = self._normalize_equal_sized(torch.stack([batch[i] for i in indices]), then)
+            outputs, valid = self._normalize_equal_sized([batch[i] for i in indices], then)
             flags[indices] = valid.to(flags.device)
             for position, index in enumerate(indices):
                 per_image[index] = outputs[position]
@@ -384,20 +389,23 @@ class MacenkoNormalizer:
 
     # ------------------------------------------------------------------------------------------------ internals
     def _normalize_equal_sized(
-        self, images: torch.Tensor, then: Callable[[torch.Tensor], torch.Tensor] | None
+        self, images: torch.Tensor | list[torch.Tensor], then: Callable[[torch.Tensor], torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalize [N, 3, H, W] chunk by chunk -> (float 0..1 [N, 3, H, W] or ``then``'s outputs, valid [N]).
+        """Normalize [N, 3, H, W] (or N equally sized 3×H×W images, which are stacked chunk by chunk, never all
+        at once) -> (float 0..1 [N, 3, H, W] or ``then``'s outputs, valid [N]).
 
         On CPU the chunks are shared out to ``torch.get_num_threads()`` worker threads that each run their
         ops single-threaded: the per-pixel steps are many short passes, and splitting every one of them across
         threads costs more in synchronisation than it gains (badly so on a busy machine).
         """
-        pixels = images.shape[-1] * images.shape[-2]
-        per_chunk = min(images.shape[0], max(1, self.max_batch_pixels // pixels))
-        chunks = [slice(start, start + per_chunk) for start in range(0, images.shape[0], per_chunk)]
-        valid = torch.empty(images.shape[0], dtype=torch.bool, device=images.device)
+        count, (channels, height, width) = len(images), images[0].shape
+        device, dtype, stack = images[0].device, images[0].dtype, not isinstance(images, torch.Tensor)
+        pixels = height * width
+        per_chunk = min(count, max(1, self.max_batch_pixels // pixels))
+        chunks = [slice(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
+        valid = torch.empty(count, dtype=torch.bool, device=device)
         # the output; with `then` its shape is `then`'s, known once the first chunk is done
-        outputs = None if then else _empty_output(images.shape, images.device)
+        outputs = None if then else _empty_output(torch.Size((count, channels, height, width)), device)
         outputs_lock = threading.Lock()
         workspaces: dict[int, _Workspace] = {}  # one per worker thread
 
@@ -406,15 +414,10 @@ class MacenkoNormalizer:
             thread = threading.get_ident()
             if thread not in workspaces:
                 workspaces[thread] = _Workspace.allocate(
-                    per_chunk,
-                    pixels,
-                    images.device,
-                    images.dtype,
-                    self._lowest_angle_key(),
-                    images.shape[-2:],
+                    per_chunk, pixels, device, dtype, self._lowest_angle_key(), (height, width), stack
                 )
-            part = images[chunk]
-            workspace = workspaces[thread].first(part.shape[0])
+            workspace = workspaces[thread].first(chunk.stop - chunk.start)
+            part = torch.stack(images[chunk], out=workspace.stacked) if stack else images[chunk]
             if then is None:
                 valid[chunk] = self._normalize_chunk(part, out=outputs[chunk], workspace=workspace)
                 return
@@ -422,13 +425,13 @@ class MacenkoNormalizer:
             result = then(workspace.normalized)
             with outputs_lock:
                 if outputs is None:
-                    outputs = result.new_empty((images.shape[0], *result.shape[1:]))
+                    outputs = result.new_empty((count, *result.shape[1:]))
             outputs[chunk] = result
 
         threads = torch.get_num_threads()
         # even the first chunk goes to a worker: ops run on several intra-op threads before the workers start
         # measured 5-15% slower overall on 2 cores
-        workers = min(threads, len(chunks)) if images.device.type == "cpu" else 1
+        workers = min(threads, len(chunks)) if device.type == "cpu" else 1
         if workers <= 1:
             for chunk in chunks:
                 run(chunk)
