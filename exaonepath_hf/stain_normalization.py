@@ -53,7 +53,9 @@ ImageBatch = torch.Tensor | Sequence[torch.Tensor]
 
 _LOG2_E = math.log2(math.e)
 # the shift of the covariance pass is a tissue mean over every this-many-th pixel
-_SHIFT_SAMPLE_STRIDE = 8
+_SHIFT_SAMPLE_STRIDE = 32
+# log(I + 1) of every uint8 intensity I
+_LOG_INTENSITY_TABLE = torch.log(torch.arange(256, dtype=torch.float64) + 1).to(torch.float32)
 # float32 matrix products over this many pixels at most, accumulated in float64
 _PRODUCT_BLOCK = 1 << 16
 
@@ -503,7 +505,7 @@ class MacenkoNormalizer:
 
         # OD = log(io) - log(I + 1): its covariance is that of log(I + 1), taken about a shift close to the tissue
         # mean, so that the float32 products of one pass lose no precision to cancellation
-        shifted, shift = self._shifted_log_intensity(flat, weights, workspace)
+        shifted, shift = self._shifted_log_intensity(flat, weights, workspace, scratch)
         weighted = torch.mul(shifted, weights, out=scratch)
         # the sum is pairwise; a matrix product would accumulate it in order (1e-4 error on 1000x1000 images)
         offset = weighted.sum(dim=-1, keepdim=True).double()  # tissue count * (mean - shift)
@@ -569,15 +571,28 @@ class MacenkoNormalizer:
 
     @staticmethod
     def _shifted_log_intensity(
-        flat: torch.Tensor, weights: torch.Tensor, workspace: _Workspace
+        flat: torch.Tensor, weights: torch.Tensor, workspace: _Workspace, scratch: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``log(I + 1) - shift`` [N, 3, P] and the shift [N, 3, 1]: about the tissue mean of ``log(I + 1)``,
-        from every ``_SHIFT_SAMPLE_STRIDE``-th pixel."""
-        sample = torch.log1p(flat[..., ::_SHIFT_SAMPLE_STRIDE].float())  # not in place: may be the input
+        from every ``_SHIFT_SAMPLE_STRIDE``-th pixel.
+
+        Not ``torch.log1p``: on some CPUs (seen on AMD EPYC with torch 2.14) it runs 20x slower until the process
+        happens to call ``torch.atan2``. uint8 images are looked up in a 256-entry table per image and channel,
+        shift included; float images take ``log(I + 1)``.
+        """
+        sample = torch.log(flat[..., ::_SHIFT_SAMPLE_STRIDE].float() + 1)
         # all background pixels together weigh as much as one tissue pixel: a sample without tissue gets its mean
         sample_weights = weights[..., ::_SHIFT_SAMPLE_STRIDE] + 1 / sample.shape[-1]
         shift = (sample * sample_weights).sum(dim=-1, keepdim=True) / sample_weights.sum(dim=-1, keepdim=True)
-        return workspace.log_intensity.copy_(flat).log1p_().sub_(shift), shift
+        shifted = workspace.log_intensity
+        if flat.dtype != torch.uint8:
+            return shifted.copy_(flat).add_(1).log_().sub_(shift), shift
+        n = flat.shape[0]
+        tables = _LOG_INTENSITY_TABLE.to(flat.device) - shift  # [N, 3, 256]
+        indices = scratch.view(torch.int32).copy_(flat)
+        indices += torch.arange(0, n * 3 * 256, 256, dtype=torch.int32, device=flat.device).view(n, 3, 1)
+        torch.index_select(tables.view(-1), 0, indices.view(-1), out=shifted.view(-1))
+        return shifted, shift
 
     def _tissue_weights(self, flat: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
         """[N, 1, P] float32: 1 on tissue, 0 on background. Tissue: every OD channel >= beta, i.e. the brightest
