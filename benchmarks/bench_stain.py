@@ -18,7 +18,8 @@ Peers: `pip install -e ".[bench]"` (torchstain, macenko-pca), then, as their pin
 `pip install --no-deps torch-staintools==1.0.7 kornia==0.8.2 kornia-rs staintools==2.1.2 spams-bin
 opencv-python-headless`.
 
-Each method runs `--repeats` timed passes (after a warm-up on 8 patches; the median is reported) with `torch.set_num_threads(--threads)`. Writes
+Each method runs `--repeats` timed passes (after a warm-up on 8 patches; the median is reported; the passes of the methods are interleaved) with
+`torch.set_num_threads(--threads)`. Writes
 benchmarks/results/stain.json and stain.md. `real_patches()` is also the patch set of the parity tests.
 """
 
@@ -241,21 +242,37 @@ END_TO_END_METHODS = {
 }
 
 
-def time_method(build: Callable, target: torch.Tensor, inputs: list, repeats: int) -> dict:
-    """Median of `repeats` timed passes: one pass is ~0.2 s for the fast methods, too short to trust alone."""
-    run = build(target)
-    run(inputs[:WARMUP])
-    passes = []
+def time_methods(builds: dict[str, Callable], target: torch.Tensor, inputs: list, repeats: int) -> dict:
+    """Median of `repeats` timed passes per method (one pass is ~0.2 s for the fast methods, too short to trust
+    alone). The passes are interleaved, one per method in turn, so that a change in the machine's speed during
+    the run (other tenants, thermal state) weighs on every method alike. A method that fails is skipped."""
+    results, runs = {}, {}
+    for name, build in builds.items():
+        try:
+            runs[name] = build(target)
+            runs[name](inputs[:WARMUP])
+        except Exception as error:
+            results[name] = {"skipped": f"failed: {error!r}"}
+    passes: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run(inputs)
-        passes.append(time.perf_counter() - start)
-    seconds = statistics.median(passes)
-    return {
-        "seconds": round(seconds, 4),
-        "seconds_per_pass": [round(value, 4) for value in passes],
-        "patches_per_s": round(len(inputs) / seconds, 1),
-    }
+        for name, run in list(runs.items()):
+            start = time.perf_counter()
+            try:
+                run(inputs)
+            except Exception as error:
+                results[name] = {"skipped": f"failed: {error!r}"}
+                del runs[name]
+                continue
+            passes[name].append(time.perf_counter() - start)
+    for name in runs:
+        seconds = statistics.median(passes[name])
+        results[name] = {
+            "seconds": round(seconds, 4),
+            "seconds_per_pass": [round(value, 4) for value in passes[name]],
+            "patches_per_s": round(len(inputs) / seconds, 1),
+        }
+        print(name, results[name], file=sys.stderr)
+    return {name: results[name] for name in builds}
 
 
 def run_benchmark(threads: int, count: int, repeats: int) -> dict:
@@ -275,21 +292,18 @@ def run_benchmark(threads: int, count: int, repeats: int) -> dict:
         "macenko": {},
         "end_to_end": {},
     }
+    builds = {}
     for name, (build, module) in MACENKO_METHODS.items():
         try:
             __import__(module)
         except Exception as error:
             results["macenko"][name] = {"skipped": f"not installable/importable here: {error!r}"}
             continue
-        try:
-            results["macenko"][name] = time_method(build, target, patches, repeats)
-        except Exception as error:
-            results["macenko"][name] = {"skipped": f"failed: {error!r}"}
-        print(name, results["macenko"][name], file=sys.stderr)
+        builds[name] = build
+    results["macenko"].update(time_methods(builds, target, patches, repeats))
+    results["macenko"] = {name: results["macenko"][name] for name in MACENKO_METHODS}
     pil_images = [Image.fromarray(patch.permute(1, 2, 0).numpy()) for patch in patches]
-    for name, build in END_TO_END_METHODS.items():
-        results["end_to_end"][name] = time_method(build, target, pil_images, repeats)
-        print(name, results["end_to_end"][name], file=sys.stderr)
+    results["end_to_end"] = time_methods(END_TO_END_METHODS, target, pil_images, repeats)
 
     reference = results["macenko"]["torchstain 1.4 torch (the release's algorithm)"]["patches_per_s"]
     for entry in results["macenko"].values():

@@ -155,8 +155,6 @@ class _Workspace:
     log_intensity: torch.Tensor  # [N, 3, P] float32
     weights: torch.Tensor  # [N, 1, P] float32: 1 on tissue, 0 on background
     projection: torch.Tensor  # [N, 2, P]
-    concentrations: torch.Tensor  # [N, 2, P]
-    angle_keys: torch.Tensor  # [N, P]
     # [P]: what background pixels get instead of an angle key: below every key, and distinct, since a selection
     # among many equal values is slow (45k equal values: 4x slower)
     background_keys: torch.Tensor
@@ -184,8 +182,6 @@ class _Workspace:
             log_intensity=buffer(n, 3, num_pixels),
             weights=buffer(n, 1, num_pixels),
             projection=buffer(n, 2, num_pixels),
-            concentrations=buffer(n, 2, num_pixels),
-            angle_keys=buffer(n, num_pixels),
             background_keys=_distinct_values_below(lowest_key - 1, num_pixels, device),
             brightest=buffer(n, num_pixels, dtype=dtype),
             normalized=buffer(n, 3, *image_size),
@@ -530,7 +526,9 @@ class MacenkoNormalizer:
         leading = plane[..., 1]
         one_signed = (leading > 0).all(dim=-1) | (leading < 0).all(dim=-1)
         by_slope = one_signed & (self.beta > 0)
-        keys = workspace.angle_keys
+        # the log intensities are done with once projected: their buffer holds the angle keys, then concentrations
+        keys, concentrations = workspace.log_intensity.view(-1).split((n * num_pixels, n * 2 * num_pixels))
+        keys, concentrations = keys.view(n, num_pixels), concentrations.view(n, 2, num_pixels)
         if bool(by_slope.any()):  # background pixels may divide by 0: NaN or inf would survive the lerp below
             torch.div(projection[:, 0], projection[:, 1], out=keys).neg_().nan_to_num_(0.0, 0.0, 0.0)
         if not bool(by_slope.all()):
@@ -555,7 +553,7 @@ class MacenkoNormalizer:
         # sees only a pixel's projection: a 2x2 map of the plane coordinates instead of a pass over the OD.
         unmixing, full_rank = _pseudo_inverse_3x2(stain_matrix)
         to_concentrations = unmixing @ plane
-        concentrations = torch.bmm(to_concentrations, projection, out=workspace.concentrations)
+        torch.bmm(to_concentrations, projection, out=concentrations)
         kth = _nearest_rank(num_pixels, 99) - 1
         max_concentrations = _order_statistics(
             concentrations.view(n * 2, num_pixels), torch.full((n * 2, 1), kth, device=flat.device)
