@@ -315,8 +315,9 @@ def test_order_statistics_are_exact():
         ):
             positions = torch.randint(0, length, (rows, 2), generator=generator)
             positions[0, 1] = positions[0, 0]  # the same position twice
-            expected = values.sort(dim=-1).values.gather(-1, positions)
-            assert torch.equal(_order_statistics(values.clone(), positions), expected)
+            for wanted in (positions, positions[:1].expand(rows, 2)):  # per row; the same in every row
+                expected = values.sort(dim=-1).values.gather(-1, wanted)
+                assert torch.equal(_order_statistics(values.clone(), wanted), expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
