@@ -4,14 +4,18 @@ EXAONEPath Macenko-normalizes every patch with torchstain's torch algorithm (a p
 al., ISBI 2009). This module reproduces that algorithm image by image, but runs a whole batch of equally sized
 images through each step at once:
 
-1. optical density ``OD = -log((I + 1) / io)`` (a 256-entry table for uint8 images);
-2. tissue pixels = every OD channel ``>= beta``;
-3. the two leading eigenvectors of the covariance of the tissue OD (masked moments, batched ``eigh``);
-4. the angles of the tissue OD in that plane, their nearest-rank ``alpha`` and ``100 - alpha`` percentiles
-   (a masked top-k selection, not a sort) give the stain vectors, hematoxylin first;
-5. the concentrations of all pixels by least squares (closed-form pseudo-inverse of the 3x2 stain matrix),
-   scaled so that their nearest-rank 99th percentile matches the reference's;
-6. ``io * exp(-reference_stains @ concentrations)``, capped at 255, returned as float 0..1.
+1. tissue pixels = every OD channel ``>= beta`` (for uint8, exactly the release's float32 test, as a threshold
+   on the brightest channel);
+2. the covariance of the tissue OD, ``OD = log(io) - log(I + 1)``, from products of float32 values near zero
+   (``log(I + 1)`` minus a sampled tissue mean; a 256-entry table per image for uint8) accumulated in float64,
+   and its two leading eigenvectors (batched ``eigh``);
+3. every pixel's OD projected on that plane; the nearest-rank ``alpha`` and ``100 - alpha`` percentiles of the
+   tissue angles (numpy's introselect on the tensor's memory, not a sort; ranked by the slope ``-x/y`` where that
+   orders them like the angle) give the stain vectors, hematoxylin first;
+4. the least-squares concentrations of all pixels (pseudo-inverse of the 3x2 stain matrix, applied to the plane
+   projection) and their nearest-rank 99th percentiles;
+5. ``io * exp(-reference_stains @ scaled concentrations)``, capped at 255, returned as float 0..1, as one
+   ``exp2`` of one batched product per image.
 
 Images that cannot be normalized come back unchanged (as float 0..1) and are flagged in
 :attr:`MacenkoOutput.normalized`; they never produce NaN and never fail the rest of the batch. See
