@@ -639,6 +639,8 @@ def _load_madvise() -> Callable[[int, int, int], int] | None:
 _MADVISE = _load_madvise()
 _MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 _HUGE_PAGE = 1 << 21
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; fails harmlessly before
+_PAGE = 1 << 12
 
 
 def _empty_output(shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -655,6 +657,12 @@ def _empty_output(shape: torch.Size, device: torch.device) -> torch.Tensor:
         stop = (output.data_ptr() + output.numel() * output.element_size()) // _HUGE_PAGE * _HUGE_PAGE
         if stop > start:
             _MADVISE(start, stop - start, _MADV_HUGEPAGE)
+        # and fault it all in now, from this one thread: worker threads faulting in huge pages side by side
+        # measured 6 ms or, every other call, 170 ms for 256 patches (7 ms here)
+        start = -(-output.data_ptr() // _PAGE) * _PAGE
+        stop = (output.data_ptr() + output.numel() * output.element_size()) // _PAGE * _PAGE
+        if stop > start:
+            _MADVISE(start, stop - start, _MADV_POPULATE_WRITE)
     return output
 
 
