@@ -16,6 +16,7 @@ from exaonepath_hf.stain_normalization import (
     MacenkoNormalizer,
     StainReference,
     _order_statistics,
+    _order_statistics_by_torch,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -315,9 +316,11 @@ def test_order_statistics_are_exact():
         ):
             positions = torch.randint(0, length, (rows, 2), generator=generator)
             positions[0, 1] = positions[0, 0]  # the same position twice
-            for wanted in (positions, positions[:1].expand(rows, 2)):  # per row; the same in every row
+            # per row; the same in every row; one position, the same in every row
+            for wanted in (positions, positions[:1].expand(rows, 2), positions[:1, :1].expand(rows, 1)):
                 expected = values.sort(dim=-1).values.gather(-1, wanted)
-                assert torch.equal(_order_statistics(values.clone(), wanted), expected)
+                for select in (_order_statistics, _order_statistics_by_torch):  # CPU; the GPU path's ops
+                    assert torch.equal(select(values.clone(), wanted), expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
