@@ -156,7 +156,7 @@ class _Workspace:
     on first touch, which costs as much as the arithmetic on them; reuse keeps them mapped and in cache.
     """
 
-    log_intensity: torch.Tensor  # [N, 3, P] float32
+    log_intensity: torch.Tensor  # [N, 3, P] float32; once projected, the angle keys and concentrations
     weights: torch.Tensor  # [N, 1, P] float32: 1 on tissue, 0 on background
     projection: torch.Tensor  # [N, 2, P]
     # [P]: what background pixels get instead of an angle key: below every key, and distinct, since a selection
@@ -164,9 +164,7 @@ class _Workspace:
     background_keys: torch.Tensor
     brightest: torch.Tensor  # [N, P], the input's dtype
     normalized: torch.Tensor  # [N, 3, H, W] float32: `then`'s input; empty when not needed
-    stacked: (
-        torch.Tensor
-    )  # [N, 3, H, W], the input's dtype: a chunk of a list of images; empty when not needed
+    stacked: torch.Tensor  # [N, 3, H, W], the input's dtype: a chunk of a list input; empty when not needed
 
     @classmethod
     def allocate(
