@@ -359,3 +359,9 @@ def test_worker_threads_follow_the_callers_inference_mode(patches):
         inside = normalizer.normalize(batch)
     torch.testing.assert_close(inside.images, expected.images, atol=0, rtol=0)
     assert torch.equal(inside.normalized, expected.normalized)
+    # buffers first made under inference mode (a size no other call used) and kept serve calls outside it
+    crops = batch[..., :200, :200].contiguous()
+    with torch.inference_mode():
+        first = MacenkoNormalizer(max_batch_pixels=2 * 200 * 200).normalize(crops)
+    again = MacenkoNormalizer(max_batch_pixels=2 * 200 * 200).normalize(crops)
+    torch.testing.assert_close(again.images, first.images, atol=0, rtol=0)

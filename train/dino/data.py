@@ -259,7 +259,7 @@ class PatchStream(torch.utils.data.IterableDataset):
         if self.normalizer is not None:
             output = self.normalizer.normalize(image.unsqueeze(0))
             fallback = not bool(output.normalized[0])
-            image = output.images[0].mul(255).round_().clamp_(0, 255).to(torch.uint8)
+            image = output.images[0].mul_(255).round_().to(torch.uint8)  # 0..1 already: no clamp
         generator = torch.random.default_generator
         state = generator.get_state()
         generator.manual_seed(_example_seed(self.seed, self.rank, worker, *position))
