@@ -57,6 +57,7 @@ PATCH_SOURCES = (
 )
 TARGET = "he-images/tiatoolbox_target_image.png"
 WARMUP = 8
+IDLE_BEFORE_PASS = 0.5  # seconds
 
 
 def _source_images(data_dir: Path) -> list[Path]:
@@ -256,6 +257,9 @@ def time_methods(builds: dict[str, Callable], target: torch.Tensor, inputs: list
     passes: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in list(runs.items()):
+            # every pass starts on an idle machine: the previous method's thread pools (OpenMP, MKL) may still
+            # be spinning for work on the same cores
+            time.sleep(IDLE_BEFORE_PASS)
             start = time.perf_counter()
             try:
                 run(inputs)
