@@ -459,10 +459,10 @@ class MacenkoNormalizer:
         per_chunk = min(count, max(1, self.max_batch_pixels // pixels))
         chunks = [slice(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
         valid = torch.empty(count, dtype=torch.bool, device=device)
-        # the output; with `then` its shape is `then`'s, known once the first chunk is done
-        # Plain new memory, faulted in by the workers as they write. Asking for transparent huge pages (and
-        # faulting them in up front) measured 8 ms instead of 30 ms per 256 patches on an idle machine, but
-        # 100-370 ms right after other memory-heavy work (the kernel has to assemble the huge pages).
+        # The output (with `then`, its shape is `then`'s, known once the first chunk is done): plain new memory,
+        # faulted in by the workers as they write. Transparent huge pages, faulted in up front, measured 8 ms
+        # instead of 30 ms per 256 patches on an idle machine, but 100-370 ms right after other memory-heavy
+        # work (the kernel has to assemble the huge pages).
         outputs = None if then else torch.empty((count, channels, height, width), device=device)
         outputs_lock = threading.Lock()
         layout = (
