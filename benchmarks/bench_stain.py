@@ -18,9 +18,9 @@ Peers: `pip install -e ".[bench]"` (torchstain, macenko-pca), then, as their pin
 `pip install --no-deps torch-staintools==1.0.7 kornia==0.8.2 kornia-rs staintools==2.1.2 spams-bin
 opencv-python-headless`.
 
-Each method runs `--repeats` timed passes (after a warm-up on 8 patches; the median is reported; the passes of the methods are interleaved) with
-`torch.set_num_threads(--threads)`. Writes
-benchmarks/results/stain.json and stain.md. `real_patches()` is also the patch set of the parity tests.
+Each method runs `--repeats` timed passes (after a warm-up on 8 patches; the median is reported; the passes
+of the methods are interleaved) with `torch.set_num_threads(--threads)`. Writes benchmarks/results/stain.json
+and stain.md. `real_patches()` is also the patch set of the parity tests.
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ PATCH_SOURCES = (
 )
 TARGET = "he-images/tiatoolbox_target_image.png"
 WARMUP = 8
-IDLE_BEFORE_PASS = 0.5  # seconds
 
 
 def _source_images(data_dir: Path) -> list[Path]:
@@ -257,9 +256,6 @@ def time_methods(builds: dict[str, Callable], target: torch.Tensor, inputs: list
     passes: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in list(runs.items()):
-            # every pass starts on an idle machine: the previous method's thread pools (OpenMP, MKL) may still
-            # be spinning for work on the same cores
-            time.sleep(IDLE_BEFORE_PASS)
             start = time.perf_counter()
             try:
                 run(inputs)

@@ -217,7 +217,9 @@ class _WorkspacePool:
             return _Workspace.allocate(*layout)
 
     def give_back(self, layout: tuple, workspace: _Workspace) -> None:
-        if layout[2].type != "cpu":  # GPU memory is recycled by torch's caching allocator
+        if (
+            workspace.log_intensity.device.type != "cpu"
+        ):  # GPU memory is recycled by torch's caching allocator
             return
         with self._lock:
             free = self._free.pop(layout, [])
