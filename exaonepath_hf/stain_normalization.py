@@ -27,7 +27,8 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -177,7 +178,9 @@ class _Workspace:
         normalized: bool = False,
     ) -> _Workspace:
         def buffer(*shape, dtype=torch.float32):
-            return torch.empty(shape, dtype=dtype, device=device)
+            # kept for later calls: an inference tensor could not be written by a call outside inference mode
+            with torch.inference_mode(False):
+                return torch.empty(shape, dtype=dtype, device=device)
 
         return cls(
             log_intensity=buffer(n, 3, num_pixels),
@@ -195,42 +198,62 @@ class _Workspace:
         return _Workspace(**first, background_keys=self.background_keys)
 
 
-class _WorkspacePool:
-    """Workspaces kept between calls, for the few most recent layouts (chunk and image size, dtype, device...).
+class _FreeLists:
+    """Objects kept for reuse, by key, for the few most recently used keys; thread safe."""
 
-    A fresh workspace is new memory that the kernel faults in and zeroes on first touch: reusing them took a
-    call on one 512x512 image from 3.7 to 2.8 ms (one 256x256 image: 1.65 to 1.15 ms). At most
-    ``max_per_layout`` are kept per layout, tens of MB for chunks of eight 224x224 images.
-    """
+    def __init__(self, max_keys: int, max_per_key: int):
+        self._free: dict[Hashable, list] = {}  # in order of last use
+        # re-entrant: an output's release (see `_recycled_empty`) can run inside `put`, from garbage collection
+        self._lock = threading.RLock()
+        self._max_keys, self._max_per_key = max_keys, max_per_key
 
-    def __init__(self, max_layouts: int = 4, max_per_layout: int = 16):
-        self._free: dict[tuple, list[_Workspace]] = {}  # in order of last use
-        self._lock = threading.Lock()
-        self._max_layouts, self._max_per_layout = max_layouts, max_per_layout
-
-    def take(self, layout: tuple) -> _Workspace:
+    def take(self, key: Hashable) -> object | None:
         with self._lock:
-            free = self._free.get(layout)
-            if free:
-                return free.pop()
-        with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
-            return _Workspace.allocate(*layout)
+            free = self._free.get(key)
+            return free.pop() if free else None
 
-    def give_back(self, layout: tuple, workspace: _Workspace) -> None:
-        if (
-            workspace.log_intensity.device.type != "cpu"
-        ):  # GPU memory is recycled by torch's caching allocator
-            return
+    def put(self, key: Hashable, item: object) -> None:
         with self._lock:
-            free = self._free.pop(layout, [])
-            if len(free) < self._max_per_layout:
-                free.append(workspace)
-            self._free[layout] = free
-            while len(self._free) > self._max_layouts:
+            free = self._free.pop(key, [])
+            if len(free) < self._max_per_key:
+                free.append(item)
+            self._free[key] = free
+            while len(self._free) > self._max_keys:
                 del self._free[next(iter(self._free))]
 
 
-_WORKSPACES = _WorkspacePool()
+# Per-pixel buffers between calls: a fresh workspace is new memory that the kernel faults in and zeroes on first
+# touch; reuse took a call on one 512x512 image from 3.7 to 2.8 ms (one 256x256 image: 1.65 to 1.15 ms). Tens of
+# MB per layout for chunks of eight 224x224 images.
+_WORKSPACES = _FreeLists(max_keys=4, max_per_key=16)
+
+# The memory of outputs that callers have released, for the next outputs of the same size (see `_recycled_empty`)
+_RELEASED_OUTPUTS = _FreeLists(max_keys=2, max_per_key=2)
+# larger outputs are not recycled: at most 2 x 2 x this is kept
+_MAX_RECYCLED_OUTPUT_BYTES = 256 << 20
+
+
+def _recycled_empty(shape: tuple[int, ...], device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """``torch.empty(shape)``, on CPU in the memory of an earlier output of the same size that its caller released.
+
+    An output of tens of MB is new memory from the OS each time (glibc maps allocations above 32 MB afresh, and
+    unmaps them on free), and faulting it in costs as much as a third of the normalization: 52 ms for the 154 MB
+    of 256 224x224 outputs, against 5 ms to write it once mapped. A caller normalizing batch after batch
+    releases each output soon after; its memory comes back here (when the last tensor viewing it is freed) and
+    is handed out again. GPU memory is recycled by torch's caching allocator already.
+    """
+    size = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or size > _MAX_RECYCLED_OUTPUT_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = (size, dtype)
+    block = _RELEASED_OUTPUTS.take(key)
+    if block is None:
+        block = torch.empty(math.prod(shape), dtype=dtype)
+    # the output owns a fresh numpy view of the block: once every tensor on it is gone, that view dies and the
+    # block goes back to the pool (which holds the block itself, never a view a caller could still be using)
+    view = block.numpy()
+    weakref.finalize(view, _RELEASED_OUTPUTS.put, key, block).atexit = False
+    return torch.from_numpy(view).view(shape)
 
 
 @functools.lru_cache(maxsize=8)
@@ -461,11 +484,8 @@ class MacenkoNormalizer:
         per_chunk = min(count, max(1, self.max_batch_pixels // pixels))
         chunks = [slice(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
         valid = torch.empty(count, dtype=torch.bool, device=device)
-        # The output (with `then`, its shape is `then`'s, known once the first chunk is done): plain new memory,
-        # faulted in by the workers as they write. Transparent huge pages, faulted in up front, measured 8 ms
-        # instead of 30 ms per 256 patches on an idle machine, but 100-370 ms right after other memory-heavy
-        # work (the kernel has to assemble the huge pages).
-        outputs = None if then else torch.empty((count, channels, height, width), device=device)
+        # with `then`, the output's shape is `then`'s, known once the first chunk is done
+        outputs = None if then else _recycled_empty((count, channels, height, width), device)
         outputs_lock = threading.Lock()
         layout = (
             per_chunk,
@@ -483,7 +503,7 @@ class MacenkoNormalizer:
             nonlocal outputs
             thread = threading.get_ident()
             if thread not in workspaces:
-                workspaces[thread] = _WORKSPACES.take(layout)
+                workspaces[thread] = _WORKSPACES.take(layout) or _Workspace.allocate(*layout)
             workspace = workspaces[thread].first(chunk.stop - chunk.start)
             part = torch.stack(images[chunk], out=workspace.stacked) if stack else images[chunk]
             if then is None:
@@ -493,7 +513,7 @@ class MacenkoNormalizer:
             result = then(workspace.normalized)
             with outputs_lock:
                 if outputs is None:
-                    outputs = result.new_empty((count, *result.shape[1:]))
+                    outputs = _recycled_empty((count, *result.shape[1:]), result.device, result.dtype)
             outputs[chunk] = result
 
         threads = torch.get_num_threads()
@@ -507,8 +527,9 @@ class MacenkoNormalizer:
             else:
                 self._run_in_workers(run, chunks, workers)
         finally:
-            for workspace in workspaces.values():
-                _WORKSPACES.give_back(layout, workspace)
+            if device.type == "cpu":  # GPU memory is recycled by torch's caching allocator
+                for workspace in workspaces.values():
+                    _WORKSPACES.put(layout, workspace)
         return outputs, valid
 
     @staticmethod
