@@ -149,11 +149,7 @@ class _StainDecomposition:
 
 @dataclass
 class _Workspace:
-    """The per-pixel buffers of one chunk of N images with P pixels, reused chunk after chunk.
-
-    Fresh buffers of this size come back from the allocator as new pages that the kernel faults in and zeroes
-    on first touch, which costs as much as the arithmetic on them; reuse keeps them mapped and in cache.
-    """
+    """The per-pixel buffers of one chunk of N images with P pixels (views of a :class:`_WorkspaceMemory`)."""
 
     log_intensity: torch.Tensor  # [N, 3, P] float32; once projected, the angle keys and concentrations
     weights: torch.Tensor  # [N, 1, P] float32: 1 on tissue, 0 on background
@@ -165,76 +161,104 @@ class _Workspace:
     normalized: torch.Tensor  # [N, 3, H, W] float32: `then`'s input; empty when not needed
     stacked: torch.Tensor  # [N, 3, H, W], the input's dtype: a chunk of a list input; empty when not needed
 
-    @classmethod
-    def allocate(
-        cls,
-        n: int,
-        num_pixels: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        lowest_key: float,
-        image_size: tuple[int, int] = (0, 0),
-        stacked: bool = False,
-        normalized: bool = False,
-    ) -> _Workspace:
-        def buffer(*shape, dtype=torch.float32):
-            # kept for later calls: an inference tensor could not be written by a call outside inference mode
-            with torch.inference_mode(False):
-                return torch.empty(shape, dtype=dtype, device=device)
 
-        return cls(
-            log_intensity=buffer(n, 3, num_pixels),
-            weights=buffer(n, 1, num_pixels),
-            projection=buffer(n, 2, num_pixels),
-            background_keys=_distinct_values_below(lowest_key - 1, num_pixels, device),
-            brightest=buffer(n, num_pixels, dtype=dtype),
-            normalized=buffer(n if normalized else 0, 3, *image_size),
-            stacked=buffer(n if stacked else 0, 3, *image_size, dtype=dtype),
-        )
+class _MemoryPool:
+    """Memory kept for reuse by key, at most ``max_bytes`` in all: what was returned longest ago goes first.
 
-    def first(self, n: int) -> _Workspace:
-        """The buffers of the first ``n`` images (for a last, smaller chunk)."""
-        first = {name: buffer[:n] for name, buffer in vars(self).items() if name != "background_keys"}
-        return _Workspace(**first, background_keys=self.background_keys)
+    Fresh buffers of a few MB and more come from the OS as new pages that the kernel faults in and zeroes on first
+    touch, which costs as much as the arithmetic on them; reused ones are mapped and often still in cache.
+    """
 
-
-class _FreeLists:
-    """Objects kept for reuse, by key, for the few most recently used keys; thread safe."""
-
-    def __init__(self, max_keys: int, max_per_key: int):
-        self._free: dict[Hashable, list] = {}  # in order of last use
+    def __init__(self, max_bytes: int):
+        self._free: list[tuple[Hashable, object, int]] = []  # (key, memory, bytes), in the order returned
+        self._bytes, self._max_bytes = 0, max_bytes
         # re-entrant: an output's release (see `_recycled_empty`) can run inside `put`, from garbage collection
         self._lock = threading.RLock()
-        self._max_keys, self._max_per_key = max_keys, max_per_key
 
     def take(self, key: Hashable) -> object | None:
         with self._lock:
-            free = self._free.get(key)
-            return free.pop() if free else None
+            for index in reversed(range(len(self._free))):
+                if self._free[index][0] == key:
+                    _, memory, nbytes = self._free.pop(index)
+                    self._bytes -= nbytes
+                    return memory
+        return None
 
-    def put(self, key: Hashable, item: object) -> None:
+    def put(self, key: Hashable, memory: object, nbytes: int) -> None:
         with self._lock:
-            free = self._free.pop(key, [])
-            if len(free) < self._max_per_key:
-                free.append(item)
-            self._free[key] = free
-            while len(self._free) > self._max_keys:
-                del self._free[next(iter(self._free))]
+            self._free.append((key, memory, nbytes))
+            self._bytes += nbytes
+            while self._bytes > self._max_bytes:
+                self._bytes -= self._free.pop(0)[2]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._bytes = 0
 
 
-# Per-pixel buffers between calls: a fresh workspace is new memory that the kernel faults in and zeroes on first
-# touch; reuse took a call on one 512x512 image from 3.7 to 2.8 ms (one 256x256 image: 1.65 to 1.15 ms). Tens of
-# MB per layout for chunks of eight 224x224 images.
-_WORKSPACES = _FreeLists(max_keys=4, max_per_key=16)
+# per-pixel buffers between calls: reuse took a call on one 512x512 image from 3.7 to 2.8 ms (one 256x256 image:
+# 1.65 to 1.15 ms); about 12 MB per worker thread for chunks of eight 224x224 images
+_WORKSPACES = _MemoryPool(max_bytes=256 << 20)
+# the memory of outputs that callers have released (see `_recycled_empty`)
+_RELEASED_OUTPUTS = _MemoryPool(max_bytes=512 << 20)
 
-# The memory of outputs that callers have released, for the next outputs of the same size (see `_recycled_empty`)
-_RELEASED_OUTPUTS = _FreeLists(max_keys=2, max_per_key=2)
-# larger outputs are not recycled: at most 2 x 2 x this is kept
-_MAX_RECYCLED_OUTPUT_BYTES = 256 << 20
+
+def _size_class(count: int) -> int:
+    """``count`` rounded up to one of 8 steps per power of two (at most 12.5% more), so that buffers for about the
+    same size share their memory: images of varied sizes would otherwise each need their own."""
+    step = 1 << max(count.bit_length() - 4, 0)
+    return -(-count // step) * step
+
+
+def _empty_kept(count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # kept for later calls: an inference tensor could not be written by a call outside inference mode
+    with torch.inference_mode(False):
+        return torch.empty(count, dtype=dtype, device=device)
+
+
+class _WorkspaceMemory:
+    """Flat memory for the workspace of any chunk of up to ``max_images`` images of up to ``capacity`` pixels."""
+
+    def __init__(
+        self,
+        max_images: int,
+        capacity: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        lowest_key: float,
+        stacked: bool = False,
+        normalized: bool = False,
+    ):
+        self.stacked, self.normalized = stacked, normalized
+        floats_per_pixel = 3 + 1 + 2 + (3 if normalized else 0)
+        inputs_per_pixel = 1 + (3 if stacked else 0)
+        self._floats = _empty_kept(max_images * capacity * floats_per_pixel, torch.float32, device)
+        self._inputs = _empty_kept(max_images * capacity * inputs_per_pixel, dtype, device)
+        self._background_keys = _distinct_values_below(lowest_key - 1, capacity, device)
+        self.nbytes = sum(t.numel() * t.element_size() for t in (self._floats, self._inputs))
+
+    def workspace(self, n: int, height: int, width: int) -> _Workspace:
+        """The buffers of a chunk of ``n`` images of ``height`` x ``width`` pixels."""
+        p = height * width
+        float_sizes = (n * 3 * p, n * p, n * 2 * p, n * 3 * p if self.normalized else 0)
+        log_intensity, weights, projection, normalized = self._floats[: sum(float_sizes)].split(float_sizes)
+        input_sizes = (n * p, n * 3 * p if self.stacked else 0)
+        brightest, stacked = self._inputs[: sum(input_sizes)].split(input_sizes)
+        return _Workspace(
+            log_intensity=log_intensity.view(n, 3, p),
+            weights=weights.view(n, 1, p),
+            projection=projection.view(n, 2, p),
+            background_keys=self._background_keys[:p],
+            brightest=brightest.view(n, p),
+            normalized=normalized.view(-1, 3, height, width),
+            stacked=stacked.view(-1, 3, height, width),
+        )
 
 
 def _recycled_empty(shape: tuple[int, ...], device: torch.device, dtype=torch.float32) -> torch.Tensor:
-    """``torch.empty(shape)``, on CPU in the memory of an earlier output of the same size that its caller released.
+    """``torch.empty(shape)``, on CPU in the memory of an earlier output of about the same size that its caller
+    has released.
 
     An output of tens of MB is new memory from the OS each time (glibc maps allocations above 32 MB afresh, and
     unmaps them on free), and faulting it in costs as much as a third of the normalization: 52 ms for the 154 MB
@@ -242,17 +266,18 @@ def _recycled_empty(shape: tuple[int, ...], device: torch.device, dtype=torch.fl
     releases each output soon after; its memory comes back here (when the last tensor viewing it is freed) and
     is handed out again. GPU memory is recycled by torch's caching allocator already.
     """
-    size = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or size > _MAX_RECYCLED_OUTPUT_BYTES:
+    if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
-    key = (size, dtype)
+    count = math.prod(shape)
+    capacity = _size_class(count)
+    key = (capacity, dtype)
     block = _RELEASED_OUTPUTS.take(key)
     if block is None:
-        block = torch.empty(math.prod(shape), dtype=dtype)
+        block = _empty_kept(capacity, dtype, device)
     # the output owns a fresh numpy view of the block: once every tensor on it is gone, that view dies and the
     # block goes back to the pool (which holds the block itself, never a view a caller could still be using)
-    view = block.numpy()
-    weakref.finalize(view, _RELEASED_OUTPUTS.put, key, block).atexit = False
+    view = block[:count].numpy()
+    weakref.finalize(view, _RELEASED_OUTPUTS.put, key, block, capacity * dtype.itemsize).atexit = False
     return torch.from_numpy(view).view(shape)
 
 
@@ -366,9 +391,13 @@ class MacenkoNormalizer:
             this are returned unchanged; see :data:`DEFAULT_MIN_TISSUE_FRACTION`.
         max_batch_pixels: images are processed in chunks of at most this many pixels (bounds the memory of the
             per-pixel intermediates; a single larger image is processed whole). The default, eight 224x224
-            images, measured fastest on CPU: larger chunks spill the per-pixel buffers out of cache. Those
-            buffers (about 2 MB per 224x224 image of a chunk) are kept between calls, for the last few chunk
-            and image sizes.
+            images, measured fastest on CPU: larger chunks spill the per-pixel buffers out of cache.
+
+    Memory: on CPU, the per-pixel buffers (about 1.5 MB per 224x224 image of a chunk and worker thread) and the
+    memory of outputs that callers have released are kept between calls, for later calls on images of about the
+    same size: fresh memory costs page faults that took a third of the time. At most 256 MB of buffers and
+    512 MB of released outputs are kept (process-wide, the least recently used dropped first);
+    :meth:`empty_cache` returns them.
 
     An image comes back unchanged (float 0..1) with ``normalized=False`` when:
 
@@ -424,7 +453,8 @@ class MacenkoNormalizer:
         batch = _validated_images(images, "images")
         pooled = torch.cat([image.reshape(3, -1) for image in batch], dim=1).unsqueeze(0)
         num_pixels = pooled.shape[-1]
-        workspace = _Workspace.allocate(1, num_pixels, pooled.device, pooled.dtype, self._lowest_angle_key())
+        memory = _WorkspaceMemory(1, num_pixels, pooled.device, pooled.dtype, self._lowest_angle_key())
+        workspace = memory.workspace(1, 1, num_pixels)
         scratch = torch.empty(1, 3, num_pixels, device=pooled.device)
         decomposition = self._decompose(pooled, workspace, scratch, min_tissue_fraction=0.0)
         if not bool(decomposition.valid[0]):
@@ -467,6 +497,12 @@ class MacenkoNormalizer:
 
     __call__ = normalize
 
+    @staticmethod
+    def empty_cache() -> None:
+        """Return the memory kept between calls (working buffers and released outputs) to the system."""
+        _WORKSPACES.clear()
+        _RELEASED_OUTPUTS.clear()
+
     # ------------------------------------------------------------------------------------------------ internals
     def _normalize_equal_sized(
         self, images: torch.Tensor | list[torch.Tensor], then: Callable[[torch.Tensor], torch.Tensor] | None
@@ -489,22 +525,21 @@ class MacenkoNormalizer:
         outputs_lock = threading.Lock()
         layout = (
             per_chunk,
-            pixels,
+            _size_class(pixels),
             device,
             dtype,
             self._lowest_angle_key(),
-            (height, width),
             stack,
             bool(then),
         )
-        workspaces: dict[int, _Workspace] = {}  # one per worker thread
+        memories: dict[int, _WorkspaceMemory] = {}  # one per worker thread
 
         def run(chunk: slice) -> None:
             nonlocal outputs
             thread = threading.get_ident()
-            if thread not in workspaces:
-                workspaces[thread] = _WORKSPACES.take(layout) or _Workspace.allocate(*layout)
-            workspace = workspaces[thread].first(chunk.stop - chunk.start)
+            if thread not in memories:
+                memories[thread] = _WORKSPACES.take(layout) or _WorkspaceMemory(*layout)
+            workspace = memories[thread].workspace(chunk.stop - chunk.start, height, width)
             part = torch.stack(images[chunk], out=workspace.stacked) if stack else images[chunk]
             if then is None:
                 valid[chunk] = self._normalize_chunk(part, out=outputs[chunk], workspace=workspace)
@@ -528,8 +563,8 @@ class MacenkoNormalizer:
                 self._run_in_workers(run, chunks, workers)
         finally:
             if device.type == "cpu":  # GPU memory is recycled by torch's caching allocator
-                for workspace in workspaces.values():
-                    _WORKSPACES.put(layout, workspace)
+                for memory in memories.values():
+                    _WORKSPACES.put(layout, memory, memory.nbytes)
         return outputs, valid
 
     @staticmethod

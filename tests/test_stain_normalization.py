@@ -392,12 +392,20 @@ def test_output_memory_is_reused_only_once_released(patches):
     assert torch.equal(second, torch.full_like(second, -1))
 
 
-def test_a_repeated_call_does_not_fault_in_new_memory(patches):
+def _new_pages_faulted_in(call) -> int:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    call()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_repeated_calls_do_not_fault_in_new_memory_until_the_cache_is_emptied(patches):
     """A 38 MB output is new memory from the OS each time unless recycled: 9408 pages to fault in."""
     batch = torch.stack(patches[:64])
+    narrower = batch[..., :220].contiguous()  # about the same size: shares the recycled memory
     normalizer = MacenkoNormalizer()
+    pages = batch.numel() * 4 / 4096
     normalizer.normalize(batch)  # its output is released at once
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    output = normalizer.normalize(batch).images
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert faults < output.numel() * output.element_size() / 4096 / 10
+    assert _new_pages_faulted_in(lambda: normalizer.normalize(batch)) < pages / 10
+    assert _new_pages_faulted_in(lambda: normalizer.normalize(narrower)) < pages / 10
+    MacenkoNormalizer.empty_cache()
+    assert _new_pages_faulted_in(lambda: normalizer.normalize(batch)) > pages
