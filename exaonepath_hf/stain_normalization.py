@@ -355,11 +355,11 @@ def _pseudo_inverse_3x2(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     largest counts as zero. For a rank-1 matrix that gives ``A^T / ||A||_F^2``, the minimum-norm solution that
     ``torch.linalg.lstsq`` (and so the release) returns.
     """
-    a = matrix.to(torch.float64)
     rcond = 3 * torch.finfo(matrix.dtype).eps
-    singular_values = torch.linalg.svdvals(a)
-    full_rank = singular_values[..., 1] > rcond * singular_values[..., 0]
-    return torch.linalg.pinv(a, rtol=rcond).to(matrix.dtype), full_rank
+    u, singular_values, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
+    kept = singular_values > rcond * singular_values[:, :1]
+    inverse = torch.where(kept, 1 / singular_values, 0.0)
+    return ((vh.mT * inverse.unsqueeze(-2)) @ u.mT).to(matrix.dtype), kept[:, 1]
 
 
 @functools.lru_cache(maxsize=16)
@@ -678,12 +678,11 @@ class MacenkoNormalizer:
         extreme_keys = _order_statistics(keys, positions)
         quarter_turns = torch.where(leading[:, :1] > 0, math.pi / 2, -math.pi / 2).to(torch.float64)
         from_slopes = (quarter_turns + torch.atan(extreme_keys.to(torch.float64))).to(torch.float32)
-        min_angle, max_angle = torch.where(by_slope.unsqueeze(1), from_slopes, extreme_keys).unbind(-1)
-        v_min = plane @ torch.stack((torch.cos(min_angle), torch.sin(min_angle)), dim=-1).unsqueeze(-1)
-        v_max = plane @ torch.stack((torch.cos(max_angle), torch.sin(max_angle)), dim=-1).unsqueeze(-1)
+        angles = torch.where(by_slope.unsqueeze(1), from_slopes, extreme_keys)  # [N, 2]: min, max
+        vectors = plane @ torch.stack((torch.cos(angles), torch.sin(angles)), dim=1)  # [N, 3, 2]: v_min, v_max
         # hematoxylin first: the vector with the larger red OD component (HEnorm's heuristic)
-        min_first = (v_min[:, 0, 0] > v_max[:, 0, 0])[:, None, None]
-        stain_matrix = torch.where(min_first, torch.cat((v_min, v_max), -1), torch.cat((v_max, v_min), -1))
+        min_first = (vectors[:, 0, 0] > vectors[:, 0, 1])[:, None, None]
+        stain_matrix = torch.where(min_first, vectors, vectors.flip(-1))
 
         # least-squares concentrations (closed-form pseudo-inverse). Its rows lie in the stain plane, so it
         # sees only a pixel's projection: a 2x2 map of the plane coordinates instead of a pass over the OD.
