@@ -301,14 +301,9 @@ def _blocked_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return products
 
 
-def _nearest_rank(count: torch.Tensor | int, percent: torch.Tensor | float) -> torch.Tensor | int:
-    """1-based rank of the ``percent`` percentile among ``count`` values, torchstain's rule.
-
-    ``1 + round(0.01 * q * (n - 1))`` with round-half-to-even in float64, as Python evaluates it; for tensors or
-    plain numbers.
-    """
-    if isinstance(count, torch.Tensor):
-        return 1 + torch.round((0.01 * percent) * (count.to(torch.float64) - 1)).to(torch.int64)
+def _nearest_rank(count: int, percent: float) -> int:
+    """1-based rank of the ``percent`` percentile among ``count`` values, torchstain's rule:
+    ``1 + round(0.01 * q * (n - 1))``, rounding half to even in float64."""
     return 1 + round((0.01 * percent) * (count - 1))
 
 
@@ -672,10 +667,12 @@ class MacenkoNormalizer:
             keys[by_angle] = torch.atan2(projection[by_angle, 1], projection[by_angle, 0])
         torch.lerp(workspace.background_keys, keys, weights.squeeze(1), out=keys)  # exact for 0/1 weights
         # with the background below every key, the percentiles sit at (background count + rank - 1)
-        percents = torch.tensor([self.alpha, 100 - self.alpha], dtype=torch.float64, device=flat.device)
-        ranks = _nearest_rank(tissue_count.unsqueeze(1), percents)  # [N, 2]
-        positions = (ranks + (num_pixels - 1 - tissue_count).unsqueeze(1)).clamp(0, num_pixels - 1)
-        extreme_keys = _order_statistics(keys, positions)
+        percents = (self.alpha, 100 - self.alpha)
+        positions = [
+            [min(num_pixels - 1 - count + _nearest_rank(count, percent), num_pixels - 1) for percent in percents]
+            for count in tissue_count.tolist()
+        ]
+        extreme_keys = _order_statistics(keys, torch.tensor(positions, device=flat.device))
         quarter_turns = torch.where(leading[:, :1] > 0, math.pi / 2, -math.pi / 2).to(torch.float64)
         from_slopes = (quarter_turns + torch.atan(extreme_keys.to(torch.float64))).to(torch.float32)
         angles = torch.where(by_slope.unsqueeze(1), from_slopes, extreme_keys)  # [N, 2]: min, max
