@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Sequence
@@ -170,8 +171,15 @@ class _MemoryPool:
     """
 
     def __init__(self, max_bytes: int):
+        self._max_bytes = max_bytes
+        self._start_empty()
+        # A forked child (a DataLoader worker) gets a copy of the lock, held forever if another thread held it at
+        # the fork, and copy-on-write memory that costs a copy per page where fresh memory costs a zeroing.
+        os.register_at_fork(after_in_child=self._start_empty)
+
+    def _start_empty(self) -> None:
         self._free: list[tuple[Hashable, object, int]] = []  # (key, memory, bytes), in the order returned
-        self._bytes, self._max_bytes = 0, max_bytes
+        self._bytes = 0
         # re-entrant: an output's release (see `_recycled_empty`) can run inside `put`, from garbage collection
         self._lock = threading.RLock()
 

@@ -2,7 +2,9 @@
 
 import importlib.util
 import math
+import multiprocessing
 import resource
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,8 @@ from exaonepath_hf.stain_normalization import (
     DEFAULT_STAIN_REFERENCE,
     MacenkoNormalizer,
     StainReference,
+    _RELEASED_OUTPUTS,
+    _WORKSPACES,
     _order_statistics,
     _order_statistics_by_torch,
 )
@@ -414,3 +418,37 @@ def test_repeated_calls_do_not_fault_in_new_memory_until_the_cache_is_emptied(pa
     resident = _resident_bytes()
     MacenkoNormalizer.empty_cache()  # the 38 MB of the outputs' memory goes back to the OS
     assert resident - _resident_bytes() > 30e6
+
+
+def _normalize_in_child(batch, results) -> None:
+    torch.set_num_threads(1)  # as DataLoader workers do: OpenMP threads hang in a child forked after use
+    results.put(MacenkoNormalizer().normalize(batch).images.sum().item())
+
+
+def test_a_forked_child_normalizes_while_another_thread_held_the_memory_pools(patches):
+    """DataLoader workers are forked: locks held by other threads at the fork stay held in the child."""
+    batch = torch.stack(patches[:2])
+    expected = MacenkoNormalizer().normalize(batch).images.sum().item()
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_pools():
+        with _WORKSPACES._lock, _RELEASED_OUTPUTS._lock:
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold_the_pools)
+    holder.start()
+    held.wait()
+    try:
+        child = context.Process(target=_normalize_in_child, args=(batch, results))
+        child.start()
+        child.join(timeout=60)
+    finally:
+        release.set()
+        holder.join()
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
+    assert results.get(timeout=5) == pytest.approx(expected)
