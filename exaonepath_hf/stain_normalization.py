@@ -280,17 +280,17 @@ def _recycled_empty(shape: tuple[int, ...], device: torch.device, dtype=torch.fl
     """
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
-    count = math.prod(shape)
-    capacity = _size_class(count)
-    key = (capacity, dtype)
-    block = _RELEASED_OUTPUTS.take(key)
+    nbytes = math.prod(shape) * dtype.itemsize
+    capacity = _size_class(nbytes)
+    block = _RELEASED_OUTPUTS.take(capacity)
     if block is None:
-        block = _empty_kept(capacity, dtype, device)
-    # the output owns a fresh numpy view of the block: once every tensor on it is gone, that view dies and the
-    # block goes back to the pool (which holds the block itself, never a view a caller could still be using)
-    view = block[:count].numpy()
-    weakref.finalize(view, _RELEASED_OUTPUTS.put, key, block, capacity * dtype.itemsize).atexit = False
-    return torch.from_numpy(view).view(shape)
+        block = _empty_kept(capacity, torch.uint8, device)
+    # The output owns a fresh numpy view of the block: once every tensor on it is gone, that view dies and the
+    # block goes back to the pool (which holds the block itself, never a view a caller could still be using).
+    # Bytes, because numpy has no bfloat16.
+    view = block[:nbytes].numpy()
+    weakref.finalize(view, _RELEASED_OUTPUTS.put, capacity, block, capacity).atexit = False
+    return torch.from_numpy(view).view(dtype).view(shape)
 
 
 @functools.lru_cache(maxsize=8)
