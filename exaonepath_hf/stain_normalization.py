@@ -686,14 +686,15 @@ class MacenkoNormalizer:
         # with the background below every key, the percentiles sit at (background count + rank - 1)
         percents = (self.alpha, 100 - self.alpha)
         positions = [
-            [min(num_pixels - 1 - count + _nearest_rank(count, percent), num_pixels - 1) for percent in percents]
+            [min(num_pixels - 1 - count + _nearest_rank(count, q), num_pixels - 1) for q in percents]
             for count in tissue_count.tolist()
         ]
         extreme_keys = _order_statistics(keys, torch.tensor(positions, device=flat.device))
         quarter_turns = torch.where(leading[:, :1] > 0, math.pi / 2, -math.pi / 2).to(torch.float64)
         from_slopes = (quarter_turns + torch.atan(extreme_keys.to(torch.float64))).to(torch.float32)
         angles = torch.where(by_slope.unsqueeze(1), from_slopes, extreme_keys)  # [N, 2]: min, max
-        vectors = plane @ torch.stack((torch.cos(angles), torch.sin(angles)), dim=1)  # [N, 3, 2]: v_min, v_max
+        # [N, 3, 2]: v_min, v_max
+        vectors = plane @ torch.stack((torch.cos(angles), torch.sin(angles)), dim=1)
         # hematoxylin first: the vector with the larger red OD component (HEnorm's heuristic)
         min_first = (vectors[:, 0, 0] > vectors[:, 0, 1])[:, None, None]
         stain_matrix = torch.where(min_first, vectors, vectors.flip(-1))

@@ -14,12 +14,12 @@ from PIL import Image
 from torchstain.torch.normalizers import TorchMacenkoNormalizer
 
 from exaonepath_hf.stain_normalization import (
+    _RELEASED_OUTPUTS,
+    _WORKSPACES,
     DEFAULT_MIN_TISSUE_FRACTION,
     DEFAULT_STAIN_REFERENCE,
     MacenkoNormalizer,
     StainReference,
-    _RELEASED_OUTPUTS,
-    _WORKSPACES,
     _order_statistics,
     _order_statistics_by_torch,
 )
