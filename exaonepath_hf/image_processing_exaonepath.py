@@ -198,7 +198,7 @@ class ExaonePathImageProcessor(TorchvisionBackend):
         if device is not None:
             tensor = tensor.to(device)
         tensor = _to_0_255_scale(tensor, sixteen_bit or tensor.dtype == torch.uint16)
-        return _to_rgb(tensor, do_convert_rgb is not False).contiguous()
+        return _to_rgb(tensor, do_convert_rgb is not False)  # a view is fine: images are stacked next
 
     # --------------------------------------------------------------------------------------------- processing
     def center_crop(self, image: torch.Tensor, size: SizeDict, **kwargs) -> torch.Tensor:
@@ -250,16 +250,19 @@ class ExaonePathImageProcessor(TorchvisionBackend):
             )
 
         # transformers leaves CPU images ungrouped by default; batched Macenko is what makes this processor fast
-        grouped, grouped_index = group_images_by_shape(images, disable_grouping=bool(disable_grouping))
         processed, flags = {}, {}
-        for shape, stacked in grouped.items():
-            if do_stain_normalize:
-                # resize, crop and normalize each chunk right after Macenko, while it is in cache
-                result = normalizer.normalize(stacked, then=resize_crop_normalize)
-                processed[shape], flags[shape] = result.images, result.normalized
-            else:
-                processed[shape] = resize_crop_normalize(stacked)
-                flags[shape] = torch.zeros(len(stacked), dtype=torch.bool, device=stacked.device)
+        if do_stain_normalize:
+            # Macenko stacks each group chunk by chunk into memory it reuses (a stacked copy of 256 patches first
+            # took 10% of the time) and resizes, crops and normalizes each chunk right away, while it is in cache
+            groups, grouped_index = _group_indices(images, disable_grouping=bool(disable_grouping))
+            for key, indices in groups.items():
+                result = normalizer.normalize_stack([images[i] for i in indices], then=resize_crop_normalize)
+                processed[key], flags[key] = result.images, result.normalized
+        else:
+            grouped, grouped_index = group_images_by_shape(images, disable_grouping=bool(disable_grouping))
+            for key, stacked in grouped.items():
+                processed[key] = resize_crop_normalize(stacked)
+                flags[key] = torch.zeros(len(stacked), dtype=torch.bool, device=stacked.device)
         stain_normalized = torch.stack(reorder_images(flags, grouped_index))
         if len(processed) == 1 and return_tensors is not None:  # already one batch in input order
             pixel_values = next(iter(processed.values()))
@@ -269,6 +272,20 @@ class ExaonePathImageProcessor(TorchvisionBackend):
             data={"pixel_values": pixel_values, "stain_normalized": stain_normalized},
             tensor_type=return_tensors,
         )
+
+
+def _group_indices(
+    images: list[torch.Tensor], disable_grouping: bool
+) -> tuple[dict[tuple, list[int]], dict[int, tuple]]:
+    """``group_images_by_shape`` without stacking: image indices per (shape, dtype, device), or one group per
+    image, and each image's (group, position) for ``reorder_images``."""
+    groups: dict[tuple, list[int]] = {}
+    grouped_index = {}
+    for index, image in enumerate(images):
+        key = (index,) if disable_grouping else (tuple(image.shape), image.dtype, image.device)
+        grouped_index[index] = (key, len(groups.setdefault(key, [])))
+        groups[key].append(index)
+    return groups, grouped_index
 
 
 def _flatten_images(images) -> list:

@@ -504,6 +504,22 @@ class MacenkoNormalizer:
 
     __call__ = normalize
 
+    def normalize_stack(
+        self, images: ImageBatch, then: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> MacenkoOutput:
+        """:meth:`normalize` for images of one size, dtype and device, returned as one batch tensor also for a
+        list: its images are stacked chunk by chunk as they are normalized, never copied into a batch first."""
+        batch = _validated_images(images, "images")
+        if len(_group_by_shape(batch)) > 1:
+            kinds = sorted({f"{tuple(image.shape)} {image.dtype} {image.device}" for image in batch})
+            raise ValueError(
+                f"normalize_stack needs images of one shape, dtype and device; got {', '.join(kinds)}: use "
+                "normalize() for mixed images"
+            )
+        source = images if isinstance(images, torch.Tensor) and images.dim() == 4 else batch
+        outputs, flags = self._normalize_equal_sized(source, then)
+        return MacenkoOutput(images=outputs, normalized=flags)
+
     @staticmethod
     def cached_bytes() -> int:
         """Bytes of memory kept between calls (working buffers and released outputs), process-wide."""

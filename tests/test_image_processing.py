@@ -89,6 +89,11 @@ def test_matches_release_pipeline(pil_images):
     assert not all(output["stain_normalized"].tolist())  # almost-white-1.png falls back, as in the release
     difference = (output["pixel_values"] - torch.stack([values for values, _ in expected])).abs()
     assert (difference <= 1e-2).float().mean() >= 0.999
+    one_by_one = ExaonePathImageProcessor(min_tissue_fraction=0)(
+        pil_images, return_tensors="pt", disable_grouping=True
+    )
+    torch.testing.assert_close(one_by_one["pixel_values"], output["pixel_values"], atol=1e-5, rtol=0)
+    assert torch.equal(one_by_one["stain_normalized"], output["stain_normalized"])
 
 
 def test_without_stain_normalization_is_plain_torchvision(pil_images):

@@ -252,6 +252,13 @@ def test_batch_equals_single_images_and_mixed_sizes(patches, shared_data):
     chunked = MacenkoNormalizer(max_batch_pixels=224 * 224).normalize(batch)  # one image per chunk
     torch.testing.assert_close(chunked.images, batched.images, atol=2e-6, rtol=0)
     assert torch.equal(chunked.normalized, batched.normalized)
+    # a list of equally sized images as one batch; views (channels-last images) are fine
+    channels_last = [patch.permute(1, 2, 0).contiguous().permute(2, 0, 1) for patch in patches[:6]]
+    stacked = normalizer.normalize_stack(channels_last)
+    torch.testing.assert_close(stacked.images, batched.images, atol=0, rtol=0)
+    assert torch.equal(stacked.normalized, batched.normalized)
+    with pytest.raises(ValueError, match=r"one shape.*\(3, 256, 256\).*use normalize\(\)"):
+        normalizer.normalize_stack([patches[0], larger])
 
 
 def test_float_input_on_0_255_scale_equals_uint8(patches):
