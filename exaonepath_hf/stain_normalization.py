@@ -193,6 +193,8 @@ class _MemoryPool:
         return None
 
     def put(self, key: Hashable, memory: object, nbytes: int) -> None:
+        if nbytes > self._max_bytes:  # would push out everything else, then itself
+            return
         with self._lock:
             self._free.append((key, memory, nbytes))
             self._bytes += nbytes

@@ -458,3 +458,15 @@ def test_a_forked_child_normalizes_while_another_thread_held_the_memory_pools(pa
         child.kill()
     assert child.exitcode == 0
     assert results.get(timeout=5) == pytest.approx(expected)
+
+
+def test_memory_pool_keeps_the_most_recently_returned_within_its_budget():
+    pool = _MemoryPool(max_bytes=100)
+    pool.put("a", "first a", 60)
+    pool.put("b", "b", 30)
+    pool.put("a", "second a", 10)
+    pool.put("c", "c", 30)  # 130 bytes: the oldest goes
+    assert pool.nbytes == 70 and pool.take("a") == "second a" and pool.take("a") is None
+    pool.put("huge", "huge", 101)  # larger than the budget: not kept, and pushes nothing out
+    assert pool.take("huge") is None and pool.take("b") == "b" and pool.take("c") == "c"
+    assert pool.nbytes == 0
