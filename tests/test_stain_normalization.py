@@ -20,6 +20,7 @@ from exaonepath_hf.stain_normalization import (
     DEFAULT_STAIN_REFERENCE,
     MacenkoNormalizer,
     StainReference,
+    _MemoryPool,
     _order_statistics,
     _order_statistics_by_torch,
 )
