@@ -406,7 +406,8 @@ class MacenkoNormalizer:
     memory of outputs that callers have released are kept between calls, for later calls on images of about the
     same size: fresh memory costs page faults that took a third of the time. At most 256 MB of buffers and
     512 MB of released outputs are kept (process-wide, the least recently used dropped first);
-    :meth:`cached_bytes` tells how much is kept and :meth:`empty_cache` hands it back.
+    :meth:`cached_bytes` tells how much is kept and :meth:`empty_cache` hands it back. Such recycled memory
+    cannot grow: ``resize_`` an output to more elements only after ``clone()``.
 
     An image comes back unchanged (float 0..1) with ``normalized=False`` when:
 
