@@ -280,9 +280,9 @@ def _recycled_empty(shape: tuple[int, ...], device: torch.device, dtype=torch.fl
     releases each output soon after; its memory comes back here (when the last tensor viewing it is freed) and
     is handed out again. GPU memory is recycled by torch's caching allocator already.
     """
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes == 0:
+        return torch.empty(shape, dtype=dtype, device=device)
     capacity = _size_class(nbytes)
     block = _RELEASED_OUTPUTS.take(capacity)
     if block is None:

@@ -362,9 +362,12 @@ def test_then_hook_and_worker_threads_leave_no_trace(patches):
     assert torch.equal(hooked.normalized, whole.normalized)
     mixed = normalizer.normalize([patches[0], patches[1][:, :100]], then=crop)
     torch.testing.assert_close(mixed.images[0], crop(whole.images[:1])[0], atol=0, rtol=0)
-    # any dtype, also one numpy lacks
+    # any dtype, also one numpy lacks, and empty outputs
     in_bfloat16 = normalizer.normalize(batch, then=lambda chunk: crop(chunk).to(torch.bfloat16))
     torch.testing.assert_close(in_bfloat16.images, hooked.images.to(torch.bfloat16), atol=0, rtol=0)
+    masks = normalizer.normalize(batch, then=lambda chunk: crop(chunk) > 1)
+    assert torch.equal(masks.images, hooked.images > 1)
+    assert normalizer.normalize(batch, then=lambda chunk: chunk[..., :0]).images.shape == (7, 3, 224, 0)
 
 
 def test_worker_threads_follow_the_callers_inference_mode(patches):
