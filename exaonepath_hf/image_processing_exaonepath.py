@@ -42,6 +42,7 @@ from .stain_normalization import (
     DEFAULT_STAIN_REFERENCE,
     MacenkoNormalizer,
     StainReference,
+    _group_by_shape,
 )
 
 __all__ = ["ExaonePathImageProcessor", "ExaonePathImageProcessorKwargs"]
@@ -277,14 +278,14 @@ class ExaonePathImageProcessor(TorchvisionBackend):
 def _group_indices(
     images: list[torch.Tensor], disable_grouping: bool
 ) -> tuple[dict[tuple, list[int]], dict[int, tuple]]:
-    """``group_images_by_shape`` without stacking: image indices per (shape, dtype, device), or one group per
+    """``group_images_by_shape`` without stacking: image indices per (dtype, device, shape), or one group per
     image, and each image's (group, position) for ``reorder_images``."""
-    groups: dict[tuple, list[int]] = {}
-    grouped_index = {}
-    for index, image in enumerate(images):
-        key = (index,) if disable_grouping else (tuple(image.shape), image.dtype, image.device)
-        grouped_index[index] = (key, len(groups.setdefault(key, [])))
-        groups[key].append(index)
+    groups = (
+        {(index,): [index] for index in range(len(images))} if disable_grouping else _group_by_shape(images)
+    )
+    grouped_index = {
+        index: (key, position) for key, indices in groups.items() for position, index in enumerate(indices)
+    }
     return groups, grouped_index
 
 

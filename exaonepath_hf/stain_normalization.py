@@ -702,7 +702,9 @@ class MacenkoNormalizer:
             by_angle = (~by_slope).nonzero().squeeze(1)
             keys[by_angle] = torch.atan2(projection[by_angle, 1], projection[by_angle, 0])
         torch.lerp(workspace.background_keys, keys, weights.squeeze(1), out=keys)  # exact for 0/1 weights
-        # with the background below every key, the percentiles sit at (background count + rank - 1)
+        # With the background below every key, the percentiles sit at (background count + rank - 1). Plain
+        # Python on the N counts: the selection takes its positions as Python ints anyway, and the same
+        # arithmetic as tensor ops was 11 small ops per chunk (measured 3% slower).
         percents = (self.alpha, 100 - self.alpha)
         positions = [
             [min(num_pixels - 1 - count + _nearest_rank(count, q), num_pixels - 1) for q in percents]
