@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from eval.backbones import Encoder  # noqa: E402
-from eval.features import _Collate, _EncodedImages, cache_key, extract_features  # noqa: E402
-from eval.probes import PRESETS, FeatureSplit, fit_linear_probe  # noqa: E402
+from exaonepath_hf.eval.backbones import Encoder  # noqa: E402
+from exaonepath_hf.eval.features import _Collate, _EncodedImages, cache_key, extract_features  # noqa: E402
+from exaonepath_hf.eval.probes import PRESETS, FeatureSplit, fit_linear_probe  # noqa: E402
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel  # noqa: E402
 from exaonepath_hf.stain_normalization import MacenkoNormalizer  # noqa: E402
-from train.dino.augmentations import AugmentationConfig, DINOMultiCrop  # noqa: E402
-from train.dino.data import PatchSource, PatchStream, load_patch_dataset  # noqa: E402
-from train.dino.head import DINOHead  # noqa: E402
-from train.dino.loss import DINOLoss  # noqa: E402
-from train.dino.model import MultiCropNetwork  # noqa: E402
-from train.dino.teacher import build_teacher  # noqa: E402
+from exaonepath_hf.train.dino.augmentations import AugmentationConfig, DINOMultiCrop  # noqa: E402
+from exaonepath_hf.train.dino.data import PatchSource, PatchStream, load_patch_dataset  # noqa: E402
+from exaonepath_hf.train.dino.head import DINOHead  # noqa: E402
+from exaonepath_hf.train.dino.loss import DINOLoss  # noqa: E402
+from exaonepath_hf.train.dino.model import MultiCropNetwork  # noqa: E402
+from exaonepath_hf.train.dino.teacher import build_teacher  # noqa: E402
 
 TARGET_COST = 1.3  # the bound on the pipeline's slowdown from Macenko
 DATA = Path(os.environ.get("EXAONEPATH_TEST_DATA", ROOT.parent / "shared" / "data"))

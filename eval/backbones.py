@@ -27,8 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-import exaonepath_hf
-from exaonepath_hf.stain_normalization import DEFAULT_STAIN_REFERENCE, StainReference
+from ..configuration_exaonepath import ExaonePathConfig
+from ..stain_normalization import DEFAULT_STAIN_REFERENCE, StainReference
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "Encoder", "load_encoder"]
 
@@ -61,7 +61,7 @@ class Preprocessing:
 
     def processor(self):
         """The `ExaonePathImageProcessor` that implements these settings."""
-        from exaonepath_hf.image_processing_exaonepath import ExaonePathImageProcessor
+        from ..image_processing_exaonepath import ExaonePathImageProcessor
 
         return ExaonePathImageProcessor(
             do_stain_normalize=self.stain_normalize,
@@ -199,7 +199,7 @@ def load_encoder(
     elif text.startswith("hf-hub:"):
         encoder = _load_timm(text, pooling)
     elif Path(text).is_file() and Path(text).suffix in CHECKPOINT_SUFFIXES:
-        from exaonepath_hf.convert import load_backbone
+        from ..convert import load_backbone
 
         model = load_backbone(text)
         encoder = Encoder(
@@ -214,7 +214,7 @@ def load_encoder(
         from transformers import AutoConfig, AutoModel
 
         config = AutoConfig.from_pretrained(text, revision=revision)
-        is_ours = isinstance(config, exaonepath_hf.ExaonePathConfig)
+        is_ours = isinstance(config, ExaonePathConfig)
         model = AutoModel.from_pretrained(text, revision=revision).eval()
         local = Path(text).is_dir()
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if is_ours else _processor_stats(text, revision)

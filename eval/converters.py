@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from exaonepath_hf.atomic_io import atomic_write_bytes
+from ..atomic_io import atomic_write_bytes
 
 from .tasks import parse_tcga_ids
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from exaonepath_hf.atomic_io import atomic_write_bytes, write_json
+from ..atomic_io import atomic_write_bytes, write_json
 
 from .backbones import load_encoder
 from .features import cache_key, default_cache_root, distributed_state, extract_features

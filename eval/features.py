@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from exaonepath_hf.atomic_io import atomic_save_tensors, write_json
+from ..atomic_io import atomic_save_tensors, write_json
 
 from .backbones import Encoder, Preprocessing
 

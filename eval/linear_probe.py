@@ -25,7 +25,7 @@ import evaluate
 import torch
 from accelerate import PartialState
 
-from exaonepath_hf.atomic_io import atomic_save_tensors, write_json
+from ..atomic_io import atomic_save_tensors, write_json
 
 from .backbones import Encoder, Preprocessing, load_encoder
 from .features import FeatureSet, cache_key, default_cache_root, distributed_state, extract_features
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     encoder = load_encoder(args.model, pooling=args.pooling, revision=args.revision, device=state.device)
     reference = None
     if args.stain_reference is not None:
-        from exaonepath_hf.stain_normalization import StainReference
+        from ..stain_normalization import StainReference
 
         reference = StainReference.from_dict(json.loads(args.stain_reference.read_text()))
     preprocessing = encoder.default_preprocessing(

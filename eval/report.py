@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from exaonepath_hf.atomic_io import atomic_write_bytes
+from ..atomic_io import atomic_write_bytes
 
 from .tasks import PAPER_MEAN_TOP1, PAPER_TASK_ORDER, TASKS
 

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from sklearn.neighbors import NearestNeighbors
 
-from eval.backbones import Encoder
-from eval.feature_collapse import (
+from exaonepath_hf.eval.backbones import Encoder
+from exaonepath_hf.eval.feature_collapse import (
     between_group_variance_share,
     collapse_metrics,
     knn_identity_accuracy,
@@ -21,7 +21,7 @@ from eval.feature_collapse import (
     plot_tsne,
     tsne_embedding,
 )
-from eval.features import cache_key, extract_features
+from exaonepath_hf.eval.features import cache_key, extract_features
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 
 

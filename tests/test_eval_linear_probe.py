@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from eval.linear_probe import main
+from exaonepath_hf.eval.linear_probe import main
 
 CLASSES = ("ADI", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 

@@ -11,11 +11,10 @@ from conftest import PROJECT_ROOT
 from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
-sys.path.insert(0, str(PROJECT_ROOT))  # `train/` is a folder of recipes beside the package, not installed
 
 from exaonepath_hf.stain_normalization import MacenkoNormalizer  # noqa: E402
-from train.dino.augmentations import AugmentationConfig, DINOMultiCrop  # noqa: E402
-from train.dino.data import (  # noqa: E402
+from exaonepath_hf.train.dino.augmentations import AugmentationConfig, DINOMultiCrop  # noqa: E402
+from exaonepath_hf.train.dino.data import (  # noqa: E402
     OrderedBatches,
     PatchStream,
     StreamState,

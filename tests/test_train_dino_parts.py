@@ -13,16 +13,15 @@ import torch.multiprocessing as mp
 from conftest import PROJECT_ROOT
 from torch import nn
 
-sys.path.insert(0, str(PROJECT_ROOT))  # `train/` is a folder of recipes beside the package, not installed
 
-from train.dino.augmentations import AugmentationConfig, DINOMultiCrop
-from train.dino.config import load_config
-from train.dino.head import DINOHead
-from train.dino.loss import DINOLoss
-from train.dino.model import MultiCropNetwork
-from train.dino.optim import clip_gradients_per_parameter, freeze_last_layer_gradients, parameter_groups
-from train.dino.schedules import DINOSchedules, cosine_schedule, linear_warmup_then_constant
-from train.dino.teacher import build_teacher, ema_update
+from exaonepath_hf.train.dino.augmentations import AugmentationConfig, DINOMultiCrop
+from exaonepath_hf.train.dino.config import load_config
+from exaonepath_hf.train.dino.head import DINOHead
+from exaonepath_hf.train.dino.loss import DINOLoss
+from exaonepath_hf.train.dino.model import MultiCropNetwork
+from exaonepath_hf.train.dino.optim import clip_gradients_per_parameter, freeze_last_layer_gradients, parameter_groups
+from exaonepath_hf.train.dino.schedules import DINOSchedules, cosine_schedule, linear_warmup_then_constant
+from exaonepath_hf.train.dino.teacher import build_teacher, ema_update
 
 # ------------------------------------------------------------------------------------------------ the loss
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 from conftest import PROJECT_ROOT
 
-sys.path.insert(0, str(PROJECT_ROOT))  # `train/` is a folder of recipes beside the package, not installed
 
 SCRIPT = PROJECT_ROOT / "train" / "pretrain_dino.py"
 SMOKE = PROJECT_ROOT / "train" / "configs" / "cpu_smoke.yaml"
@@ -166,7 +165,7 @@ def _main_in_process(argv: list[str]) -> int:
     """Run the script's main() here (faster than a subprocess), with Accelerate's singletons reset around it."""
     from accelerate.state import AcceleratorState, GradientState
 
-    import train.pretrain_dino as pretrain
+    import exaonepath_hf.train.pretrain_dino as pretrain
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -180,8 +179,8 @@ def _main_in_process(argv: list[str]) -> int:
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
     patch_folder, tmp_path, monkeypatch
 ):
-    import train.pretrain_dino as pretrain
-    from train.dino.loss import DINOLoss
+    import exaonepath_hf.train.pretrain_dino as pretrain
+    from exaonepath_hf.train.dino.loss import DINOLoss
 
     calls = {"n": 0}
     original = DINOLoss.forward
@@ -202,7 +201,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
 
 
 def test_bf16_autocast_run_keeps_the_loss_in_fp32(patch_folder, tmp_path, monkeypatch):
-    from train.dino.loss import DINOLoss
+    from exaonepath_hf.train.dino.loss import DINOLoss
 
     dtypes = []
     original = DINOLoss.forward
@@ -213,7 +212,7 @@ def test_bf16_autocast_run_keeps_the_loss_in_fp32(patch_folder, tmp_path, monkey
         return loss
 
     monkeypatch.setattr(DINOLoss, "forward", recording)
-    from train.dino.model import MultiCropNetwork
+    from exaonepath_hf.train.dino.model import MultiCropNetwork
 
     autocast_states = []
     network_forward = MultiCropNetwork.forward
@@ -239,8 +238,8 @@ def test_student_initialises_from_a_timm_state_dict(tmp_path):
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file
 
-    from train.dino.config import load_config
-    from train.pretrain_dino import build_student
+    from exaonepath_hf.train.dino.config import load_config
+    from exaonepath_hf.train.pretrain_dino import build_student
 
     vit = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=0
@@ -262,7 +261,7 @@ def test_push_to_hub_uploads_the_exported_folder(tmp_path, monkeypatch):
 
     from exaonepath_hf import ExaonePathConfig, ExaonePathModel
     from exaonepath_hf.stain_normalization import DEFAULT_STAIN_REFERENCE
-    from train.dino.checkpoint import export_backbone
+    from exaonepath_hf.train.dino.checkpoint import export_backbone
 
     calls = []
 

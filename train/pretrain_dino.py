@@ -34,27 +34,25 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):  # run as a file by `accelerate launch train/pretrain_dino.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from exaonepath_hf import ExaonePathConfig, ExaonePathModel  # noqa: E402
-from exaonepath_hf.atomic_io import write_json  # noqa: E402
-from exaonepath_hf.convert import load_backbone  # noqa: E402
-from exaonepath_hf.stain_normalization import DEFAULT_STAIN_REFERENCE, MacenkoNormalizer, StainReference  # noqa: E402
-from train.dino import data as dino_data  # noqa: E402
-from train.dino.augmentations import DINOMultiCrop  # noqa: E402
-from train.dino.checkpoint import TrainState, export_backbone, latest_checkpoint, save_checkpoint  # noqa: E402
-from train.dino.config import PretrainConfig, load_config  # noqa: E402
-from train.dino.head import DINOHead  # noqa: E402
-from train.dino.loss import DINOLoss  # noqa: E402
-from train.dino.model import MultiCropNetwork  # noqa: E402
-from train.dino.optim import (  # noqa: E402
+from ..configuration_exaonepath import ExaonePathConfig
+from ..modeling_exaonepath import ExaonePathModel
+from ..atomic_io import write_json
+from ..convert import load_backbone
+from ..stain_normalization import DEFAULT_STAIN_REFERENCE, MacenkoNormalizer, StainReference
+from .dino import data as dino_data
+from .dino.augmentations import DINOMultiCrop
+from .dino.checkpoint import TrainState, export_backbone, latest_checkpoint, save_checkpoint
+from .dino.config import PretrainConfig, load_config
+from .dino.head import DINOHead
+from .dino.loss import DINOLoss
+from .dino.model import MultiCropNetwork
+from .dino.optim import (
     clip_gradients_per_parameter,
     freeze_last_layer_gradients,
     parameter_groups,
     set_optimizer_hyperparameters,
 )
-from train.dino.teacher import build_teacher, ema_update, weights_digest  # noqa: E402
+from .dino.teacher import build_teacher, ema_update, weights_digest
 
 logger = logging.getLogger("pretrain_dino")
 

@@ -20,7 +20,7 @@ from .pipeline import (
     tile_slide,
     tile_slides,
 )
-from .shards import PATCH_COLUMNS, completed_shard_files, load_patch_dataset
+from .shards import PATCH_COLUMNS, completed_shard_files, load_patch_dataset, tiling_output_folder
 from .slide_io import (
     MissingMPPError,
     SlideReader,
@@ -56,4 +56,5 @@ __all__ = [
     "tile_slide",
     "tile_slides",
     "tissue_fractions",
+    "tiling_output_folder",
 ]

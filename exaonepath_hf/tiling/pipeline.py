@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..atomic_io import atomic_write_bytes, write_json
+from ..atomic_io import atomic_write_bytes, move_files_into, write_json
 from .grid import grid_coordinates, level0_patch_size, tissue_fractions
 from .shards import ImageFormat, PatchRecord, encode_patch, write_shard
 from .slide_io import SLIDE_BACKENDS, SlideReader, open_slide, read_downsampled, read_downsampled_views
@@ -369,8 +369,7 @@ def tile_slide(
                 name = _shard_name(slide_id, part)
                 shard_rows.append(write_shard(staging / name, records(indices), config.row_group_size))
                 shard_names.append(name)
-            for name in shard_names:
-                os.replace(staging / name, out_dir / "shards" / name)
+            move_files_into(staging, out_dir / "shards")
             staging.rmdir()
 
         coords_path = Path("coords") / f"{slide_id}.csv"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ..atomic_io import atomic_file
+
 __all__ = [
     "PATCH_COLUMNS",
     "PatchRecord",
@@ -35,6 +36,7 @@ __all__ = [
     "write_shard",
     "completed_shard_files",
     "load_patch_dataset",
+    "tiling_output_folder",
 ]
 
 ImageFormat = Literal["png", "jpeg"]
@@ -112,14 +114,13 @@ def _table(records: Sequence[PatchRecord], schema: pa.Schema) -> pa.Table:
 def write_shard(path: Path, records: Iterable[PatchRecord], row_group_size: int) -> int:
     """Stream `records` into the parquet file `path`, one row group at a time, atomically.
 
-    Rows go to `path` + ".tmp" and the file is renamed into place once closed, so a reader (or a resumed run)
-    never sees a half-written shard. Memory holds one row group. Returns the number of rows written.
+    A reader (or a resumed run) never sees a half-written shard. Memory holds one row group. Returns the number
+    of rows written.
     """
     schema = patch_schema()
-    temporary = path.with_name(path.name + ".tmp")
     rows = 0
     buffer: list[PatchRecord] = []
-    with pq.ParquetWriter(temporary, schema, compression="none") as writer:
+    with atomic_file(path) as temporary, pq.ParquetWriter(temporary, schema, compression="none") as writer:
         # Encoded PNG/JPEG does not compress further; skipping parquet compression saves CPU on both ends.
         for record in records:
             buffer.append(record)
@@ -130,17 +131,27 @@ def write_shard(path: Path, records: Iterable[PatchRecord], row_group_size: int)
         if buffer:
             writer.write_table(_table(buffer, schema), row_group_size=row_group_size)
             rows += len(buffer)
-    os.replace(temporary, path)
     return rows
+
+
+def tiling_output_folder(path: str | Path) -> Path | None:
+    """The `exaonepath-tile` output folder that `path` is, or whose `shards/` folder it is; else None."""
+    path = Path(path)
+    for folder in (path, path.parent) if path.name == "shards" else (path,):
+        if (folder / "manifest.json").is_file() and (folder / "shards").is_dir():
+            return folder
+    return None
 
 
 def completed_shard_files(out_dir: str | Path) -> list[str]:
     """The shard files of every slide a tiling run completed, from its `manifest.json`, in a stable order.
 
-    Prefer this to a glob over `shards/*.parquet`: a run killed while publishing a slide's shards can leave
-    some of them in place until the slide is re-tiled.
+    Every reader of tiling output (training, evaluation, feature collapse) lists shards with this, never with
+    a glob over `shards/*.parquet`: a run killed while publishing a slide's shards can leave some of them in
+    place until the slide is re-tiled, and only the manifest's shards are complete. `out_dir` may also be the
+    run's `shards/` folder.
     """
-    out_dir = Path(out_dir)
+    out_dir = tiling_output_folder(out_dir) or Path(out_dir)
     manifest_path = out_dir / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} not found: run exaonepath-tile with --out {out_dir} first")

@@ -132,8 +132,8 @@ def export_backbone(
     `trust_remote_code=True` from the hub) and has a model card with `training_config`. `push_to_hub` uploads
     the folder to that model repo id.
     """
-    from exaonepath_hf.convert import push_folder_to_hub, save_folder
-    from exaonepath_hf.image_processing_exaonepath import ExaonePathImageProcessor
+    from ...convert import push_folder_to_hub, save_folder
+    from ...image_processing_exaonepath import ExaonePathImageProcessor
 
     processor = ExaonePathImageProcessor(stain_reference=stain_reference.to_dict())
     card = TRAINED_MODEL_CARD.replace("{config}", json.dumps(training_config or {}, indent=2, default=str))
