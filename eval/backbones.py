@@ -5,7 +5,7 @@
   after the final LayerNorm;
 - a release `.ckpt` or a timm/DINO ViT state-dict file: loaded strictly by `exaonepath_hf.convert.load_backbone`;
 - any other `AutoModel` image encoder (ViT, DINOv2, ...): the feature is the CLS token of
-  `last_hidden_state` (not ViT's tanh pooler), or `--pooling mean|pooler`;
+  `last_hidden_state` (not ViT's tanh pooler), or `pooling="mean"|"pooler"`;
 - a timm model, `timm:NAME` or `hf-hub:ORG/NAME`: timm's pooled `forward_features` / `forward_head(pre_logits)`.
 
 `Preprocessing` is the one pipeline every encoder goes through (the project's `ExaonePathImageProcessor`:
@@ -28,15 +28,20 @@ import torch
 from torch import nn
 
 from ..configuration_exaonepath import ExaonePathConfig
+from ..convert import WEIGHT_SUFFIXES
+from ..image_processing_exaonepath import ExaonePathImageProcessor
 from ..stain_normalization import DEFAULT_STAIN_REFERENCE, StainReference
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "Encoder", "load_encoder"]
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
+# The processor's class attributes are the one definition of the release's preprocessing; the defaults
+# here follow them so that the evaluation cannot drift from what the model card promises.
+IMAGENET_MEAN = tuple(ExaonePathImageProcessor.image_mean)
+IMAGENET_STD = tuple(ExaonePathImageProcessor.image_std)
+_RESAMPLE = ExaonePathImageProcessor.resample.name.lower()
+_RESCALE = f"1/{round(1 / ExaonePathImageProcessor.rescale_factor)}"
 Pooling = Literal["auto", "pooler", "cls", "mean"]
 
 
@@ -50,8 +55,8 @@ class Preprocessing:
 
     stain_normalize: bool = True
     stain_reference: StainReference | None = None
-    resize_shortest_edge: int = 256
-    crop_size: int = 224
+    resize_shortest_edge: int = ExaonePathImageProcessor.size["shortest_edge"]
+    crop_size: int = ExaonePathImageProcessor.crop_size["height"]
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
 
@@ -61,8 +66,6 @@ class Preprocessing:
 
     def processor(self):
         """The `ExaonePathImageProcessor` that implements these settings."""
-        from ..image_processing_exaonepath import ExaonePathImageProcessor
-
         return ExaonePathImageProcessor(
             do_stain_normalize=self.stain_normalize,
             stain_reference=self.resolved_reference.to_dict(),
@@ -81,8 +84,8 @@ class Preprocessing:
         record["processor"] = self.processor().to_dict()
         record["pipeline"] = (
             ("macenko -> " if self.stain_normalize else "")
-            + f"resize shortest edge {self.resize_shortest_edge} bicubic -> center crop {self.crop_size} "
-            "-> rescale 1/255 -> normalize mean/std"
+            + f"resize shortest edge {self.resize_shortest_edge} {_RESAMPLE} -> center crop {self.crop_size} "
+            f"-> rescale {_RESCALE} -> normalize mean/std"
         )
         return record
 
@@ -110,7 +113,7 @@ class Encoder:
         outputs = self.model(pixel_values=pixel_values)
         if self.pooling == "pooler":
             if getattr(outputs, "pooler_output", None) is None:
-                raise ValueError(f"{self.source} returns no pooler_output; use --pooling cls or mean")
+                raise ValueError(f"{self.source} returns no pooler_output; use pooling 'cls' or 'mean' (--pooling)")
             return outputs.pooler_output
         if self.pooling == "mean":
             return outputs.last_hidden_state[:, 1:].mean(dim=1)
@@ -198,7 +201,7 @@ def load_encoder(
         encoder = _load_timm(text.removeprefix("timm:"), pooling)
     elif text.startswith("hf-hub:"):
         encoder = _load_timm(text, pooling)
-    elif Path(text).is_file() and Path(text).suffix in CHECKPOINT_SUFFIXES:
+    elif Path(text).is_file() and Path(text).suffix in WEIGHT_SUFFIXES:
         from ..convert import load_backbone
 
         model = load_backbone(text)

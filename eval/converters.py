@@ -2,7 +2,7 @@
 
 Every converter writes `OUT/metadata.csv` (columns `file_name,label,split,slide_id,patient_id`) and the
 images under `OUT/images/`, which `datasets.load_dataset("imagefolder", data_dir=OUT)` and
-`eval.tasks.load_task` read. Images are symlinked by default (the sets are large); `--link copy` copies
+`exaonepath_hf.eval.tasks.load_task` read. Images are symlinked by default (the sets are large); `--link copy` copies
 them. Archives given as `.zip` are extracted into `OUT/images/<archive name>/`.
 
 Source layouts (as distributed):
@@ -14,7 +14,7 @@ Source layouts (as distributed):
 - MSI (`msi_crc`, `msi_stad`, Zenodo 2530835): `CRC_DX_{TRAIN,TEST}_{MSIMUT,MSS}` (folders or `.zip`) and
   `STAD_{TRAIN,TEST}_{MSIMUT,MSS}`; the TCGA barcode is in every file name (`blk-XXXX-TCGA-AA-3516-01Z-00-DX1.png`).
 
-    python -m eval.converters mhist /data/mhist /data/mhist-imagefolder
+    exaonepath-convert-dataset mhist /data/mhist /data/mhist-imagefolder
 """
 
 from __future__ import annotations
@@ -25,20 +25,28 @@ import io
 import logging
 import os
 import shutil
+import sys
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic_io import atomic_write_bytes
-
+from ..images import image_files
 from .tasks import parse_tcga_ids
 
-__all__ = ["MetadataRow", "CONVERTERS", "convert_mhist", "convert_til", "convert_msi", "write_metadata"]
+__all__ = [
+    "MetadataRow",
+    "CONVERTERS",
+    "convert_dataset",
+    "convert_mhist",
+    "convert_til",
+    "convert_msi",
+    "write_metadata",
+]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 METADATA_COLUMNS = ("file_name", "label", "split", "slide_id", "patient_id")
 LINK_MODES = ("symlink", "copy", "hardlink")
 
@@ -57,7 +65,7 @@ def write_metadata(out_dir: Path, rows: Iterable[MetadataRow]) -> Path:
     rows = list(rows)
     if not rows:
         raise ValueError(
-            f"no images found for {out_dir}; check the source folder layout (see eval.converters)"
+            f"no images found for {out_dir}; check the source folder layout (see exaonepath-convert-dataset --help)"
         )
     text = io.StringIO()
     writer = csv.writer(text)
@@ -101,12 +109,6 @@ def _extract(archive: Path, destination: Path) -> Path:
     return destination
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
-
-
 def _source_folder(src: Path, name: str, out_dir: Path) -> Path:
     """`src/name` as a folder, or `src/name.zip` extracted under `out_dir/images/name`."""
     folder, archive = src / name, src / f"{name}.zip"
@@ -123,7 +125,7 @@ def convert_mhist(src: Path, out_dir: Path, link: str = "symlink") -> Path:
     if not annotations.is_file():
         raise FileNotFoundError(f"{annotations} not found; MHIST ships annotations.csv beside images/")
     images = _source_folder(src, "images", out_dir)
-    by_name = {p.name: p for p in _images_under(images)}
+    by_name = {p.name: p for p in image_files(images)}
     rows = []
     with open(annotations, newline="") as handle:
         for record in csv.DictReader(handle):
@@ -186,7 +188,7 @@ def convert_msi(src: Path, out_dir: Path, cohort: str, link: str = "symlink") ->
         for label in ("MSS", "MSIMUT"):
             name = f"{cohort}_{split}_{label}"
             folder = _source_folder(src, name, out_dir)
-            for source in _images_under(folder):
+            for source in image_files(folder):
                 slide_id, patient_id = parse_tcga_ids(source.name)
                 if not slide_id:
                     raise ValueError(f"{source}: no TCGA barcode in the file name; is this the {cohort} set?")
@@ -205,19 +207,39 @@ CONVERTERS: dict[str, Callable[..., Path]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> None:
+def convert_dataset(dataset: str, src: Path, out_dir: Path, link: str = "symlink") -> Path:
+    """Convert the original archive of `dataset` (a key of `CONVERTERS`); returns the written metadata.csv."""
+    if dataset not in CONVERTERS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(CONVERTERS)}")
+    if link not in LINK_MODES:
+        raise ValueError(f"link mode {link!r} is not one of {LINK_MODES}")
+    return CONVERTERS[dataset](Path(src), Path(out_dir), link=link)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="exaonepath-convert-dataset",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("dataset", choices=sorted(CONVERTERS))
     parser.add_argument("src", type=Path, help="folder with the downloaded original files")
     parser.add_argument("out", type=Path, help="imagefolder to write (metadata.csv + images/)")
     parser.add_argument("--link", choices=LINK_MODES, default="symlink")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path = CONVERTERS[args.dataset](args.src, args.out, link=args.link)
+    try:
+        path = convert_dataset(args.dataset, args.src, args.out, link=args.link)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"exaonepath-convert-dataset: error: {error}", file=sys.stderr)
+        return 2
     print(path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -19,7 +19,6 @@ out; one bad file never stops a job.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -33,16 +32,16 @@ from typing import Any
 import datasets
 import torch
 from accelerate import PartialState
-from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..atomic_io import atomic_save_tensors, write_json
-
+from ..images import open_rgb, source_name
 from .backbones import Encoder, Preprocessing
 
 __all__ = [
+    "ExtractionSettings",
     "FeatureSet",
     "cache_key",
     "cache_dir_for",
@@ -147,11 +146,9 @@ class _EncodedImages(Dataset):
         row = self.rows[position]
         record = self.dataset[row]["image"]
         try:
-            source = io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]
-            with Image.open(source) as image:
-                return row, image.convert("RGB"), None
+            return row, open_rgb(record), None
         except Exception as error:  # any decoder failure: counted and reported, never fatal
-            return row, None, f"{record.get('path') or 'bytes'}: {type(error).__name__}: {error}"
+            return row, None, f"{source_name(record)}: {type(error).__name__}: {error}"
 
 
 class _Collate:
@@ -273,6 +270,110 @@ def _merge(entry: Path, dataset: datasets.Dataset, num_chunks: int, stats: dict[
     return feature_set
 
 
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How features are extracted and where they are cached (every field is an `extract_features` option).
+
+    `cache_dir=None` is `default_cache_root()`; `precision="auto"` is bf16 on CUDA, fp32 elsewhere.
+    """
+
+    cache_dir: Path | None = None
+    batch_size: int = 64
+    num_workers: int = 4
+    chunk_size: int = 4096
+    precision: str = "auto"
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir is not None else default_cache_root()
+
+    def extract(
+        self,
+        encoder: Encoder,
+        dataset: datasets.Dataset,
+        preprocessing: Preprocessing,
+        key: dict[str, Any],
+        state: PartialState | None = None,
+    ) -> FeatureSet:
+        return extract_features(
+            encoder,
+            dataset,
+            preprocessing,
+            key,
+            self.cache_root,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            chunk_size=self.chunk_size,
+            precision=self.precision,
+            state=state,
+        )
+
+
+class _ChunkWriter:
+    """Collects a run's features per chunk and writes each chunk as soon as all its rows are done."""
+
+    def __init__(self, entry: Path, num_rows: int, chunk_size: int):
+        self.entry, self.num_rows, self.chunk_size = entry, num_rows, chunk_size
+        self.buffers: dict[int, list[dict[str, Any]]] = {}
+        self.seen: dict[int, int] = {}
+
+    def add(self, batch: dict[str, Any], features: torch.Tensor) -> None:
+        # a batch may straddle chunks: split it so that no chunk waits for rows it does not own
+        chunk_of_row = (batch["rows"] // self.chunk_size).tolist()
+        chunk_of_failed = [f["index"] // self.chunk_size for f in batch["failed"]]
+        for chunk in sorted(set(chunk_of_row) | set(chunk_of_failed)):
+            select = torch.tensor([c == chunk for c in chunk_of_row], dtype=torch.bool)
+            failed = [f for f, c in zip(batch["failed"], chunk_of_failed, strict=True) if c == chunk]
+            self.buffers.setdefault(chunk, []).append(
+                {
+                    "rows": batch["rows"][select],
+                    "features": features[select],
+                    "stain_normalized": batch["stain_normalized"][select]
+                    if batch["stain_normalized"] is not None
+                    else torch.zeros(0, dtype=torch.bool),
+                    "failed": failed,
+                }
+            )
+            self.seen[chunk] = self.seen.get(chunk, 0) + int(select.sum()) + len(failed)
+            if self.seen[chunk] == min(self.chunk_size, self.num_rows - chunk * self.chunk_size):
+                _flush_chunk(self.entry, chunk, self.buffers.pop(chunk))
+
+
+def _pending_rows(entry: Path, num_rows: int, chunk_size: int, num_chunks: int, state: PartialState) -> list[int]:
+    """Rows of this process's chunks that no earlier run finished (every `num_processes`-th chunk is ours)."""
+    mine = [c for c in range(num_chunks) if c % state.num_processes == state.process_index]
+    pending = [c for c in mine if not _chunk_path(entry, c).is_file()]
+    if len(pending) < len(mine):
+        logger.info("resuming %s: %d of %d chunks already done", entry, len(mine) - len(pending), len(mine))
+    return [r for c in pending for r in range(c * chunk_size, min((c + 1) * chunk_size, num_rows))]
+
+
+def _forward_all(
+    encoder: Encoder,
+    loader: DataLoader,
+    writer: _ChunkWriter,
+    device: torch.device,
+    use_bf16: bool,
+    total: int,
+    desc: str,
+) -> tuple[int, float]:
+    """Runs the encoder over `loader` into `writer`; returns (forward batches, seconds in the forward)."""
+    forward_batches, forward_seconds = 0, 0.0
+    with tqdm(total=total, desc=desc, unit="img", disable=not total) as bar:
+        for batch in loader:
+            features = torch.zeros(0, encoder.feature_dim)
+            if batch["pixel_values"] is not None:
+                forward_started = time.perf_counter()
+                pixel_values = batch["pixel_values"].to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    features = encoder.features(pixel_values).float().cpu()  # .cpu() also synchronizes
+                forward_seconds += time.perf_counter() - forward_started
+                forward_batches += 1
+            writer.add(batch, features)
+            bar.update(len(batch["rows"]) + len(batch["failed"]))
+    return forward_batches, forward_seconds
+
+
 def extract_features(
     encoder: Encoder,
     dataset: datasets.Dataset,
@@ -295,11 +396,7 @@ def extract_features(
     if state.is_main_process:
         write_json(entry / "key.json", key)
     num_chunks = max(1, math.ceil(len(dataset) / chunk_size))
-    mine = [c for c in range(num_chunks) if c % state.num_processes == state.process_index]
-    pending = [c for c in mine if not _chunk_path(entry, c).is_file()]
-    if len(pending) < len(mine):
-        logger.info("resuming %s: %d of %d chunks already done", entry, len(mine) - len(pending), len(mine))
-    rows = [r for c in pending for r in range(c * chunk_size, min((c + 1) * chunk_size, len(dataset)))]
+    rows = _pending_rows(entry, len(dataset), chunk_size, num_chunks, state)
 
     device = state.device
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -312,41 +409,16 @@ def extract_features(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    buffers: dict[int, list[dict[str, Any]]] = {}
-    seen: dict[int, int] = {}
-    forward_batches, forward_seconds, started = 0, 0.0, time.perf_counter()
-    with tqdm(
-        total=len(rows), desc=f"features {key['dataset']['split']}", unit="img", disable=not rows
-    ) as bar:
-        for batch in loader:
-            features = torch.zeros(0, encoder.feature_dim)
-            if batch["pixel_values"] is not None:
-                forward_started = time.perf_counter()
-                pixel_values = batch["pixel_values"].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    features = encoder.features(pixel_values).float().cpu()  # .cpu() also synchronizes
-                forward_seconds += time.perf_counter() - forward_started
-                forward_batches += 1
-            # split the batch by chunk so that each chunk is flushed as soon as all its rows are done
-            chunk_of_row = (batch["rows"] // chunk_size).tolist()
-            chunk_of_failed = [f["index"] // chunk_size for f in batch["failed"]]
-            for chunk in sorted(set(chunk_of_row) | set(chunk_of_failed)):
-                select = torch.tensor([c == chunk for c in chunk_of_row], dtype=torch.bool)
-                failed = [f for f, c in zip(batch["failed"], chunk_of_failed, strict=True) if c == chunk]
-                buffers.setdefault(chunk, []).append(
-                    {
-                        "rows": batch["rows"][select],
-                        "features": features[select],
-                        "stain_normalized": batch["stain_normalized"][select]
-                        if batch["stain_normalized"] is not None
-                        else torch.zeros(0, dtype=torch.bool),
-                        "failed": failed,
-                    }
-                )
-                seen[chunk] = seen.get(chunk, 0) + int(select.sum()) + len(failed)
-                if seen[chunk] == min(chunk_size, len(dataset) - chunk * chunk_size):
-                    _flush_chunk(entry, chunk, buffers.pop(chunk))
-            bar.update(len(batch["rows"]) + len(batch["failed"]))
+    started = time.perf_counter()
+    forward_batches, forward_seconds = _forward_all(
+        encoder,
+        loader,
+        _ChunkWriter(entry, len(dataset), chunk_size),
+        device,
+        use_bf16,
+        total=len(rows),
+        desc=f"features {key['dataset']['split']}",
+    )
     seconds = time.perf_counter() - started
     stats = {
         "cache_hit": False,

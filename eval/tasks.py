@@ -1,7 +1,7 @@
 """Registry of the six linear-probing benchmarks of the EXAONEPath paper (Table 1) plus local imagefolders.
 
 A `TaskSpec` pins everything that makes a probing number reproducible: where the data comes from (hub id
-and revision, or a local imagefolder written by `eval.converters`), which source split plays train / val /
+and revision, or a local imagefolder written by `exaonepath-convert-dataset`), which source split plays train / val /
 test (with the seeded 80:20 train/val split where the field derives one), the label order (never the
 alphabetical order `imagefolder` would pick: MSS=0/MSIMUT=1, HP=0/SSA=1), and where slide and patient
 identities live. `load_task` turns a spec into `TaskData`: one `datasets.Dataset` per split with the
@@ -89,7 +89,7 @@ class TaskSpec:
     # Raw label values (bool, str) of the source mapped to `class_names` entries, for sources whose labels
     # are not already these names.
     label_aliases: Mapping[Any, str] = field(default_factory=dict)
-    # For local sets: `python -m eval.converters <converter> SRC OUT` builds the imagefolder.
+    # For local sets: `exaonepath-convert-dataset <converter> SRC OUT` builds the imagefolder.
     converter: str | None = None
     # Source splits whose images the dataset authors already Macenko-normalized.
     stain_normalized_by_source: tuple[str, ...] = ()
@@ -272,7 +272,7 @@ def _load_local(root: Path, cache_dir: str | os.PathLike | None = None) -> datas
     """All images of a local imagefolder as one dataset with a `split` column ("" when the layout has none)."""
     if not root.is_dir():
         raise FileNotFoundError(
-            f"data directory {root} does not exist; build it with `python -m eval.converters` or pass --data_dir"
+            f"data directory {root} does not exist; build it with `exaonepath-convert-dataset` or pass --data_dir"
         )
     loaded = datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir)
     parts = []
@@ -318,6 +318,78 @@ def _standardize(ds: datasets.Dataset, spec: TaskSpec, class_names: tuple[str, .
     return ds.cast_column("image", datasets.Image(decode=False))
 
 
+@dataclass
+class _RawSplits:
+    """What the local and hub loaders hand to `load_task`: source splits before standardization."""
+
+    splits: dict[str, datasets.Dataset]
+    class_names: tuple[str, ...]
+    dataset_id: str
+    dataset_revision: str
+    provenance: dict[str, Any]
+
+
+def _local_splits(
+    spec: TaskSpec,
+    data_dir: str | os.PathLike | None,
+    test_fraction: float | None,
+    cache_dir: str | os.PathLike | None,
+) -> _RawSplits:
+    if data_dir is None:
+        raise ValueError(
+            f"task {spec.name!r} has no hub copy: pass --data_dir with the imagefolder built by "
+            f"`exaonepath-convert-dataset {spec.converter} SRC OUT`"
+        )
+    root = Path(data_dir)
+    everything = _load_local(root, cache_dir)
+    provenance: dict[str, Any] = {}
+    raw_labels = everything["label"]
+    class_names = spec.class_names or tuple(sorted(set(raw_labels)))
+    split_of = [_SPLIT_ALIASES.get(str(s).lower(), "") for s in everything["split"]]
+    sources = {name: [i for i, s in enumerate(split_of) if s == name] for name in SPLIT_NAMES}
+    if not sources["test"]:
+        if not test_fraction:
+            raise ValueError(
+                f"{root}: no test split (a `split` column or a test/ folder); pass --test_fraction to "
+                "hold out a stratified share of the images"
+            )
+        pool = sources["train"] or [i for i, s in enumerate(split_of) if s in ("", "train")]
+        train_part, test_part = derive_validation_split(
+            [raw_labels[i] for i in pool], test_fraction, spec.splits.val_seed, stratified=True
+        )
+        sources["train"], sources["test"] = [pool[i] for i in train_part], [pool[i] for i in test_part]
+        provenance["derived_test"] = {"fraction": test_fraction, "seed": spec.splits.val_seed}
+    elif not sources["train"]:
+        raise ValueError(f"{root}: no training images (split column / train folder) found")
+    return _RawSplits(
+        splits={name: everything.select(idx) for name, idx in sources.items() if idx},
+        class_names=class_names,
+        dataset_id=str(root.resolve()),
+        dataset_revision=local_fingerprint(root),
+        provenance=provenance,
+    )
+
+
+def _hub_splits(spec: TaskSpec, revision: str | None, cache_dir: str | os.PathLike | None) -> _RawSplits:
+    loaded = datasets.load_dataset(spec.hub_id, revision=revision or spec.hub_revision, cache_dir=cache_dir)
+    plan = spec.splits
+    wanted = {"train": plan.train, "test": plan.test, **({"val": plan.val} if plan.val else {})}
+    missing = [source for source in wanted.values() if source not in loaded]
+    if missing:
+        raise ValueError(f"{spec.hub_id}: splits {missing} not found (has {list(loaded)})")
+    return _RawSplits(
+        splits={ours: loaded[source] for ours, source in wanted.items()},
+        class_names=spec.class_names,
+        dataset_id=spec.hub_id,
+        dataset_revision=revision or spec.hub_revision or "main",
+        provenance={
+            "stain_normalized_by_source": {
+                ours: source in spec.stain_normalized_by_source for ours, source in wanted.items()
+            }
+        },
+    )
+
+
 def load_task(
     spec: TaskSpec,
     data_dir: str | os.PathLike | None = None,
@@ -329,51 +401,13 @@ def load_task(
 
     `cache_dir` is the `datasets` cache (default: `HF_DATASETS_CACHE`).
     """
-    provenance: dict[str, Any] = {}
-    if spec.is_local:
-        if data_dir is None:
-            raise ValueError(
-                f"task {spec.name!r} has no hub copy: pass --data_dir with the imagefolder built by "
-                f"`python -m eval.converters {spec.converter} SRC OUT`"
-            )
-        root = Path(data_dir)
-        everything = _load_local(root, cache_dir)
-        dataset_id, dataset_revision = str(root.resolve()), local_fingerprint(root)
-        raw_labels = everything["label"]
-        class_names = spec.class_names or tuple(sorted(set(raw_labels)))
-        split_of = [_SPLIT_ALIASES.get(str(s).lower(), "") for s in everything["split"]]
-        sources = {name: [i for i, s in enumerate(split_of) if s == name] for name in SPLIT_NAMES}
-        if not sources["test"]:
-            if not test_fraction:
-                raise ValueError(
-                    f"{root}: no test split (a `split` column or a test/ folder); pass --test_fraction to "
-                    "hold out a stratified share of the images"
-                )
-            pool = sources["train"] or [i for i, s in enumerate(split_of) if s in ("", "train")]
-            train_part, test_part = derive_validation_split(
-                [raw_labels[i] for i in pool], test_fraction, spec.splits.val_seed, stratified=True
-            )
-            sources["train"], sources["test"] = [pool[i] for i in train_part], [pool[i] for i in test_part]
-            provenance["derived_test"] = {"fraction": test_fraction, "seed": spec.splits.val_seed}
-        elif not sources["train"]:
-            raise ValueError(f"{root}: no training images (split column / train folder) found")
-        raw_splits = {name: everything.select(idx) for name, idx in sources.items() if idx}
-    else:
-        loaded = datasets.load_dataset(
-            spec.hub_id, revision=revision or spec.hub_revision, cache_dir=cache_dir
-        )
-        dataset_id, dataset_revision = spec.hub_id, revision or spec.hub_revision or "main"
-        plan = spec.splits
-        wanted = {"train": plan.train, "test": plan.test, **({"val": plan.val} if plan.val else {})}
-        missing = [source for source in wanted.values() if source not in loaded]
-        if missing:
-            raise ValueError(f"{spec.hub_id}: splits {missing} not found (has {list(loaded)})")
-        raw_splits = {ours: loaded[source] for ours, source in wanted.items()}
-        class_names = spec.class_names
-        provenance["stain_normalized_by_source"] = {
-            ours: source in spec.stain_normalized_by_source for ours, source in wanted.items()
-        }
-    splits = {name: _standardize(ds, spec, class_names) for name, ds in raw_splits.items()}
+    raw = (
+        _local_splits(spec, data_dir, test_fraction, cache_dir)
+        if spec.is_local
+        else _hub_splits(spec, revision, cache_dir)
+    )
+    provenance = raw.provenance
+    splits = {name: _standardize(ds, spec, raw.class_names) for name, ds in raw.splits.items()}
     provenance["derived_val"] = "val" not in splits
     if "val" not in splits:
         plan = spec.splits
@@ -392,8 +426,8 @@ def load_task(
     return TaskData(
         spec=spec,
         splits={name: splits[name] for name in SPLIT_NAMES},
-        class_names=class_names,
-        dataset_id=dataset_id,
-        dataset_revision=dataset_revision,
+        class_names=raw.class_names,
+        dataset_id=raw.dataset_id,
+        dataset_revision=raw.dataset_revision,
         provenance=provenance,
     )

@@ -39,12 +39,28 @@ _EXPORTS = {
     "StainReference": "stain_normalization",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__", "register_auto_classes"]
+__all__ = [
+    "DEFAULT_STAIN_REFERENCE",
+    "ExaonePathConfig",
+    "ExaonePathForImageClassification",
+    "ExaonePathImageProcessor",
+    "ExaonePathModel",
+    "ExaonePathPreTrainedModel",
+    "MacenkoNormalizer",
+    "MacenkoOutput",
+    "StainReference",
+    "__version__",
+    "register_auto_classes",
+]
 
 if TYPE_CHECKING:
     from .configuration_exaonepath import ExaonePathConfig
     from .image_processing_exaonepath import ExaonePathImageProcessor
-    from .modeling_exaonepath import ExaonePathForImageClassification, ExaonePathModel, ExaonePathPreTrainedModel
+    from .modeling_exaonepath import (
+        ExaonePathForImageClassification,
+        ExaonePathModel,
+        ExaonePathPreTrainedModel,
+    )
     from .stain_normalization import DEFAULT_STAIN_REFERENCE, MacenkoNormalizer, MacenkoOutput, StainReference
 
 
@@ -62,9 +78,7 @@ def __dir__() -> list[str]:
 
 
 _AUTO_PACKAGE = "transformers.models.auto"
-_CORE_MODULES = tuple(
-    f"{__name__}.{module}" for module in sorted(set(_EXPORTS.values()))
-)
+_CORE_MODULES = tuple(f"{__name__}.{module}" for module in sorted(set(_EXPORTS.values())))
 _registration_lock = threading.RLock()
 _registered = False
 
@@ -78,7 +92,13 @@ def register_auto_classes() -> None:
     with _registration_lock:
         if _registered:
             return
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+        from transformers import (
+            AutoConfig,
+            AutoImageProcessor,
+            AutoModel,
+            AutoModelForImageClassification,
+            AutoVideoProcessor,
+        )
 
         from .configuration_exaonepath import ExaonePathConfig
         from .image_processing_exaonepath import ExaonePathImageProcessor
@@ -92,6 +112,9 @@ def register_auto_classes() -> None:
         AutoImageProcessor.register(
             ExaonePathConfig, image_processor_classes={"torchvision": ExaonePathImageProcessor}, exist_ok=True
         )
+        # "No video processor": `pipeline()` also tries AutoVideoProcessor on the folder, which derives a remote
+        # video class from the processor's `auto_map` and, without a local entry, asks whether to run remote code.
+        AutoVideoProcessor.register(ExaonePathConfig, None, exist_ok=True)
         _registered = True
         _uninstall_hook()
 

@@ -21,8 +21,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .atomic_io import atomic_directory
 from .configuration_exaonepath import ExaonePathConfig
 from .image_processing_exaonepath import ExaonePathImageProcessor
 from .modeling_exaonepath import ExaonePathModel
@@ -238,22 +237,11 @@ def save_folder(
     Without a `processor`, the release's preprocessing with the default (HEnorm) stain reference is saved;
     without a `model_card`, the EXAONEPath release card.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
         (processor or ExaonePathImageProcessor()).save_pretrained(staging)
         (staging / "README.md").write_text(model_card or model_card_text(), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def push_folder_to_hub(
@@ -283,11 +271,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument(
+        "--num_attention_heads",
         "--num-attention-heads",
         type=int,
         help="heads, when the source has no config (default: hidden size / 64)",
     )
-    parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this hub model repo")
+    parser.add_argument(
+        "--push_to_hub", "--push-to-hub", metavar="REPO", help="also upload the folder to this hub model repo"
+    )
     parser.add_argument("--private", action="store_true", help="create the hub repo as private")
     return parser.parse_args(argv)
 

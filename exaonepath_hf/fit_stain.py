@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -20,7 +18,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from .atomic_io import move_files_into
 from .image_processing_exaonepath import ExaonePathImageProcessor
+from .images import open_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -47,23 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_target(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
+        return open_rgb(path)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
         raise SystemExit(f"exaonepath-fit-stain: cannot read target image {path}: {error}") from error
 
 
 def _save_atomically(processor: ExaonePathImageProcessor, out: Path) -> None:
-    """Write into a temporary sibling folder, then move each file into place with os.replace."""
+    """Save into a temporary sibling folder, then move each file into `out` (which may hold a model too)."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-fit-stain-") as staging:
         processor.save_pretrained(staging)
-        for file in Path(staging).iterdir():
-            if file.is_file():
-                os.replace(file, out / file.name)
-            else:  # no folders are written today; keep the copy semantics if transformers adds some
-                shutil.copytree(file, out / file.name, dirs_exist_ok=True)
+        move_files_into(staging, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Batched Macenko stain normalization in torch, exact to the EXAONEPath release and fast.
 
 EXAONEPath Macenko-normalizes every patch with torchstain's torch algorithm (a port of HEnorm_python, Macenko et
-al., ISBI 2009). This module reproduces that algorithm image by image, but runs a whole batch of equally sized
+al., ISBI 2009). This module reproduces that algorithm image by image, but runs a whole chunk of equally sized
 images through each step at once:
 
 1. tissue pixels = every OD channel ``>= beta`` (for uint8, exactly the release's float32 test, as a threshold
@@ -17,39 +17,52 @@ images through each step at once:
 5. ``io * exp(-reference_stains @ scaled concentrations)``, capped at 255, returned as float 0..1, as one
    ``exp2`` of one batched product per image.
 
+The module has two layers:
+
+- the algorithm: :func:`decompose_stains` (steps 1-4) and :func:`normalize_chunk` (all steps, into ``out=``) on
+  one chunk of equally sized images. They are stateless: the caller may pass the output tensor and a
+  :class:`~.stain_engine.Buffers` to take the scratch memory from; nothing is kept between calls otherwise;
+- :class:`MacenkoNormalizer`, the public API: validation, grouping by size and fitting; it owns a
+  :class:`~.stain_engine.ChunkEngine` that shares the chunks out to worker threads and keeps their scratch
+  memory for the instance's later calls.
+
 Images that cannot be normalized come back unchanged (as float 0..1) and are flagged in
 :attr:`MacenkoOutput.normalized`; they never produce NaN and never fail the rest of the batch. See
 :class:`MacenkoNormalizer` for the exact fallback rule and :data:`DEFAULT_MIN_TISSUE_FRACTION` for why it exists.
+
+This file is shipped with saved processors (``trust_remote_code``): it imports only torch, numpy (through
+``Tensor.numpy``) and its sibling ``stain_engine.py``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
-import threading
-import weakref
-from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .stain_engine import Buffers, ChunkEngine, _size_class
 
 __all__ = [
     "DEFAULT_MIN_TISSUE_FRACTION",
     "DEFAULT_STAIN_REFERENCE",
     "MacenkoNormalizer",
     "MacenkoOutput",
+    "StainDecomposition",
     "StainReference",
+    "decompose_stains",
+    "normalize_chunk",
 ]
 
 #: Minimum fraction of tissue pixels (every OD channel >= beta) for an image to be normalized. The release
 #: normalizes any image with at least 2 tissue pixels, but its max concentrations are 99th percentiles over *all*
 #: pixels: below 1% tissue they fall on the glass, come out near zero or negative, and the "normalized" image is
-#: meaningless (measured here: a tumour patch cut down to 0.8% tissue gets a negative hematoxylin maximum;
-#: background crops with 0.02-0.3% tissue come out dark). On the test data, histolab's background crops
-#: (almost-white, no-tissue, pen on glass) have at most 2.2% tissue per 224x224 crop, mostly < 0.1%; tissue
-#: crops (including sparse adipose tissue) have at least 2.3%. Set ``min_tissue_fraction=0`` for the release's
+#: meaningless (a tumour patch cut down to just under 1% tissue gets a negative hematoxylin maximum; background
+#: crops with a fraction of a percent of tissue come out dark). On the test data, histolab's background crops
+#: (almost-white, no-tissue, pen on glass) stay at about 2% tissue per 224x224 crop and mostly far below, while
+#: tissue crops (including sparse adipose tissue) have more. Set ``min_tissue_fraction=0`` for the release's
 #: decisions everywhere.
 DEFAULT_MIN_TISSUE_FRACTION = 0.01
 
@@ -58,10 +71,12 @@ ImageBatch = torch.Tensor | Sequence[torch.Tensor]
 _LOG2_E = math.log2(math.e)
 # the shift of the covariance pass is a tissue mean over every this-many-th pixel
 _SHIFT_SAMPLE_STRIDE = 32
-# log(I + 1) of every uint8 intensity I
+# log(I + 1) of every uint8 intensity I (read only)
 _LOG_INTENSITY_TABLE = torch.log(torch.arange(256, dtype=torch.float64) + 1).to(torch.float32)
 # float32 matrix products over this many pixels at most, accumulated in float64
 _PRODUCT_BLOCK = 1 << 16
+# the release's parameters (torchstain's defaults)
+_IO, _ALPHA, _BETA = 240.0, 1.0, 0.15
 
 
 @dataclass(frozen=True)
@@ -138,8 +153,8 @@ class MacenkoOutput:
 
 
 @dataclass
-class _StainDecomposition:
-    """Per-image Macenko decomposition of a batch of N images with P pixels each."""
+class StainDecomposition:
+    """Per-image Macenko decomposition of a chunk of N images with P pixels each (see :func:`decompose_stains`)."""
 
     stain_matrix: torch.Tensor  # [N, 3, 2], hematoxylin first
     projection: torch.Tensor  # [N, 2, P]: every pixel's OD in the plane of the two leading eigenvectors
@@ -148,166 +163,279 @@ class _StainDecomposition:
     valid: torch.Tensor  # [N] bool: enough tissue and a well-posed decomposition
 
 
-@dataclass
-class _Workspace:
-    """The per-pixel buffers of one chunk of N images with P pixels (views of a :class:`_WorkspaceMemory`)."""
+# ------------------------------------------------------------------------------------------------- the algorithm
+def normalize_chunk(
+    images: torch.Tensor,
+    reference: StainReference | None = None,
+    *,
+    io: float = _IO,
+    alpha: float = _ALPHA,
+    beta: float = _BETA,
+    min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION,
+    out: torch.Tensor | None = None,
+    workspace: Buffers | None = None,
+) -> MacenkoOutput:
+    """Macenko-normalize a chunk of equally sized images [N, 3, H, W] into ``out``; the release's rule per image.
 
-    log_intensity: torch.Tensor  # [N, 3, P] float32; once projected, the angle keys and concentrations
-    weights: torch.Tensor  # [N, 1, P] float32: 1 on tissue, 0 on background
-    projection: torch.Tensor  # [N, 2, P]
-    # [P]: what background pixels get instead of an angle key: below every key, and distinct, since a selection
-    # among many equal values is slow (45k equal values: 4x slower)
-    background_keys: torch.Tensor
-    brightest: torch.Tensor  # [N, P], the input's dtype
-    normalized: torch.Tensor  # [N, 3, H, W] float32: `then`'s input; empty when not needed
-    stacked: torch.Tensor  # [N, 3, H, W], the input's dtype: a chunk of a list input; empty when not needed
+    Args:
+        images: uint8, or float on the 0..255 scale, on any device; not validated beyond shape and dtype (NaN in,
+            NaN out): :class:`MacenkoNormalizer` checks its inputs first.
+        reference: the stain appearance to map to; :data:`DEFAULT_STAIN_REFERENCE` when None.
+        io, alpha, beta, min_tissue_fraction: as in :class:`MacenkoNormalizer`.
+        out: float32 [N, 3, H, W], contiguous, on the images' device, not overlapping them: written and returned
+            as ``images`` of the result (it serves as scratch before). A new tensor when None.
+        workspace: where the per-pixel scratch memory comes from: a :class:`~.stain_engine.Buffers` kept by the
+            caller between calls saves the page faults of fresh memory; None takes fresh memory.
 
-
-class _MemoryPool:
-    """Memory kept for reuse by key, at most ``max_bytes`` in all: what was returned longest ago goes first.
-
-    Fresh buffers of a few MB and more come from the OS as new pages that the kernel faults in and zeroes on first
-    touch, which costs as much as the arithmetic on them; reused ones are mapped and often still in cache.
+    Returns:
+        ``MacenkoOutput(images=out, normalized=valid [N])``; an image that cannot be normalized is written to
+        ``out`` unchanged, as float 0..1.
     """
-
-    def __init__(self, max_bytes: int):
-        self._max_bytes = max_bytes
-        self._start_empty()
-        # A forked child (a DataLoader worker) gets a copy of the lock, held forever if another thread held it at
-        # the fork, and copy-on-write memory that costs a copy per page where fresh memory costs a zeroing.
-        os.register_at_fork(after_in_child=self._start_empty)
-
-    def _start_empty(self) -> None:
-        self._free: list[tuple[Hashable, object, int]] = []  # (key, memory, bytes), in the order returned
-        self._bytes = 0
-        # re-entrant: an output's release (see `_recycled_empty`) can run inside `put`, from garbage collection
-        self._lock = threading.RLock()
-
-    def take(self, key: Hashable) -> object | None:
-        with self._lock:
-            for index in reversed(range(len(self._free))):
-                if self._free[index][0] == key:
-                    _, memory, nbytes = self._free.pop(index)
-                    self._bytes -= nbytes
-                    return memory
-        return None
-
-    def put(self, key: Hashable, memory: object, nbytes: int) -> None:
-        if nbytes > self._max_bytes:  # would push out everything else, then itself
-            return
-        with self._lock:
-            self._free.append((key, memory, nbytes))
-            self._bytes += nbytes
-            while self._bytes > self._max_bytes:
-                self._bytes -= self._free.pop(0)[2]
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self._bytes = 0
-
-
-# per-pixel buffers between calls: reuse took a call on one 512x512 image from 3.7 to 2.8 ms (one 256x256 image:
-# 1.65 to 1.15 ms); about 12 MB per worker thread for chunks of eight 224x224 images
-_WORKSPACES = _MemoryPool(max_bytes=256 << 20)
-# the memory of outputs that callers have released (see `_recycled_empty`)
-_RELEASED_OUTPUTS = _MemoryPool(max_bytes=512 << 20)
-
-
-def _size_class(count: int) -> int:
-    """``count`` rounded up to one of 8 steps per power of two (at most 12.5% more), so that buffers for about the
-    same size share their memory: images of varied sizes would otherwise each need their own."""
-    step = 1 << max(count.bit_length() - 4, 0)
-    return -(-count // step) * step
-
-
-def _empty_kept(count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # kept for later calls: an inference tensor could not be written by a call outside inference mode
-    with torch.inference_mode(False):
-        return torch.empty(count, dtype=dtype, device=device)
-
-
-class _WorkspaceMemory:
-    """Flat memory for the workspace of any chunk of up to ``max_images`` images of up to ``capacity`` pixels."""
-
-    def __init__(
-        self,
-        max_images: int,
-        capacity: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        lowest_key: float,
-        stacked: bool = False,
-        normalized: bool = False,
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"normalize_chunk needs N×3×H×W images; got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise TypeError(f"images must be uint8 or float on the 0..255 scale; got dtype {images.dtype}")
+    if out is None:
+        out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+    elif (
+        out.shape != images.shape
+        or out.dtype != torch.float32
+        or out.device != images.device
+        or not out.is_contiguous()
     ):
-        self.stacked, self.normalized = stacked, normalized
-        floats_per_pixel = 3 + 1 + 2 + (3 if normalized else 0)
-        inputs_per_pixel = 1 + (3 if stacked else 0)
-        self._floats = _empty_kept(max_images * capacity * floats_per_pixel, torch.float32, device)
-        self._inputs = _empty_kept(max_images * capacity * inputs_per_pixel, dtype, device)
-        self._background_keys = _distinct_values_below(lowest_key - 1, capacity, device)
-        self.nbytes = sum(t.numel() * t.element_size() for t in (self._floats, self._inputs))
-
-    def workspace(self, n: int, height: int, width: int) -> _Workspace:
-        """The buffers of a chunk of ``n`` images of ``height`` x ``width`` pixels."""
-        p = height * width
-        float_sizes = (n * 3 * p, n * p, n * 2 * p, n * 3 * p if self.normalized else 0)
-        log_intensity, weights, projection, normalized = self._floats[: sum(float_sizes)].split(float_sizes)
-        input_sizes = (n * p, n * 3 * p if self.stacked else 0)
-        brightest, stacked = self._inputs[: sum(input_sizes)].split(input_sizes)
-        return _Workspace(
-            log_intensity=log_intensity.view(n, 3, p),
-            weights=weights.view(n, 1, p),
-            projection=projection.view(n, 2, p),
-            background_keys=self._background_keys[:p],
-            brightest=brightest.view(n, p),
-            normalized=normalized.view(-1, 3, height, width),
-            stacked=stacked.view(-1, 3, height, width),
+        raise ValueError(
+            f"out must be a contiguous float32 tensor of shape {tuple(images.shape)} on {images.device}; got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device} (contiguous: {out.is_contiguous()})"
         )
+    reference = DEFAULT_STAIN_REFERENCE if reference is None else reference
+    flat_out = out.view(images.shape[0], 3, -1)
+    # `out` is free until the very end: it serves as the decomposition's scratch
+    decomposition = decompose_stains(
+        images,
+        io=io,
+        alpha=alpha,
+        beta=beta,
+        min_tissue_fraction=min_tissue_fraction,
+        workspace=workspace,
+        scratch=flat_out,
+    )
+    reference_matrix, reference_max = reference.tensors(images.device)
+    log2_scale = torch.full((1, 1, 1), math.log2(io / 255.0), device=images.device)
+    # scaling the concentrations by maxCRef / maxC is a per-image scaling of the reference stain columns
+    mixing = reference_matrix * (reference_max / decomposition.max_concentrations).unsqueeze(-2)
+    # io/255 * exp(-mixing @ C) with C = to_concentrations @ projection, as one exp2 of one batched product
+    exponent = mixing @ decomposition.to_concentrations * -_LOG2_E
+    torch.baddbmm(log2_scale, exponent, decomposition.projection, out=flat_out)
+    flat_out.exp2_().clamp_(max=1)
+    # the release falls back when its output has NaN; with finite inputs that happens exactly when the
+    # per-image coefficients are not finite (the exponent is then finite, or +-inf without inf - inf)
+    coefficients = torch.cat((exponent, decomposition.stain_matrix), dim=-1).flatten(1)
+    valid = decomposition.valid & torch.isfinite(coefficients).all(dim=1)
+    if not bool(valid.all()):
+        out[~valid] = images[~valid].float() / 255.0
+    return MacenkoOutput(images=out, normalized=valid)
 
 
-def _recycled_empty(shape: tuple[int, ...], device: torch.device, dtype=torch.float32) -> torch.Tensor:
-    """``torch.empty(shape)``, on CPU in the memory of an earlier output of about the same size that its caller
-    has released.
+def decompose_stains(
+    images: torch.Tensor,
+    *,
+    io: float = _IO,
+    alpha: float = _ALPHA,
+    beta: float = _BETA,
+    min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION,
+    workspace: Buffers | None = None,
+    scratch: torch.Tensor | None = None,
+) -> StainDecomposition:
+    """Stain matrix, plane projection, concentration map and 99th percentiles of every image of a chunk at once.
 
-    An output of tens of MB is new memory from the OS each time (glibc maps allocations above 32 MB afresh, and
-    unmaps them on free), and faulting it in costs as much as a third of the normalization: 52 ms for the 154 MB
-    of 256 224x224 outputs, against 5 ms to write it once mapped. A caller normalizing batch after batch
-    releases each output soon after; its memory comes back here (when the last tensor viewing it is freed) and
-    is handed out again. GPU memory is recycled by torch's caching allocator already.
+    ``images`` [N, 3, H, W] or [N, 3, P], uint8 or float on the 0..255 scale; ``scratch`` a float32 [N, 3, P]
+    buffer that is overwritten (from ``workspace`` when None). The projection of the result is a buffer of
+    ``workspace``: valid until the workspace's next use. ``min_tissue_fraction=0`` gives the release's decisions.
     """
-    nbytes = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or nbytes == 0:
+    n = images.shape[0]
+    flat = images.reshape(n, 3, -1)
+    num_pixels, device = flat.shape[-1], flat.device
+    if scratch is None:
+        scratch = _empty(workspace, "scratch", (n, 3, num_pixels), torch.float32, device)
+    weights = _tissue_weights(flat, io, beta, workspace)
+    tissue_count = weights.sum(dim=-1).squeeze(-1).round().to(torch.int64)  # exact below 2^24 pixels
+    enough_tissue = tissue_count >= 2
+
+    shifted, shift = _shifted_log_intensity(flat, weights, workspace, scratch)
+    plane = _leading_plane(shifted, weights, tissue_count, scratch)
+    plane_t = plane.transpose(-1, -2)
+    # every pixel's OD in the plane: plane^T (log(io) - shift) - plane^T shifted
+    projection = _empty(workspace, "projection", (n, 2, num_pixels), torch.float32, device)
+    torch.baddbmm(plane_t @ (math.log(io) - shift), plane_t, shifted, alpha=-1, out=projection)
+    # the log intensities are done with once projected: their buffer holds the angle keys, then concentrations
+    keys, concentrations = shifted.view(-1).split((n * num_pixels, n * 2 * num_pixels))
+    stain_matrix = _stain_vectors(
+        projection, plane, weights, tissue_count, keys.view(n, num_pixels), (io, alpha, beta), workspace
+    )
+
+    # least-squares concentrations (closed-form pseudo-inverse). Its rows lie in the stain plane, so it
+    # sees only a pixel's projection: a 2x2 map of the plane coordinates instead of a pass over the OD.
+    unmixing, full_rank = _pseudo_inverse_3x2(stain_matrix)
+    to_concentrations = unmixing @ plane
+    concentrations = torch.bmm(to_concentrations, projection, out=concentrations.view(n, 2, num_pixels))
+    kth = _nearest_rank(num_pixels, 99) - 1
+    max_concentrations = _order_statistics(
+        concentrations.view(n * 2, num_pixels), torch.full((n * 2, 1), kth, device=device)
+    ).view(n, 2)
+
+    valid = enough_tissue
+    if min_tissue_fraction > 0:  # 0 = the release's own decisions; otherwise also refuse meaningless results
+        well_posed = full_rank & (max_concentrations > 0).all(dim=-1)
+        valid = valid & well_posed & (tissue_count >= min_tissue_fraction * num_pixels)
+    return StainDecomposition(stain_matrix, projection, to_concentrations, max_concentrations, valid)
+
+
+def _empty(workspace: Buffers | None, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    if workspace is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    capacity = _size_class(nbytes)
-    block = _RELEASED_OUTPUTS.take(capacity)
-    if block is None:
-        block = _empty_kept(capacity, torch.uint8, device)
-    # The output owns a fresh numpy view of the block: once every tensor on it is gone, that view dies and the
-    # block goes back to the pool (which holds the block itself, never a view a caller could still be using).
-    # Bytes, because numpy has no bfloat16.
-    view = block[:nbytes].numpy()
-    weakref.finalize(view, _RELEASED_OUTPUTS.put, capacity, block, capacity).atexit = False
-    return torch.from_numpy(view).view(dtype).view(shape)
+    return workspace.empty(name, shape, dtype, device)
 
 
-@functools.lru_cache(maxsize=8)
+def _tissue_weights(flat: torch.Tensor, io: float, beta: float, workspace: Buffers | None) -> torch.Tensor:
+    """[N, 1, P] float32: 1 on tissue, 0 on background. Tissue: every OD channel >= beta, i.e. the brightest
+    channel's OD >= beta, exactly the release's float32 test."""
+    n, _, num_pixels = flat.shape
+    brightest = _empty(workspace, "brightest", (n, num_pixels), flat.dtype, flat.device)
+    torch.amax(flat, dim=1, out=brightest)
+    weights = _empty(workspace, "weights", (n, 1, num_pixels), torch.float32, flat.device)
+    if flat.dtype == torch.uint8:
+        torch.lt(brightest, _uint8_tissue_limit(io, beta), out=weights.squeeze(1))
+    else:
+        torch.ge(-torch.log((brightest + 1) / io), beta, out=weights.squeeze(1))
+    return weights
+
+
+def _shifted_log_intensity(
+    flat: torch.Tensor, weights: torch.Tensor, workspace: Buffers | None, scratch: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log(I + 1) - shift`` [N, 3, P] and the shift [N, 3, 1]: about the tissue mean of ``log(I + 1)``,
+    from every ``_SHIFT_SAMPLE_STRIDE``-th pixel, so that the float32 products of the covariance lose no
+    precision to cancellation.
+
+    Not ``torch.log1p``: on some CPUs (seen on AMD EPYC with torch 2.14) it runs many times slower until the
+    process happens to call ``torch.atan2``. uint8 images are looked up in a 256-entry table per image and
+    channel, shift included; float images take ``log(I + 1)``.
+    """
+    sample = torch.log(flat[..., ::_SHIFT_SAMPLE_STRIDE].float() + 1)
+    # all background pixels together weigh as much as one tissue pixel: a sample without tissue gets its mean
+    sample_weights = weights[..., ::_SHIFT_SAMPLE_STRIDE] + 1 / sample.shape[-1]
+    shift = (sample * sample_weights).sum(dim=-1, keepdim=True) / sample_weights.sum(dim=-1, keepdim=True)
+    n = flat.shape[0]
+    shifted = _empty(workspace, "log_intensity", flat.shape, torch.float32, flat.device)
+    if flat.dtype != torch.uint8:
+        return shifted.copy_(flat).add_(1).log_().sub_(shift), shift
+    tables = _LOG_INTENSITY_TABLE.to(flat.device) - shift  # [N, 3, 256]
+    indices = scratch.view(torch.int32).copy_(flat)
+    indices += torch.arange(0, n * 3 * 256, 256, dtype=torch.int32, device=flat.device).view(n, 3, 1)
+    torch.index_select(tables.view(-1), 0, indices.view(-1), out=shifted.view(-1))
+    return shifted, shift
+
+
+def _leading_plane(
+    shifted: torch.Tensor, weights: torch.Tensor, tissue_count: torch.Tensor, scratch: torch.Tensor
+) -> torch.Tensor:
+    """The two leading eigenvectors [N, 3, 2] (the largest last) of the covariance of the tissue OD: that of
+    ``log(I + 1)``, taken about the shift of ``shifted``."""
+    n = shifted.shape[0]
+    weighted = torch.mul(shifted, weights, out=scratch)
+    # the sum is pairwise; a matrix product would accumulate it in order, losing precision on large images
+    offset = weighted.sum(dim=-1, keepdim=True).double()  # tissue count * (mean - shift)
+    count = tissue_count.to(torch.float64).clamp(min=2)[:, None, None]
+    products = _blocked_products(weighted, shifted)
+    covariance = (products - offset @ offset.transpose(1, 2) / count) / (count - 1)
+    # images with < 2 tissue pixels get the identity so that the batched eigh never sees NaN; they are flagged
+    identity = torch.eye(3, dtype=covariance.dtype, device=shifted.device).expand(n, 3, 3)
+    covariance = torch.where((tissue_count >= 2)[:, None, None], covariance, identity)
+    return torch.linalg.eigh(covariance).eigenvectors[..., 1:].to(torch.float32)
+
+
+def _stain_vectors(
+    projection: torch.Tensor,
+    plane: torch.Tensor,
+    weights: torch.Tensor,
+    tissue_count: torch.Tensor,
+    keys: torch.Tensor,
+    parameters: tuple[float, float, float],
+    workspace: Buffers | None,
+) -> torch.Tensor:
+    """The stain matrix [N, 3, 2], hematoxylin first, from the alpha / 100-alpha nearest-rank percentiles of the
+    tissue angles atan2(y, x), y and x a pixel's coordinates along the largest and the second eigenvector.
+    ``keys`` [N, P] is scratch; ``parameters`` are (io, alpha, beta).
+
+    Where y has one sign over the tissue, the angle is sign(y) pi/2 + atan(-x/y): -x/y orders the pixels as their
+    angles do at the cost of a division instead of a much slower atan2. That holds whenever the leading
+    eigenvector's components share a sign (usual for H&E): tissue OD is >= beta > 0 in every channel.
+    """
+    io, alpha, beta = parameters
+    num_pixels, device = keys.shape[-1], keys.device
+    leading = plane[..., 1]
+    one_signed = (leading > 0).all(dim=-1) | (leading < 0).all(dim=-1)
+    by_slope = one_signed & (beta > 0)
+    if bool(by_slope.any()):  # background pixels may divide by 0: NaN or inf would survive the lerp below
+        torch.div(projection[:, 0], projection[:, 1], out=keys).neg_().nan_to_num_(0.0, 0.0, 0.0)
+    if not bool(by_slope.all()):
+        by_angle = (~by_slope).nonzero().squeeze(1)
+        keys[by_angle] = torch.atan2(projection[by_angle, 1], projection[by_angle, 0])
+    background = _background_keys(num_pixels, _lowest_angle_key(io, beta) - 1, device, workspace)
+    torch.lerp(background, keys, weights.squeeze(1), out=keys)  # exact for 0/1 weights
+    # With the background below every key, the percentiles sit at (background count + rank - 1). Plain
+    # Python on the N counts: the selection takes its positions as Python ints anyway, and the same
+    # arithmetic as tensor ops is many small ops per chunk, which costs more.
+    positions = [
+        [min(num_pixels - 1 - count + _nearest_rank(count, q), num_pixels - 1) for q in (alpha, 100 - alpha)]
+        for count in tissue_count.tolist()
+    ]
+    extreme_keys = _order_statistics(keys, torch.tensor(positions, device=device))
+    quarter_turns = torch.where(leading[:, :1] > 0, math.pi / 2, -math.pi / 2).to(torch.float64)
+    from_slopes = (quarter_turns + torch.atan(extreme_keys.to(torch.float64))).to(torch.float32)
+    angles = torch.where(by_slope.unsqueeze(1), from_slopes, extreme_keys)  # [N, 2]: min, max
+    # [N, 3, 2]: v_min, v_max
+    vectors = plane @ torch.stack((torch.cos(angles), torch.sin(angles)), dim=1)
+    # hematoxylin first: the vector with the larger red OD component (HEnorm's heuristic)
+    min_first = (vectors[:, 0, 0] > vectors[:, 0, 1])[:, None, None]
+    return torch.where(min_first, vectors, vectors.flip(-1))
+
+
+def _lowest_angle_key(io: float, beta: float) -> float:
+    """A bound below every tissue pixel's angle key: an angle (> -pi) or a slope -x/y, where |x| <= |OD| <=
+    sqrt(3) log(io) and |y| >= beta (see ``_stain_vectors``)."""
+    if beta <= 0:
+        return -math.pi
+    return -(math.sqrt(3) * max(math.log(io), 1.0) / beta + math.pi)
+
+
+def _background_keys(
+    num_pixels: int, ceiling: float, device: torch.device, workspace: Buffers | None
+) -> torch.Tensor:
+    """[P] what background pixels get instead of an angle key: below every key, and distinct, since a selection
+    among many equal values is slow. Kept in ``workspace``: the shuffle costs more than normalizing an image."""
+    if workspace is None:
+        return _distinct_values_below(ceiling, num_pixels, device)
+    capacity = _size_class(num_pixels)
+    kept = workspace.constant(
+        "background_keys",
+        (ceiling, capacity, device),
+        functools.partial(_distinct_values_below, ceiling, capacity, device),
+    )
+    return kept[:num_pixels]
+
+
 def _distinct_values_below(ceiling: float, count: int, device: torch.device) -> torch.Tensor:
     """``count`` distinct float32 values below ``ceiling`` in a fixed shuffled order: introselect picks its pivots
-    from the middle and the ends of a range, and a monotonic run of values makes those bad pivots. Cached (read
-    only): the shuffle of a 512x512 image's pixels takes 4 ms, more than normalizing it."""
+    from the middle and the ends of a range, and a monotonic run of values makes those bad pivots."""
     order = torch.randperm(count, generator=torch.Generator().manual_seed(0))
     return (ceiling - order.to(torch.float32)).to(device)
 
 
 def _blocked_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b^T`` [N, R, R] in float64 for [N, R, P] float32 inputs: float32 products over blocks of pixels, summed
-    in float64. BLAS accumulates a long product in few running sums: over a 1000x1000 image that is 1e-4 off,
-    enough to turn the stain plane of a target by 1e-3 when its two smaller eigenvalues are close."""
+    in float64. BLAS accumulates a long product in few running sums, which over a large target image is off
+    enough to turn its stain plane when the two smaller eigenvalues are close."""
     products = torch.zeros(a.shape[0], a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
     for start in range(0, a.shape[-1], _PRODUCT_BLOCK):
         block = slice(start, start + _PRODUCT_BLOCK)
@@ -325,8 +453,8 @@ def _order_statistics(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tens
     """The values at 0-based ``positions`` [R, m] of each row of ``rows`` [R, P] sorted ascending; exact.
 
     ``rows`` is scratch: it is reordered in place. On CPU every row is partitioned by numpy's introselect,
-    which works on the tensor's own memory and releases the GIL: O(P) at about 0.6 ns per value, where
-    ``torch.topk``/``kthvalue`` select (value, index) pairs at about 7 ns per value. Elsewhere torch's own ops.
+    which works on the tensor's own memory and releases the GIL: O(P) on the values alone, where
+    ``torch.topk``/``kthvalue`` select (value, index) pairs, several times slower. Elsewhere torch's own ops.
     """
     if rows.device.type != "cpu":
         return _order_statistics_by_torch(rows, positions)
@@ -350,7 +478,7 @@ def _order_statistics_by_torch(rows: torch.Tensor, positions: torch.Tensor) -> t
 def _partition_at(values, kths: list[int]) -> None:
     """Partition the numpy array ``values`` in place along its last axis so that each of ``kths`` holds its
     order statistic: one position at a time, each in the part left of the previous one (numpy's several-kth
-    partition measured 2-15x slower than these single selections)."""
+    partition is slower than these single selections)."""
     end = values.shape[-1]
     for kth in sorted(set(kths), reverse=True):
         values[..., :end].partition(kth, axis=-1)
@@ -371,22 +499,13 @@ def _pseudo_inverse_3x2(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return ((vh.mT * inverse.unsqueeze(-2)) @ u.mT).to(matrix.dtype), kept[:, 1]
 
 
-@functools.lru_cache(maxsize=16)
-def _output_constants(
-    reference: StainReference, io: float, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reference stain matrix [3, 2], max concentrations [2] and ``log2(io / 255)`` [1, 1, 1] on ``device``."""
-    stain_matrix, max_concentrations = reference.tensors(device)
-    return stain_matrix, max_concentrations, torch.full((1, 1, 1), math.log2(io / 255.0), device=device)
-
-
-@functools.lru_cache(maxsize=16)
 def _uint8_tissue_limit(io: float, beta: float) -> int:
     """OD >= beta <=> I < this, for uint8 intensities I, with the 256 ODs computed the release's way (float32)."""
     table = -torch.log((torch.arange(256, dtype=torch.float32) + 1) / io)
     return int((table >= beta).sum())
 
 
+# ------------------------------------------------------------------------------------------------ the public API
 class MacenkoNormalizer:
     """Batched Macenko normalization with the EXAONEPath release's semantics per image.
 
@@ -400,14 +519,14 @@ class MacenkoNormalizer:
             this are returned unchanged; see :data:`DEFAULT_MIN_TISSUE_FRACTION`.
         max_batch_pixels: images are processed in chunks of at most this many pixels (bounds the memory of the
             per-pixel intermediates; a single larger image is processed whole). The default, eight 224x224
-            images, measured fastest on CPU: larger chunks spill the per-pixel buffers out of cache.
+            images, is the fastest measured on CPU: larger chunks spill the per-pixel buffers out of cache.
 
-    Memory: on CPU, the per-pixel buffers (about 1.5 MB per 224x224 image of a chunk and worker thread) and the
-    memory of outputs that callers have released are kept between calls, for later calls on images of about the
-    same size: fresh memory costs page faults that took a third of the time. At most 256 MB of buffers and
-    512 MB of released outputs are kept (process-wide, the least recently used dropped first);
-    :meth:`cached_bytes` tells how much is kept and :meth:`empty_cache` hands it back. Such recycled memory
-    cannot grow: ``resize_`` an output to more elements only after ``clone()``.
+    Memory: the normalizer keeps the per-pixel scratch buffers of its worker threads (about 1.5 MB per 224x224
+    image of a chunk and thread) for its later calls, at most ``ChunkEngine.max_cached_bytes`` (256 MB): fresh
+    memory costs page faults on first touch. They belong to this instance and go with it; :meth:`cached_bytes`
+    tells how much is kept and :meth:`empty_cache` frees it. Outputs are always new tensors. One normalizer may
+    be used from several threads at once (each call takes its own buffers), and pickled or copied (without its
+    buffers).
 
     An image comes back unchanged (float 0..1) with ``normalized=False`` when:
 
@@ -426,9 +545,9 @@ class MacenkoNormalizer:
     def __init__(
         self,
         reference: StainReference = DEFAULT_STAIN_REFERENCE,
-        io: float = 240.0,
-        alpha: float = 1.0,
-        beta: float = 0.15,
+        io: float = _IO,
+        alpha: float = _ALPHA,
+        beta: float = _BETA,
         min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION,
         max_batch_pixels: int = 8 * 224 * 224,
     ):
@@ -446,6 +565,7 @@ class MacenkoNormalizer:
         self.beta = float(beta)
         self.min_tissue_fraction = float(min_tissue_fraction)
         self.max_batch_pixels = int(max_batch_pixels)
+        self._engine = ChunkEngine()
 
     def __repr__(self) -> str:
         return (
@@ -453,7 +573,6 @@ class MacenkoNormalizer:
             f"beta={self.beta}, min_tissue_fraction={self.min_tissue_fraction})"
         )
 
-    # ----------------------------------------------------------------------------------------------- public API
     def fit(self, images: ImageBatch) -> StainReference:
         """Fit the reference to one or more target images, set it on this normalizer and return it.
 
@@ -462,11 +581,9 @@ class MacenkoNormalizer:
         """
         batch = _validated_images(images, "images")
         pooled = torch.cat([image.reshape(3, -1) for image in batch], dim=1).unsqueeze(0)
-        num_pixels = pooled.shape[-1]
-        memory = _WorkspaceMemory(1, num_pixels, pooled.device, pooled.dtype, self._lowest_angle_key())
-        workspace = memory.workspace(1, 1, num_pixels)
-        scratch = torch.empty(1, 3, num_pixels, device=pooled.device)
-        decomposition = self._decompose(pooled, workspace, scratch, min_tissue_fraction=0.0)
+        decomposition = decompose_stains(
+            pooled, io=self.io, alpha=self.alpha, beta=self.beta, min_tissue_fraction=0.0
+        )
         if not bool(decomposition.valid[0]):
             raise ValueError(
                 "cannot fit a stain reference: the target image(s) have too few tissue pixels (optical density "
@@ -499,7 +616,10 @@ class MacenkoNormalizer:
         per_image: list[torch.Tensor | None] = [None] * len(batch)
         flags = torch.zeros(len(batch), dtype=torch.bool, device=batch[0].device)
         for indices in _group_by_shape(batch).values():
-            outputs, valid = self._normalize_equal_sized([batch[i] for i in indices], then)
+            # a list comes back as a list: chunk-sized outputs, which the allocator recycles once freed
+            outputs, valid = self._normalize_equal_sized([batch[i] for i in indices], then, output_per_chunk=True)
+            if isinstance(outputs, list):
+                outputs = [image for chunk in outputs for image in chunk.unbind(0)]
             flags[indices] = valid.to(flags.device)
             for position, index in enumerate(indices):
                 per_image[index] = outputs[position]
@@ -523,263 +643,40 @@ class MacenkoNormalizer:
         outputs, flags = self._normalize_equal_sized(source, then)
         return MacenkoOutput(images=outputs, normalized=flags)
 
-    @staticmethod
-    def cached_bytes() -> int:
-        """Bytes of memory kept between calls (working buffers and released outputs), process-wide."""
-        return _WORKSPACES.nbytes + _RELEASED_OUTPUTS.nbytes
+    def cached_bytes(self) -> int:
+        """Bytes of scratch memory this normalizer keeps for its later calls."""
+        return self._engine.cached_bytes()
 
-    @staticmethod
-    def empty_cache() -> None:
-        """Hand the memory kept between calls (working buffers and released outputs) back to the allocator."""
-        _WORKSPACES.clear()
-        _RELEASED_OUTPUTS.clear()
+    def empty_cache(self) -> None:
+        """Free the scratch memory this normalizer keeps for its later calls."""
+        self._engine.empty_cache()
 
-    # ------------------------------------------------------------------------------------------------ internals
     def _normalize_equal_sized(
-        self, images: torch.Tensor | list[torch.Tensor], then: Callable[[torch.Tensor], torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalize [N, 3, H, W] (or N equally sized 3×H×W images, which are stacked chunk by chunk, never all
-        at once) -> (float 0..1 [N, 3, H, W] or ``then``'s outputs, valid [N]).
-
-        On CPU the chunks are shared out to ``torch.get_num_threads()`` worker threads that each run their
-        ops single-threaded: the per-pixel steps are many short passes, and splitting every one of them across
-        threads costs more in synchronisation than it gains (badly so on a busy machine).
-        """
-        count, (channels, height, width) = len(images), images[0].shape
-        device, dtype, stack = images[0].device, images[0].dtype, not isinstance(images, torch.Tensor)
-        pixels = height * width
-        per_chunk = min(count, max(1, self.max_batch_pixels // pixels))
-        chunks = [slice(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
-        valid = torch.empty(count, dtype=torch.bool, device=device)
-        # with `then`, the output's shape is `then`'s, known once the first chunk is done
-        outputs = None if then else _recycled_empty((count, channels, height, width), device)
-        outputs_lock = threading.Lock()
-        layout = (
-            per_chunk,
-            _size_class(pixels),
-            device,
-            dtype,
-            self._lowest_angle_key(),
-            stack,
-            bool(then),
-        )
-        memories: dict[int, _WorkspaceMemory] = {}  # one per worker thread
-
-        def run(chunk: slice) -> None:
-            nonlocal outputs
-            thread = threading.get_ident()
-            if thread not in memories:
-                memories[thread] = _WORKSPACES.take(layout) or _WorkspaceMemory(*layout)
-            workspace = memories[thread].workspace(chunk.stop - chunk.start, height, width)
-            part = torch.stack(images[chunk], out=workspace.stacked) if stack else images[chunk]
-            if then is None:
-                valid[chunk] = self._normalize_chunk(part, out=outputs[chunk], workspace=workspace)
-                return
-            valid[chunk] = self._normalize_chunk(part, out=workspace.normalized, workspace=workspace)
-            result = then(workspace.normalized)
-            with outputs_lock:
-                if outputs is None:
-                    outputs = _recycled_empty((count, *result.shape[1:]), result.device, result.dtype)
-            outputs[chunk] = result
-
-        threads = torch.get_num_threads()
-        # even the first chunk goes to a worker: ops run on several intra-op threads before the workers start
-        # measured 5-15% slower overall on 2 cores
-        workers = min(threads, len(chunks)) if device.type == "cpu" else 1
-        try:
-            if workers <= 1:
-                for chunk in chunks:
-                    run(chunk)
-            else:
-                self._run_in_workers(run, chunks, workers)
-        finally:
-            if device.type == "cpu":  # GPU memory is recycled by torch's caching allocator
-                for memory in memories.values():
-                    _WORKSPACES.put(layout, memory, memory.nbytes)
-        return outputs, valid
-
-    @staticmethod
-    def _run_in_workers(run: Callable[[slice], None], chunks: list[slice], workers: int) -> None:
-        """``run`` every chunk on ``workers`` threads that run their ops single-threaded."""
-        threads = torch.get_num_threads()
-
-        # Grad and inference modes are thread-local: worker threads take the caller's, or tensors created under
-        # the caller's torch.inference_mode() could not be written by them.
-        inference_mode = torch.is_inference_mode_enabled()
-
-        def run_in_worker(chunk: slice) -> None:
-            with torch.inference_mode(inference_mode), torch.no_grad():
-                run(chunk)
-
-        # each worker runs its ops on one intra-op thread; the setting also reaches process-wide parts (BLAS),
-        # so it is restored once, after the pool
-        try:
-            with ThreadPoolExecutor(
-                workers, thread_name_prefix="macenko", initializer=torch.set_num_threads, initargs=(1,)
-            ) as pool:
-                for _ in pool.map(run_in_worker, chunks):
-                    pass
-        finally:
-            torch.set_num_threads(threads)  # the caller's setting, process-wide parts included
-
-    def _normalize_chunk(
-        self, images: torch.Tensor, out: torch.Tensor, workspace: _Workspace
-    ) -> torch.Tensor:
-        """Normalize equally sized images [N, 3, H, W] into ``out`` (float 0..1); returns the valid flags [N]."""
-        flat_out = out.view(images.shape[0], 3, -1)
-        # `out` is free until the very end: it serves as the decomposition's scratch
-        decomposition = self._decompose(images, workspace, scratch=flat_out)
-        reference_matrix, reference_max, log2_scale = _output_constants(
-            self.reference, self.io, images.device
-        )
-        # scaling the concentrations by maxCRef / maxC is a per-image scaling of the reference stain columns
-        mixing = reference_matrix * (reference_max / decomposition.max_concentrations).unsqueeze(-2)
-        # io/255 * exp(-mixing @ C) with C = to_concentrations @ projection, as one exp2 of one batched product
-        exponent = mixing @ decomposition.to_concentrations * -_LOG2_E
-        torch.baddbmm(log2_scale, exponent, decomposition.projection, out=flat_out)
-        flat_out.exp2_().clamp_(max=1)
-        # the release falls back when its output has NaN; with finite inputs that happens exactly when the
-        # per-image coefficients are not finite (the exponent is then finite, or +-inf without inf - inf)
-        coefficients = torch.cat((exponent, decomposition.stain_matrix), dim=-1).flatten(1)
-        valid = decomposition.valid & torch.isfinite(coefficients).all(dim=1)
-        if not bool(valid.all()):
-            out[~valid] = images[~valid].float() / 255.0
-        return valid
-
-    def _decompose(
         self,
-        images: torch.Tensor,
-        workspace: _Workspace,
-        scratch: torch.Tensor,
-        min_tissue_fraction: float | None = None,
-    ) -> _StainDecomposition:
-        """Stain matrix, plane projection, concentration map and 99th percentiles of every image at once.
-
-        ``images`` [N, 3, H, W] or [N, 3, P]; ``scratch`` a float32 [N, 3, P] buffer that is overwritten.
-        """
-        if min_tissue_fraction is None:
-            min_tissue_fraction = self.min_tissue_fraction
-        n = images.shape[0]
-        flat = images.reshape(n, 3, -1)
-        num_pixels = flat.shape[-1]
-        weights = self._tissue_weights(flat, workspace)
-        tissue_count = weights.sum(dim=-1).squeeze(-1).round().to(torch.int64)  # exact below 2^24 pixels
-        enough_tissue = tissue_count >= 2
-
-        # OD = log(io) - log(I + 1): its covariance is that of log(I + 1), taken about a shift close to the tissue
-        # mean, so that the float32 products of one pass lose no precision to cancellation
-        shifted, shift = self._shifted_log_intensity(flat, weights, workspace, scratch)
-        weighted = torch.mul(shifted, weights, out=scratch)
-        # the sum is pairwise; a matrix product would accumulate it in order (1e-4 error on 1000x1000 images)
-        offset = weighted.sum(dim=-1, keepdim=True).double()  # tissue count * (mean - shift)
-        count = tissue_count.to(torch.float64).clamp(min=2)[:, None, None]
-        products = _blocked_products(weighted, shifted)
-        covariance = (products - offset @ offset.transpose(1, 2) / count) / (count - 1)
-        # images with < 2 tissue pixels get the identity so that the batched eigh never sees NaN; they are flagged
-        identity = torch.eye(3, dtype=covariance.dtype, device=flat.device).expand(n, 3, 3)
-        covariance = torch.where(enough_tissue[:, None, None], covariance, identity)
-        plane = torch.linalg.eigh(covariance).eigenvectors[..., 1:].to(torch.float32)  # the two largest
-        plane_t = plane.transpose(-1, -2)
-
-        # every pixel's OD in the plane: plane^T (log(io) - shift) - plane^T shifted
-        projection = torch.baddbmm(
-            plane_t @ (math.log(self.io) - shift), plane_t, shifted, alpha=-1, out=workspace.projection
+        images: torch.Tensor | list[torch.Tensor],
+        then: Callable[[torch.Tensor], torch.Tensor] | None,
+        output_per_chunk: bool = False,
+    ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+        """Normalize [N, 3, H, W] (or N equally sized 3×H×W images) with the engine, in chunks of at most
+        ``max_batch_pixels``; see :meth:`ChunkEngine.run`."""
+        height, width = images[0].shape[-2:]
+        per_chunk = min(len(images), max(1, self.max_batch_pixels // (height * width)))
+        # the settings of this call, read once: a concurrent fit() must not change them between chunks
+        chunk_function = functools.partial(
+            _normalized_flags,
+            reference=self.reference,
+            io=self.io,
+            alpha=self.alpha,
+            beta=self.beta,
+            min_tissue_fraction=self.min_tissue_fraction,
         )
-        # The stain vectors come from the alpha / 100-alpha nearest-rank percentiles of the tissue angles
-        # atan2(y, x), with y and x a pixel's coordinates along the largest and the second eigenvector. Where y
-        # has one sign over the tissue, the angle is sign(y) pi/2 + atan(-x/y): -x/y orders the pixels as their
-        # angles do at the cost of a division instead of an atan2 (7x slower). That holds whenever the leading
-        # eigenvector's components share a sign (usual for H&E): tissue OD is >= beta > 0 in every channel.
-        leading = plane[..., 1]
-        one_signed = (leading > 0).all(dim=-1) | (leading < 0).all(dim=-1)
-        by_slope = one_signed & (self.beta > 0)
-        # the log intensities are done with once projected: their buffer holds the angle keys, then concentrations
-        keys, concentrations = workspace.log_intensity.view(-1).split((n * num_pixels, n * 2 * num_pixels))
-        keys, concentrations = keys.view(n, num_pixels), concentrations.view(n, 2, num_pixels)
-        if bool(by_slope.any()):  # background pixels may divide by 0: NaN or inf would survive the lerp below
-            torch.div(projection[:, 0], projection[:, 1], out=keys).neg_().nan_to_num_(0.0, 0.0, 0.0)
-        if not bool(by_slope.all()):
-            by_angle = (~by_slope).nonzero().squeeze(1)
-            keys[by_angle] = torch.atan2(projection[by_angle, 1], projection[by_angle, 0])
-        torch.lerp(workspace.background_keys, keys, weights.squeeze(1), out=keys)  # exact for 0/1 weights
-        # With the background below every key, the percentiles sit at (background count + rank - 1). Plain
-        # Python on the N counts: the selection takes its positions as Python ints anyway, and the same
-        # arithmetic as tensor ops was 11 small ops per chunk (measured 3% slower).
-        percents = (self.alpha, 100 - self.alpha)
-        positions = [
-            [min(num_pixels - 1 - count + _nearest_rank(count, q), num_pixels - 1) for q in percents]
-            for count in tissue_count.tolist()
-        ]
-        extreme_keys = _order_statistics(keys, torch.tensor(positions, device=flat.device))
-        quarter_turns = torch.where(leading[:, :1] > 0, math.pi / 2, -math.pi / 2).to(torch.float64)
-        from_slopes = (quarter_turns + torch.atan(extreme_keys.to(torch.float64))).to(torch.float32)
-        angles = torch.where(by_slope.unsqueeze(1), from_slopes, extreme_keys)  # [N, 2]: min, max
-        # [N, 3, 2]: v_min, v_max
-        vectors = plane @ torch.stack((torch.cos(angles), torch.sin(angles)), dim=1)
-        # hematoxylin first: the vector with the larger red OD component (HEnorm's heuristic)
-        min_first = (vectors[:, 0, 0] > vectors[:, 0, 1])[:, None, None]
-        stain_matrix = torch.where(min_first, vectors, vectors.flip(-1))
+        return self._engine.run(images, per_chunk, chunk_function, then, output_per_chunk)
 
-        # least-squares concentrations (closed-form pseudo-inverse). Its rows lie in the stain plane, so it
-        # sees only a pixel's projection: a 2x2 map of the plane coordinates instead of a pass over the OD.
-        unmixing, full_rank = _pseudo_inverse_3x2(stain_matrix)
-        to_concentrations = unmixing @ plane
-        torch.bmm(to_concentrations, projection, out=concentrations)
-        kth = _nearest_rank(num_pixels, 99) - 1
-        max_concentrations = _order_statistics(
-            concentrations.view(n * 2, num_pixels), torch.full((n * 2, 1), kth, device=flat.device)
-        ).view(n, 2)
 
-        valid = enough_tissue
-        if (
-            min_tissue_fraction > 0
-        ):  # 0 = the release's own decisions; otherwise also refuse meaningless results
-            well_posed = full_rank & (max_concentrations > 0).all(dim=-1)
-            valid = valid & well_posed & (tissue_count >= min_tissue_fraction * num_pixels)
-        return _StainDecomposition(stain_matrix, projection, to_concentrations, max_concentrations, valid)
-
-    @staticmethod
-    def _shifted_log_intensity(
-        flat: torch.Tensor, weights: torch.Tensor, workspace: _Workspace, scratch: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``log(I + 1) - shift`` [N, 3, P] and the shift [N, 3, 1]: about the tissue mean of ``log(I + 1)``,
-        from every ``_SHIFT_SAMPLE_STRIDE``-th pixel.
-
-        Not ``torch.log1p``: on some CPUs (seen on AMD EPYC with torch 2.14) it runs 20x slower until the process
-        happens to call ``torch.atan2``. uint8 images are looked up in a 256-entry table per image and channel,
-        shift included; float images take ``log(I + 1)``.
-        """
-        sample = torch.log(flat[..., ::_SHIFT_SAMPLE_STRIDE].float() + 1)
-        # all background pixels together weigh as much as one tissue pixel: a sample without tissue gets its mean
-        sample_weights = weights[..., ::_SHIFT_SAMPLE_STRIDE] + 1 / sample.shape[-1]
-        shift = (sample * sample_weights).sum(dim=-1, keepdim=True) / sample_weights.sum(dim=-1, keepdim=True)
-        shifted = workspace.log_intensity
-        if flat.dtype != torch.uint8:
-            return shifted.copy_(flat).add_(1).log_().sub_(shift), shift
-        n = flat.shape[0]
-        tables = _LOG_INTENSITY_TABLE.to(flat.device) - shift  # [N, 3, 256]
-        indices = scratch.view(torch.int32).copy_(flat)
-        indices += torch.arange(0, n * 3 * 256, 256, dtype=torch.int32, device=flat.device).view(n, 3, 1)
-        torch.index_select(tables.view(-1), 0, indices.view(-1), out=shifted.view(-1))
-        return shifted, shift
-
-    def _tissue_weights(self, flat: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
-        """[N, 1, P] float32: 1 on tissue, 0 on background. Tissue: every OD channel >= beta, i.e. the brightest
-        channel's OD >= beta, exactly the release's float32 test."""
-        brightest = torch.amax(flat, dim=1, out=workspace.brightest)
-        weights = workspace.weights.squeeze(1)
-        if flat.dtype == torch.uint8:
-            torch.lt(brightest, _uint8_tissue_limit(self.io, self.beta), out=weights)
-        else:
-            torch.ge(-torch.log((brightest + 1) / self.io), self.beta, out=weights)
-        return workspace.weights
-
-    def _lowest_angle_key(self) -> float:
-        """A bound below every tissue pixel's angle key: an angle (> -pi) or a slope -x/y, where |x| <= |OD| <=
-        sqrt(3) log(io) and |y| >= beta (see ``_decompose``)."""
-        if self.beta <= 0:
-            return -math.pi
-        return -(math.sqrt(3) * max(math.log(self.io), 1.0) / self.beta + math.pi)
+def _normalized_flags(
+    images: torch.Tensor, out: torch.Tensor, workspace: Buffers, **settings
+) -> torch.Tensor:
+    return normalize_chunk(images, out=out, workspace=workspace, **settings).normalized
 
 
 def _group_by_shape(images: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:

@@ -41,26 +41,38 @@ def build_parser() -> argparse.ArgumentParser:
         "slides", nargs="+", type=Path, help="slide files (SVS, TIFF, NDPI, DICOM .dcm or folder)"
     )
     parser.add_argument(
-        "--slide-list", action="store_true", help="treat each SLIDES argument as a text file of slide paths"
+        "--slide_list",
+        "--slide-list",
+        action="store_true",
+        help="treat each SLIDES argument as a text file of slide paths",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--workers", type=int, default=1, help="slides tiled in parallel (processes)")
 
     grid = parser.add_argument_group("patches")
     grid.add_argument(
-        "--patch-size", type=int, default=_DEFAULTS.patch_size, help="patch side in px at --target-mpp"
+        "--patch_size",
+        "--patch-size",
+        type=int,
+        default=_DEFAULTS.patch_size,
+        help="patch side in px at --target_mpp",
     )
     grid.add_argument(
-        "--target-mpp", type=float, default=_DEFAULTS.target_mpp, help="µm/px defining patch size"
+        "--target_mpp",
+        "--target-mpp",
+        type=float,
+        default=_DEFAULTS.target_mpp,
+        help="µm/px defining patch size",
     )
     grid.add_argument(
+        "--min_tissue",
         "--min-tissue",
         type=float,
         default=_DEFAULTS.min_tissue_fraction,
         help="tissue fraction to keep a patch",
     )
     grid.add_argument(
-        "--resize", action="store_true", help="store patches resized to --patch-size (default: native size)"
+        "--resize", action="store_true", help="store patches resized to --patch_size (default: native size)"
     )
     grid.add_argument(
         "--mpp", type=float, default=None, help="level-0 µm/px for slides whose metadata has none"
@@ -71,31 +83,55 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--format", choices=("png", "jpeg"), default=_DEFAULTS.image_format, help="patch encoding"
     )
-    out.add_argument("--jpeg-quality", type=int, default=_DEFAULTS.jpeg_quality)
+    out.add_argument("--jpeg_quality", "--jpeg-quality", type=int, default=_DEFAULTS.jpeg_quality)
     out.add_argument(
-        "--shard-size", type=int, default=_DEFAULTS.patches_per_shard, help="max patches per parquet shard"
+        "--shard_size",
+        "--shard-size",
+        type=int,
+        default=_DEFAULTS.patches_per_shard,
+        help="max patches per parquet shard",
     )
-    out.add_argument("--row-group-size", type=int, default=_DEFAULTS.row_group_size)
+    out.add_argument("--row_group_size", "--row-group-size", type=int, default=_DEFAULTS.row_group_size)
     out.add_argument(
-        "--thumbnail-size", type=int, default=_DEFAULTS.thumbnail_size, help="thumbnail longest side"
+        "--thumbnail_size",
+        "--thumbnail-size",
+        type=int,
+        default=_DEFAULTS.thumbnail_size,
+        help="thumbnail longest side",
     )
     out.add_argument(
-        "--coords-only", action="store_true", help="write coordinates and thumbnails, no image shards"
+        "--coords_only",
+        "--coords-only",
+        action="store_true",
+        help="write coordinates and thumbnails, no image shards",
     )
 
     tissue = parser.add_argument_group("tissue detection")
-    tissue.add_argument("--detection-mpp", type=float, default=_TISSUE_DEFAULTS.detection_mpp)
-    tissue.add_argument("--median-blur", type=int, default=_TISSUE_DEFAULTS.median_blur)
+    tissue.add_argument(
+        "--detection_mpp", "--detection-mpp", type=float, default=_TISSUE_DEFAULTS.detection_mpp
+    )
+    tissue.add_argument("--median_blur", "--median-blur", type=int, default=_TISSUE_DEFAULTS.median_blur)
     tissue.add_argument(
         "--threshold", type=_threshold, default=_TISSUE_DEFAULTS.threshold, help="'otsu' or 0-254"
     )
-    tissue.add_argument("--otsu-floor", type=int, default=_TISSUE_DEFAULTS.otsu_floor)
+    tissue.add_argument("--otsu_floor", "--otsu-floor", type=int, default=_TISSUE_DEFAULTS.otsu_floor)
     tissue.add_argument("--closing", type=int, default=_TISSUE_DEFAULTS.closing)
     tissue.add_argument(
-        "--min-region-area", type=float, default=_TISSUE_DEFAULTS.min_region_area_mm2, help="mm²"
+        "--min_region_area",
+        "--min-region-area",
+        type=float,
+        default=_TISSUE_DEFAULTS.min_region_area_mm2,
+        help="mm²",
     )
-    tissue.add_argument("--min-hole-area", type=float, default=_TISSUE_DEFAULTS.min_hole_area_mm2, help="mm²")
     tissue.add_argument(
+        "--min_hole_area",
+        "--min-hole-area",
+        type=float,
+        default=_TISSUE_DEFAULTS.min_hole_area_mm2,
+        help="mm²",
+    )
+    tissue.add_argument(
+        "--max_holes",
         "--max-holes",
         type=int,
         default=_TISSUE_DEFAULTS.max_holes_per_region,

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import multiprocessing
-import os
 import shutil
 import time
 import traceback

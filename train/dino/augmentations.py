@@ -8,11 +8,9 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import v2
 
-__all__ = ["AugmentationConfig", "DINOMultiCrop", "IMAGENET_MEAN", "IMAGENET_STD"]
+from ...image_processing_exaonepath import ExaonePathImageProcessor
 
-# The backbone starts from ImageNet weights and the released processor normalizes with these statistics.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["AugmentationConfig", "DINOMultiCrop"]
 
 
 @dataclass
@@ -63,7 +61,11 @@ class DINOMultiCrop:
             v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=config.color_jitter_p),
             v2.RandomGrayscale(p=config.grayscale_p),
         ]
-        to_model_input = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        # The exported model is used through its image processor: training must see the inputs it produces.
+        to_model_input = [
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(ExaonePathImageProcessor.image_mean), list(ExaonePathImageProcessor.image_std)),
+        ]
 
         def blur(p: float) -> v2.Transform:
             kernel = _blur_kernel_size(config.blur_sigma[1])

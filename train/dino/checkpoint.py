@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+
+from ...atomic_io import publish_directory
 
 __all__ = ["TrainState", "export_backbone", "latest_checkpoint", "save_checkpoint"]
 
@@ -63,10 +64,11 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, step: int, keep_last: int) -> Path:
-    """Every rank writes into `.step_N.tmp`; the main process renames it to `step_N` and prunes old ones.
+    """Every rank writes into `.step_N.tmp`; the main process publishes it as `step_N` and prunes old ones.
 
-    A run killed mid-save leaves only a temporary folder that `latest_checkpoint` ignores, so the previous
-    checkpoint stays the one to resume from.
+    The staging name is deterministic (not `atomic_directory`'s unique one) because every rank must write its
+    share of the state into the same folder. A run killed mid-save leaves only a temporary folder that
+    `latest_checkpoint` ignores, so the previous checkpoint stays the one to resume from.
     """
     root = Path(checkpoint_dir)
     final = root / f"step_{step}"
@@ -78,9 +80,7 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, step: 
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # re-saving a step after a resume: the new state replaces the old one
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        publish_directory(staging, final)  # re-saving a step after a resume replaces the old state
         for old in checkpoint_steps(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(root / f"step_{old}", ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -1,15 +1,22 @@
-"""Typed run configuration: one YAML file holds every hyperparameter; `key.sub=value` arguments override it."""
+"""Typed run configuration: one YAML file holds every hyperparameter; `key.sub=value` arguments override it.
+
+A config is named by a path to a YAML file or by the name of one shipped with the package (`cpu_smoke`,
+`one_gpu`, `paper`), so that a run works from any folder after a plain `pip install`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import PreTrainedConfig
 
+from ...configuration_exaonepath import ExaonePathConfig
 from .augmentations import AugmentationConfig
 from .schedules import DINOSchedules
 
@@ -20,8 +27,18 @@ __all__ = [
     "OptimConfig",
     "PretrainConfig",
     "RunConfig",
+    "config_path",
     "load_config",
+    "packaged_config_names",
 ]
+
+_PACKAGE = "exaonepath_hf.train"
+
+
+def _backbone_fields() -> frozenset[str]:
+    """The architecture fields of `ExaonePathConfig` (its own, not those every transformers config has)."""
+    common = {f.name for f in fields(PreTrainedConfig)}
+    return frozenset(f.name for f in fields(ExaonePathConfig) if f.name not in common)
 
 
 @dataclass
@@ -42,6 +59,14 @@ class ModelConfig:
     head_num_layers: int = 3
     out_dim: int = 65536
     norm_last_layer: bool = True
+
+    def to_exaonepath_config(self) -> ExaonePathConfig:
+        """The backbone's config: every field of this section that `ExaonePathConfig` defines, the rest at its
+        defaults (so an architecture field added to both needs no copying code)."""
+        backbone = _backbone_fields()
+        return ExaonePathConfig(
+            **{f.name: getattr(self, f.name) for f in fields(self) if f.name in backbone}
+        )
 
 
 @dataclass
@@ -170,11 +195,35 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def packaged_config_names(folder: str = "configs") -> list[str]:
+    """Names of the YAML files shipped in `exaonepath_hf.train/<folder>` (`configs` or `accelerate_configs`)."""
+    root = resources.files(_PACKAGE) / folder
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def config_path(name_or_path: str | Path, folder: str = "configs") -> Path:
+    """A YAML file given by path, or by the name of a packaged one (`cpu_smoke` -> its installed file)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    name = str(name_or_path)
+    if path.suffix == "" and len(Path(name).parts) == 1:
+        packaged = resources.files(_PACKAGE) / folder / f"{name}.yaml"
+        if packaged.is_file():
+            return Path(str(packaged))  # an installed package is unpacked on disk (setuptools, not a zip)
+    raise FileNotFoundError(
+        f"config {name_or_path!r} is neither a file nor a packaged config "
+        f"({', '.join(packaged_config_names(folder))})"
+    )
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
-    """Read a YAML config and apply `section.key=value` overrides (values parsed as YAML: 3, 1e-4, [1, 2], null)."""
+    """Read a YAML config (a path or a packaged name, see `config_path`) and apply `section.key=value` overrides
+    (values parsed as YAML: 3, 1e-4, [1, 2], null)."""
     tree: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
+        path = config_path(path)
+        text = path.read_text()
         tree = yaml.safe_load(text) or {}
         if not isinstance(tree, dict):
             raise ValueError(f"config {path} must be a YAML mapping of sections")

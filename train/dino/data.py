@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import logging
 from collections import deque
 from collections.abc import Iterator
@@ -28,12 +27,12 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from PIL import Image
 
+from ...images import IMAGE_SUFFIXES, decode_rgb, image_files, source_name
+from ...tiling.shards import completed_shard_files, tiling_output_folder
 from .augmentations import DINOMultiCrop
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "build_rank_loader",
     "OrderedBatches",
     "PatchSource",
@@ -47,8 +46,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-
 
 @dataclass(frozen=True)
 class PatchSource:
@@ -60,43 +57,54 @@ class PatchSource:
 
 
 def resolve_source(source: str) -> PatchSource:
+    """What `data.source` names: a tiling output, a folder or glob of shards or images, or a hub dataset id."""
     if not source:
         raise ValueError(
             "data.source is empty: give an image folder, a tiler output folder, shard glob or hub id"
         )
     path = Path(source).expanduser()
     if path.is_dir():
-        for pattern, kind in (
-            ("shards/*.parquet", "parquet"),
-            ("**/*.parquet", "parquet"),
-            ("**/*.tar", "webdataset"),
-        ):
-            files = sorted(str(p) for p in path.glob(pattern))
-            if files:
-                return PatchSource(kind, tuple(files))
-        files = sorted(
-            str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        )
-        if not files:
-            raise ValueError(
-                f"data.source {source} holds no images ({', '.join(IMAGE_EXTENSIONS)}) nor shards"
-            )
-        return PatchSource("imagefolder", tuple(files))
+        return _folder_source(path, source)
     if path.is_file() or glob.has_magic(source):
-        files = sorted(glob.glob(str(path), recursive=True))
-        if not files:
-            raise ValueError(f"data.source {source} matches no file")
-        suffixes = {Path(f).suffix.lower() for f in files}
-        if suffixes == {".parquet"}:
-            return PatchSource("parquet", tuple(files))
-        if suffixes == {".tar"}:
-            return PatchSource("webdataset", tuple(files))
-        if suffixes <= set(IMAGE_EXTENSIONS):
-            return PatchSource("imagefolder", tuple(files))
-        raise ValueError(f"data.source {source} mixes or holds unsupported files ({sorted(suffixes)})")
+        return _files_source(sorted(glob.glob(str(path), recursive=True)), source)
     if source.startswith((".", "/", "~")):
         raise ValueError(f"data.source {source} does not exist")
     return PatchSource("hub", hub_id=source)
+
+
+def _folder_source(path: Path, source: str) -> PatchSource:
+    tiling_output = tiling_output_folder(path)
+    if tiling_output is not None:
+        # Not a glob: a run killed while publishing a slide leaves shards that only the manifest excludes.
+        files = completed_shard_files(tiling_output)
+        if not files:
+            raise ValueError(f"data.source {source}: the tiling manifest lists no shards")
+        return PatchSource("parquet", tuple(files))
+    for pattern, kind in (
+        ("shards/*.parquet", "parquet"),
+        ("**/*.parquet", "parquet"),
+        ("**/*.tar", "webdataset"),
+    ):
+        files = sorted(str(p) for p in path.glob(pattern))
+        if files:
+            return PatchSource(kind, tuple(files))
+    images = [str(p) for p in image_files(path)]
+    if not images:
+        raise ValueError(f"data.source {source} holds no images ({', '.join(IMAGE_SUFFIXES)}) nor shards")
+    return PatchSource("imagefolder", tuple(images))
+
+
+def _files_source(files: list[str], source: str) -> PatchSource:
+    if not files:
+        raise ValueError(f"data.source {source} matches no file")
+    suffixes = {Path(f).suffix.lower() for f in files}
+    if suffixes == {".parquet"}:
+        return PatchSource("parquet", tuple(files))
+    if suffixes == {".tar"}:
+        return PatchSource("webdataset", tuple(files))
+    if suffixes <= set(IMAGE_SUFFIXES):
+        return PatchSource("imagefolder", tuple(files))
+    raise ValueError(f"data.source {source} mixes or holds unsupported files ({sorted(suffixes)})")
 
 
 def _image_paths(shards: list[list[str]]) -> Iterator[dict[str, Any]]:
@@ -156,11 +164,8 @@ def count_samples(source: PatchSource) -> int | None:
 
 
 def decode_image(value: dict[str, Any]) -> torch.Tensor:
-    """A `datasets.Image(decode=False)` value (bytes and/or path) → uint8 tensor 3×H×W (RGB; alpha dropped)."""
-    data = value.get("bytes")
-    with Image.open(io.BytesIO(data) if data is not None else value["path"]) as image:
-        array = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    """A `datasets.Image(decode=False)` value (bytes and/or path) → uint8 tensor 3×H×W (see `decode_rgb`)."""
+    return torch.from_numpy(decode_rgb(value)).permute(2, 0, 1).contiguous()
 
 
 def _example_id(example: dict[str, Any], image_column: str) -> str:
@@ -253,7 +258,7 @@ class PatchStream(torch.utils.data.IterableDataset):
         try:
             image = decode_image(image_value)
         except Exception as error:  # any decoder failure: one bad file must not end the run
-            logger.warning("skipping unreadable image %s: %s", image_value.get("path") or "<bytes>", error)
+            logger.warning("skipping unreadable image %s: %s", source_name(image_value), error)
             return None
         fallback = False
         if self.normalizer is not None:

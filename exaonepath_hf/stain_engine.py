@@ -1,0 +1,234 @@
+"""Execution engine of the batched Macenko normalizer: chunking, worker threads and buffer reuse.
+
+:class:`ChunkEngine` runs a chunk function (the algorithm, see ``stain_normalization.normalize_chunk``) over the
+chunks of a batch of equally sized images, on worker threads, and keeps the chunk function's scratch memory
+(:class:`Buffers`) for later calls. Everything it keeps belongs to the engine instance, i.e. to the
+``MacenkoNormalizer`` that owns it, and is freed with it: there is no process-wide state, no fork hook and no
+process-wide setting changed.
+
+This file is shipped with saved processors (``trust_remote_code``): it imports only the standard library and torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+__all__ = ["Buffers", "ChunkEngine"]
+
+#: What an engine keeps between calls at most, in bytes: scratch sets beyond it are dropped after their call.
+DEFAULT_MAX_CACHED_BYTES = 256 << 20
+
+
+def _size_class(count: int) -> int:
+    """``count`` rounded up to one of 8 steps per power of two (at most 12.5% more), so that calls on images of
+    about the same size share their buffers instead of each growing them a little."""
+    step = 1 << max(count.bit_length() - 4, 0)
+    return -(-count // step) * step
+
+
+class Buffers:
+    """Named scratch tensors that keep their memory from one use to the next.
+
+    ``empty(name, shape, dtype, device)`` is ``torch.empty(shape, ...)`` served from the memory this set kept
+    under ``name``, grown when too small; ``constant(name, key, make)`` returns ``make()``, computed once per
+    ``key``. Fresh buffers of a few MB and more come from the OS as new pages that the kernel faults in and
+    zeroes on first touch, which costs about as much as the arithmetic on them; reused ones are mapped and often
+    still in cache.
+
+    A set is used by one thread at a time; what ``empty`` returned is valid until the next ``empty`` of the same
+    name. Passing a fresh ``Buffers()`` per call, or ``None`` to the algorithm's functions, is always correct.
+    """
+
+    def __init__(self) -> None:
+        self._memory: dict[str, torch.Tensor] = {}
+        self._constants: dict[str, tuple[Hashable, torch.Tensor]] = {}
+
+    def empty(
+        self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str
+    ) -> torch.Tensor:
+        count = math.prod(shape)
+        memory = self._memory.get(name)
+        device = torch.device(device)
+        if memory is None or memory.dtype != dtype or memory.device != device or memory.numel() < count:
+            # kept beyond this call: an inference tensor could not be written by a later call outside inference
+            # mode, so the memory is made outside it
+            with torch.inference_mode(False):
+                memory = torch.empty(_size_class(count), dtype=dtype, device=device)
+            self._memory[name] = memory
+        return memory[:count].view(shape)
+
+    def constant(self, name: str, key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        kept = self._constants.get(name)
+        if kept is None or kept[0] != key:
+            with torch.inference_mode(False):
+                kept = (key, make())
+            self._constants[name] = kept
+        return kept[1]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self._memory.values(), *(tensor for _, tensor in self._constants.values())]
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+ChunkFunction = Callable[[torch.Tensor, torch.Tensor, Buffers], torch.Tensor]
+
+
+class ChunkEngine:
+    """Runs ``chunk_function(images, out, buffers) -> valid [n]`` over the chunks of a batch, on CPU on worker
+    threads, and keeps each worker's :class:`Buffers` for the next call (at most ``max_cached_bytes`` in all).
+
+    Thread-safe: concurrent calls never share a set of buffers (each takes its own from the engine, or a new
+    one). Fork-safe: a process forked while another thread held the engine's lock starts over with an empty
+    engine instead of waiting for that lock.
+    """
+
+    def __init__(self, max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES) -> None:
+        self.max_cached_bytes = int(max_cached_bytes)
+        self._start_empty()
+
+    def _start_empty(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._free: list[Buffers] = []  # sets no call is using, the most recently returned last
+
+    def _locked(self) -> threading.Lock:
+        if self._pid != os.getpid():
+            # a forked child: its copy of the lock may be held forever by a thread that does not exist here, and
+            # the parent's buffers would cost a page copy each on first write
+            self._start_empty()
+        return self._lock
+
+    def _take(self) -> Buffers:
+        with self._locked():
+            return self._free.pop() if self._free else Buffers()
+
+    def _give_back(self, buffers: Buffers) -> None:
+        if buffers.nbytes > self.max_cached_bytes:  # would push out every other set, then itself
+            return
+        with self._locked():
+            self._free.append(buffers)
+            while sum(kept.nbytes for kept in self._free) > self.max_cached_bytes:
+                self._free.pop(0)
+
+    def cached_bytes(self) -> int:
+        """Bytes of scratch memory kept for later calls."""
+        with self._locked():
+            return sum(buffers.nbytes for buffers in self._free)
+
+    def empty_cache(self) -> None:
+        """Hand the scratch memory kept for later calls back to the allocator."""
+        with self._locked():
+            self._free.clear()
+
+    def __getstate__(self) -> dict:
+        # pickled with its normalizer (e.g. into DataLoader workers) or deep-copied with a processor: buffers and
+        # the lock stay behind
+        return {"max_cached_bytes": self.max_cached_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.max_cached_bytes = state["max_cached_bytes"]
+        self._start_empty()
+
+    def run(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        per_chunk: int,
+        chunk_function: ChunkFunction,
+        then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        output_per_chunk: bool = False,
+    ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+        """Apply ``chunk_function`` to chunks of at most ``per_chunk`` images of ``images`` ([N, 3, H, W], or N
+        equally sized 3×H×W images, stacked chunk by chunk into kept memory, never all at once).
+
+        Returns (the float32 outputs [N, 3, H, W], or ``then``'s outputs of the chunks concatenated; valid [N]).
+        With ``output_per_chunk`` the outputs are a list of per-chunk tensors instead of one batch tensor: chunks
+        of a few MB are recycled by the C allocator once the caller frees them, where one batch-sized allocation
+        is new memory from the OS every call.
+        """
+        count, (channels, height, width) = len(images), tuple(images[0].shape)
+        device = images[0].device
+        chunks = [slice(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
+        valid = torch.empty(count, dtype=torch.bool, device=device)
+        outputs: list | torch.Tensor | None = None
+        if output_per_chunk and then is None:
+            outputs = [None] * len(chunks)
+        elif then is None:
+            outputs = torch.empty((count, channels, height, width), device=device)
+        outputs_lock = threading.Lock()
+
+        def run_chunk(index: int, buffers: Buffers) -> None:
+            nonlocal outputs
+            chunk = chunks[index]
+            n = chunk.stop - chunk.start
+            if isinstance(images, torch.Tensor):
+                part = images[chunk]
+            else:
+                stacked = buffers.empty("stacked", (n, channels, height, width), images[0].dtype, device)
+                part = torch.stack(images[chunk], out=stacked)
+            if then is None:
+                if isinstance(outputs, list):
+                    out = outputs[index] = torch.empty((n, channels, height, width), device=device)
+                else:
+                    out = outputs[chunk]
+                valid[chunk] = chunk_function(part, out, buffers)
+                return
+            normalized = buffers.empty("normalized", (n, channels, height, width), torch.float32, device)
+            valid[chunk] = chunk_function(part, normalized, buffers)
+            result = then(normalized)
+            with outputs_lock:
+                if outputs is None:  # `then`'s output shape is known once its first chunk is done
+                    outputs = torch.empty((count, *result.shape[1:]), dtype=result.dtype, device=result.device)
+            outputs[chunk] = result
+
+        self._run_chunks(run_chunk, len(chunks), device)
+        return outputs, valid
+
+    def _run_chunks(self, run_chunk: Callable[[int, Buffers], None], count: int, device: torch.device) -> None:
+        """``run_chunk(i, buffers)`` for every i < count: on CPU on up to ``torch.get_num_threads()`` worker
+        threads that each hold one set of buffers, elsewhere in the caller's thread (a GPU runs each op in
+        parallel already).
+
+        The workers keep torch's intra-op setting: ``torch.set_num_threads(1)`` in them would change a
+        process-wide setting (BLAS, and the default of every thread started meanwhile) under other threads'
+        feet. They do not need it: the dominant steps, numpy's selections, are single-threaded anyway, and
+        workers with one intra-op thread measured no faster than with the default on the development machine.
+        With several chunks all of them go to workers, none to the caller, whose intra-op pool would otherwise
+        run in between.
+        """
+        workers = min(torch.get_num_threads(), count) if device.type == "cpu" else 1
+        next_chunk = iter(range(count))
+        next_lock = threading.Lock()
+
+        def work() -> None:
+            buffers = self._take()
+            try:
+                while True:
+                    with next_lock:
+                        index = next(next_chunk, None)
+                    if index is None:
+                        return
+                    run_chunk(index, buffers)
+            finally:
+                self._give_back(buffers)
+
+        if workers <= 1:
+            work()
+            return
+        # grad and inference modes are thread-local: the workers take the caller's, or tensors created under the
+        # caller's torch.inference_mode() could not be written by them
+        inference_mode = torch.is_inference_mode_enabled()
+
+        def work_in_callers_mode() -> None:
+            with torch.inference_mode(inference_mode), torch.no_grad():
+                work()
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="macenko") as pool:
+            for future in [pool.submit(work_in_callers_mode) for _ in range(workers)]:
+                future.result()
