@@ -427,7 +427,7 @@ def _process_context() -> multiprocessing.context.BaseContext:
     (zarr's I/O thread) have started threads in the parent.
 
     The fork server imports this module once and forks workers from it, so worker start-up does not repeat the
-    package import (torch, transformers) and its memory pages are shared between workers.
+    imports (numpy, PIL, the slide readers) and their memory pages are shared between workers.
     """
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
