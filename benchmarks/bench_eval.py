@@ -1,13 +1,13 @@
 """Evaluation speed: probe training on cached features, and feature extraction against the bare model.
 
-    python benchmarks/bench_eval.py [--threads 2] [--rows 100000] [--images 64] [--skip-extraction]
+    python benchmarks/bench_eval.py [--threads 2] [--rows 100000] [--images 64] [--skip_extraction]
 
 Probe: the paper's protocol (SGD, batch 128, 12,500 iterations, validation every 250 steps) on 100k cached
-768-d features (9 classes, plus 20k validation rows), as `eval.probes` runs it, against the usual
+768-d features (9 classes, plus 20k validation rows), as `exaonepath_hf.eval.probes` runs it, against the usual
 DataLoader(TensorDataset) loop with the same optimizer and against our loop with 2 intra-op threads. The
 two peers run 1,250 iterations and are scaled to 12,500 (marked "extrapolated").
 
-Extraction: images/s of `eval.features.extract_features` (PNG decode, Macenko, resize 256, crop 224,
+Extraction: images/s of `exaonepath_hf.eval.features.extract_features` (PNG decode, Macenko, resize 256, crop 224,
 normalize in one DataLoader worker, then a ViT-B/16 forward) against the bare model on ready tensors, the
 share of extraction time spent in the forward, and the preprocessing alone (the DataLoader without the
 model) with Macenko on and off: preprocessing keeps up when its images/s exceed the model's. Real CRC-VAL-HE-7K tiles from the shared test data, repeated to
@@ -19,23 +19,22 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
 import torch
 import torch.nn.functional as F
+from exaonepath_hf.eval.backbones import Encoder
+from exaonepath_hf.eval.features import _Collate, _EncodedImages, cache_key, extract_features
+from exaonepath_hf.eval.probes import PRESETS, FeatureSplit, fit_linear_probe
 from torch.utils.data import DataLoader, TensorDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 
-from exaonepath_hf.eval.backbones import Encoder  # noqa: E402
-from exaonepath_hf.eval.features import _Collate, _EncodedImages, cache_key, extract_features  # noqa: E402
-from exaonepath_hf.eval.probes import PRESETS, FeatureSplit, fit_linear_probe  # noqa: E402
-from exaonepath_hf import ExaonePathConfig, ExaonePathModel  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(os.environ.get("EXAONEPATH_TEST_DATA", ROOT.parent / "shared" / "data"))
@@ -68,8 +67,8 @@ def dataloader_loop(train: FeatureSplit, iterations: int, classes: int) -> float
     return time.perf_counter() - started
 
 
-def bench_probe(args: argparse.Namespace) -> list[dict]:
-    train, val = synthetic_features(args.rows), synthetic_features(args.rows // 5, seed=1)
+def bench_probe(rows_count: int, peer_iterations: int, threads: int) -> list[dict]:
+    train, val = synthetic_features(rows_count), synthetic_features(rows_count // 5, seed=1)
     paper = PRESETS["paper"]
     rows = []
 
@@ -86,7 +85,7 @@ def bench_probe(args: argparse.Namespace) -> list[dict]:
         }
     )
 
-    short = args.peer_iterations
+    short = peer_iterations
     seconds = dataloader_loop(train, short, 9) * paper.iterations / short
     rows.append(
         {
@@ -98,13 +97,13 @@ def bench_probe(args: argparse.Namespace) -> list[dict]:
     )
 
     # our loop with intra-op threading on (what eval.probes avoids on CPU by default)
-    config = dataclasses.replace(paper, iterations=short, eval_every=short, cpu_threads=args.threads)
+    config = dataclasses.replace(paper, iterations=short, eval_every=short, cpu_threads=threads)
     started = time.perf_counter()
     fit_linear_probe(train, val, config, num_classes=9)
     seconds = (time.perf_counter() - started) * paper.iterations / short
     rows.append(
         {
-            "what": f"eval.probes loop with {args.threads} intra-op threads",
+            "what": f"eval.probes loop with {threads} intra-op threads",
             "iterations": short,
             "seconds_for_12500": round(seconds, 2),
             "extrapolated": True,
@@ -123,7 +122,31 @@ def crc_tiles(count: int) -> datasets.Dataset:
     ).cast_column("image", datasets.Image(decode=False))
 
 
-def bench_extraction(args: argparse.Namespace) -> list[dict]:
+def _preprocessing_rates(encoder: Encoder, dataset: datasets.Dataset, batch: int, workers: int) -> list[dict]:
+    """images/s of the DataLoader alone (decode and processor in the workers), Macenko on and off."""
+    rows = []
+    for stain in (True, False):
+        preprocessing = encoder.default_preprocessing(stain_normalize=stain)
+        loader = DataLoader(
+            _EncodedImages(dataset, range(len(dataset))),
+            batch_size=batch,
+            num_workers=workers,
+            collate_fn=_Collate(preprocessing.processor()),
+        )
+        started = time.perf_counter()
+        for _ in loader:
+            pass
+        rate = len(dataset) / (time.perf_counter() - started)
+        rows.append(
+            {
+                "what": f"preprocessing only, Macenko {'on' if stain else 'off'}, {workers} worker(s)",
+                "images_per_second": round(rate, 2),
+            }
+        )
+    return rows
+
+
+def bench_extraction(images: int, batch: int, workers: int) -> list[dict]:
     torch.manual_seed(0)
     model = ExaonePathModel(ExaonePathConfig()).eval()  # ViT-B/16, the released size
     encoder = Encoder(
@@ -134,44 +157,24 @@ def bench_extraction(args: argparse.Namespace) -> list[dict]:
         pooling="pooler",
         feature_dim=768,
     )
-    dataset = crc_tiles(args.images)
-    rows = []
-
-    pixel_values = torch.randn(args.batch, 3, 224, 224)
-    batches = max(1, args.images // args.batch)
+    dataset = crc_tiles(images)
+    pixel_values = torch.randn(batch, 3, 224, 224)
+    batches = max(1, images // batch)
 
     def bare_rate() -> float:  # the same call extract_features makes, on ready tensors
         encoder.features(pixel_values)  # warm-up
         started = time.perf_counter()
         for _ in range(batches):
             encoder.features(pixel_values)
-        return batches * args.batch / (time.perf_counter() - started)
+        return batches * batch / (time.perf_counter() - started)
 
     before = bare_rate()
-    for stain in (True, False):
-        preprocessing = encoder.default_preprocessing(stain_normalize=stain)
-        loader = DataLoader(
-            _EncodedImages(dataset, range(len(dataset))),
-            batch_size=args.batch,
-            num_workers=args.workers,
-            collate_fn=_Collate(preprocessing.processor()),
-        )
-        started = time.perf_counter()
-        for _ in loader:
-            pass
-        rate = len(dataset) / (time.perf_counter() - started)
-        rows.append(
-            {
-                "what": f"preprocessing only, Macenko {'on' if stain else 'off'}, {args.workers} worker(s)",
-                "images_per_second": round(rate, 2),
-            }
-        )
-
+    rows = _preprocessing_rates(encoder, dataset, batch, workers)
     with tempfile.TemporaryDirectory() as cache:
         preprocessing = encoder.default_preprocessing(stain_normalize=True)
         key = cache_key(encoder, "bench", "bench", "bench", "test", preprocessing, "fp32")
         result = extract_features(
-            encoder, dataset, preprocessing, key, cache, batch_size=args.batch, num_workers=args.workers
+            encoder, dataset, preprocessing, key, cache, batch_size=batch, num_workers=workers
         )
     stats = result.stats
     # measured before and after the pipeline runs, averaged: the machine's load drifts
@@ -179,7 +182,7 @@ def bench_extraction(args: argparse.Namespace) -> list[dict]:
     rows.insert(0, {"what": "bare model forward, ready tensors (peer)", "images_per_second": round(bare, 2)})
     rows.append(
         {
-            "what": f"extract_features, Macenko on, {args.workers} worker(s) (ours)",
+            "what": f"extract_features, Macenko on, {workers} worker(s) (ours)",
             "images_per_second": stats["images_per_second"],
             "model_share_of_wall_time": round(stats["forward_seconds"] / stats["seconds"], 3),
         }
@@ -213,31 +216,36 @@ def write_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--peer-iterations", dest="peer_iterations", type=int, default=1_250)
+    parser.add_argument(
+        "--peer_iterations", "--peer-iterations", dest="peer_iterations", type=int, default=1_250
+    )
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--skip-extraction", dest="skip_extraction", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--skip_extraction", "--skip-extraction", dest="skip_extraction", action="store_true")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "threads": args.threads,
         "batch": args.batch,
-        "probe": bench_probe(args),
-        "extraction": None if args.skip_extraction else bench_extraction(args),
+        "probe": bench_probe(args.rows, args.peer_iterations, args.threads),
+        "extraction": None
+        if args.skip_extraction
+        else bench_extraction(args.images, args.batch, args.workers),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     table = write_markdown(report)
     (RESULTS / "eval.md").write_text(table)
     print(table)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Whole-slide tiling throughput and peak memory on CMU-1-Small-Region.svs, 1 and 2 worker processes.
 
-    python benchmarks/bench_tile.py [--copies 24] [--repeats 2]
+    python benchmarks/bench_tile.py [--copies 24] [--repeats 5] [--baseline PATH]
 
 The slide (2220x2967 px, 0.499 µm/px, 28 tissue patches of 257 px) is tiled as `--copies` symlinked copies,
 so that two workers have slides to share. Every configuration runs in a fresh interpreter, round-robin over
@@ -9,13 +9,19 @@ process tree (sampled every 0.2 s; PSS splits pages shared between processes, so
 next to the RSS after imports (importing the package pulls in torch and transformers). With 2 workers the
 fork server is started before the clock starts (a one-off cost, reported in its own column). The peer is the
 bare work the tiler cannot avoid: tiffslide `read_region` plus PNG encoding of the same patches in one loop,
-without tissue detection, thumbnails, shards or bookkeeping. Writes benchmarks/results/tile.json and tile.md.
+without tissue detection, thumbnails, shards or bookkeeping. Every figure is the median over the repeats.
+
+Start-up: the wall time of `exaonepath-tile --help` in a fresh interpreter and the memory of a fresh interpreter
+after importing what each worker imports (`exaonepath_hf.tiling.pipeline`: RSS, and USS, the pages no other
+process shares), for this tree and, with `--baseline`, for another checkout of the package (e.g. `git worktree
+add /tmp/baseline <revision>`), interleaved. Writes benchmarks/results/tile.json and tile.md.
 """
 
 import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +50,21 @@ CONFIGS = {
     "exaonepath-tile, 1 worker (openslide, PNG)": {"workers": 1, "backend": "openslide", "format": "png"},
     "bare read + PNG encode loop (peer)": {"bare": True},
 }
+
+
+def cpu_description() -> str:
+    """Vendor, family, model and model name from /proc/cpuinfo (Linux), else the platform's processor string."""
+    try:
+        fields = dict(
+            line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:30] if ":" in line
+        )
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        return (
+            f"{fields.get('model name', '?')}, {fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} "
+            f"model {fields.get('model', '?')}"
+        )
+    except OSError:
+        return platform.processor() or platform.machine()
 
 
 def run_one(spec: dict) -> dict:
@@ -126,11 +147,57 @@ def measure(spec: dict) -> dict:
     return result
 
 
+WORKER_IMPORTS = """
+import json, sys
+import psutil
+import exaonepath_hf.tiling.pipeline
+memory = psutil.Process().memory_full_info()
+heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+print(json.dumps({"rss": memory.rss, "uss": memory.uss, "heavy": heavy}))
+"""
+
+
+def measure_startup(tree: Path) -> dict:
+    """`exaonepath-tile --help` wall time and a worker's memory after imports, with the package from `tree`."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    with tempfile.TemporaryDirectory() as empty:  # not the project folder: `-c` puts the cwd on sys.path
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-c", "from exaonepath_hf.tiling.cli import main; main(['--help'])"],
+            cwd=empty,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        seconds = time.perf_counter() - start
+        output = subprocess.run(
+            [sys.executable, "-c", WORKER_IMPORTS], cwd=empty, env=env, check=True, capture_output=True, text=True
+        ).stdout
+    return {"help_seconds": seconds, **json.loads(output)}
+
+
+def startup_rows(trees: dict[str, Path], repeats: int) -> dict:
+    runs = {name: [] for name in trees}
+    for _ in range(repeats):
+        for name, tree in trees.items():
+            runs[name].append(measure_startup(tree))
+    return {
+        name: {
+            "help_seconds": round(statistics.median(r["help_seconds"] for r in measured), 2),
+            "worker_rss_mb": round(statistics.median(r["rss"] for r in measured) / 2**20),
+            "worker_uss_mb": round(statistics.median(r["uss"] for r in measured) / 2**20),
+            "imports_torch_or_transformers": bool(measured[0]["heavy"]),
+        }
+        for name, measured in runs.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=24, help="symlinked copies of the slide to tile")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (the fastest is kept)")
-    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds per configuration (median)")
+    parser.add_argument("--baseline", type=Path, help="another checkout of the package to compare start-up with")
+    parser.add_argument("--run_one", "--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_one:
         print(json.dumps(run_one(json.loads(args.run_one))))
@@ -168,15 +235,19 @@ def main() -> None:
                 print(name, runs[name][-1], flush=True)
         rows = {}
         for name, measured in runs.items():
-            best = min(measured, key=lambda r: r["seconds"])
+            seconds = statistics.median(r["seconds"] for r in measured)
             rows[name] = {
-                "patches": best["patches"],
-                "seconds": round(best["seconds"], 3),
-                "patches_per_second": round(best["patches"] / best["seconds"], 1),
-                "peak_pss_mb": round(max(r["peak_pss"] for r in measured) / 2**20),
-                "import_rss_mb": round(best["import_rss"] / 2**20),
-                "worker_startup_seconds": round(best["startup_seconds"], 2),
+                "patches": measured[0]["patches"],
+                "seconds": round(seconds, 3),
+                "patches_per_second": round(measured[0]["patches"] / seconds, 1),
+                "peak_pss_mb": round(statistics.median(r["peak_pss"] for r in measured) / 2**20),
+                "import_rss_mb": round(statistics.median(r["import_rss"] for r in measured) / 2**20),
+                "worker_startup_seconds": round(statistics.median(r["startup_seconds"] for r in measured), 2),
             }
+    trees = {"this tree": ROOT}
+    if args.baseline:
+        trees[f"baseline ({args.baseline.name})"] = args.baseline.resolve()
+    startup = startup_rows(trees, args.repeats)
 
     record = {
         "slide": SLIDE.name,
@@ -184,15 +255,16 @@ def main() -> None:
         "repeats": args.repeats,
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
+        "cpu": cpu_description(),
         "results": rows,
+        "startup": startup,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tile.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         f"Tiling `{SLIDE.name}` x {args.copies} copies (256 px at 0.5 µm/px = 257 px at level 0, 28 patches per "
-        f"copy), {os.cpu_count()} CPU cores shared with other jobs, best of {args.repeats}. The one-off start of "
-        "the worker fork server (it imports torch and transformers with the package) is not in the time but in "
-        "its own column.",
+        f"copy), {os.cpu_count()} CPU cores ({record['cpu']}), median of {args.repeats} interleaved rounds. The "
+        "one-off start of the worker fork server is not in the time but in its own column.",
         "",
         "| configuration | patches/s | seconds | worker start-up (s) | peak PSS, process tree (MB) "
         "| RSS after imports (MB) |",
@@ -202,6 +274,17 @@ def main() -> None:
         lines.append(
             f"| {name} | {row['patches_per_second']} | {row['seconds']} | {row['worker_startup_seconds']} "
             f"| {row['peak_pss_mb']} | {row['import_rss_mb']} |"
+        )
+    lines += [
+        "",
+        "| package | `exaonepath-tile --help` (s) | worker after imports: RSS (MB) | USS (MB) "
+        "| imports torch or transformers |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, row in startup.items():
+        lines.append(
+            f"| {name} | {row['help_seconds']} | {row['worker_rss_mb']} | {row['worker_uss_mb']} "
+            f"| {'yes' if row['imports_torch_or_transformers'] else 'no'} |"
         )
     (RESULTS / "tile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -24,17 +24,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from exaonepath_hf import ExaonePathConfig, ExaonePathModel
+from exaonepath_hf.stain_normalization import MacenkoNormalizer
+from exaonepath_hf.train.dino.augmentations import AugmentationConfig, DINOMultiCrop
+from exaonepath_hf.train.dino.data import PatchSource, PatchStream, load_patch_dataset
+from exaonepath_hf.train.dino.head import DINOHead
+from exaonepath_hf.train.dino.loss import DINOLoss
+from exaonepath_hf.train.dino.model import MultiCropNetwork
+from exaonepath_hf.train.dino.teacher import build_teacher
 
-from exaonepath_hf import ExaonePathConfig, ExaonePathModel  # noqa: E402
-from exaonepath_hf.stain_normalization import MacenkoNormalizer  # noqa: E402
-from exaonepath_hf.train.dino.augmentations import AugmentationConfig, DINOMultiCrop  # noqa: E402
-from exaonepath_hf.train.dino.data import PatchSource, PatchStream, load_patch_dataset  # noqa: E402
-from exaonepath_hf.train.dino.head import DINOHead  # noqa: E402
-from exaonepath_hf.train.dino.loss import DINOLoss  # noqa: E402
-from exaonepath_hf.train.dino.model import MultiCropNetwork  # noqa: E402
-from exaonepath_hf.train.dino.teacher import build_teacher  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGET_COST = 1.3  # the bound on the pipeline's slowdown from Macenko
 DATA = Path(os.environ.get("EXAONEPATH_TEST_DATA", ROOT.parent / "shared" / "data"))

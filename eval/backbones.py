@@ -113,7 +113,9 @@ class Encoder:
         outputs = self.model(pixel_values=pixel_values)
         if self.pooling == "pooler":
             if getattr(outputs, "pooler_output", None) is None:
-                raise ValueError(f"{self.source} returns no pooler_output; use pooling 'cls' or 'mean' (--pooling)")
+                raise ValueError(
+                    f"{self.source} returns no pooler_output; use pooling 'cls' or 'mean' (--pooling)"
+                )
             return outputs.pooler_output
         if self.pooling == "mean":
             return outputs.last_hidden_state[:, 1:].mean(dim=1)

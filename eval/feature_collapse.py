@@ -2,7 +2,7 @@
 
 EXAONEPath's claim (paper, Figure 2) is that Macenko-normalized pretraining removes the slide identity
 (stain, scanner) that other models' features carry. For each model and each input setting (raw, Macenko)
-this measures, on features grouped by `--group-by`:
+this measures, on features grouped by `--group_by`:
 
 - kNN slide-identity accuracy, leave-one-out (cosine, k nearest other tiles, majority vote, ties to the
   nearest); chance is the share of agreements of a prevalence-matched guess, sum_g p_g^2;
@@ -11,24 +11,29 @@ this measures, on features grouped by `--group-by`:
 - the same three by class when labels exist (there, high is good);
 - a t-SNE plot coloured by slide, one panel per (model, setting): `tsne.png`.
 
-    python -m eval.feature_collapse --model A --model B --data ../shared/data/tcga-tiles --group-by folder
-    python -m eval.feature_collapse --model A --data ../shared/data/stain-templates --group-by file --tile 224
-    python -m eval.feature_collapse --model A --data OUT/shards --group-by slide_id     # exaonepath-tile output
+    exaonepath-collapse --model A --model B --data ../shared/data/tcga-tiles --group_by folder
+    exaonepath-collapse --model A --data ../shared/data/stain-templates --group_by file --tile 224
+    exaonepath-collapse --model A --data OUT --group_by slide_id     # exaonepath-tile output (or OUT/shards)
 
 `--data` is a folder of images (class subfolders or a metadata.csv with slide_id / label columns, or plain
-files), or parquet shards written by `exaonepath-tile`. `--tile SIZE` cuts every image into a grid of
-SIZE x SIZE tiles first (for a few large images per slide). Groups with a single tile are left out and counted.
+files), an `exaonepath-tile` output folder (only the shards its manifest lists as complete are read), a
+parquet file or a parquet glob. `--tile SIZE` cuts every image into a grid of SIZE x SIZE tiles first (for a
+few large images per slide). Groups with a single tile are left out and counted. In Python:
+`run_feature_collapse(CollapseSettings(...))`, or `assess_collapse` on features you already have.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import io
 import logging
 import os
+import sys
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +41,13 @@ import datasets
 import matplotlib
 import numpy as np
 import torch
-from PIL import Image
+from accelerate import PartialState
 
 from ..atomic_io import atomic_write_bytes, write_json
-
-from .backbones import load_encoder
-from .features import cache_key, default_cache_root, distributed_state, extract_features
+from ..images import image_files, open_rgb
+from ..tiling.shards import completed_shard_files, tiling_output_folder
+from .backbones import Pooling, Preprocessing, load_encoder
+from .features import ExtractionSettings, FeatureSet, cache_key, distributed_state
 from .report import environment
 from .tasks import local_fingerprint
 
@@ -50,17 +56,21 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interacti
 
 __all__ = [
     "GroupedImages",
+    "parquet_files",
     "load_grouped_images",
     "knn_identity_accuracy",
     "between_group_variance_share",
     "collapse_metrics",
     "plot_tsne",
+    "CollapseInput",
+    "assess_collapse",
+    "CollapseSettings",
+    "run_feature_collapse",
     "main",
 ]
 
-logger = logging.getLogger("eval.feature_collapse")
+logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 GROUP_CHOICES = ("slide_id", "patient_id", "folder", "file")
 SETTINGS = {"raw": False, "macenko": True}
 
@@ -82,80 +92,128 @@ def _group_of(path: Path, root: Path, group_by: str) -> str:
     return path.parent.name if path.parent != root else path.stem
 
 
-def _tiles(image_bytes: bytes | None, path: str | None, size: int) -> list[bytes]:
-    with Image.open(io.BytesIO(image_bytes) if image_bytes else path) as image:
-        image = image.convert("RGB")
-        width, height = image.size
-        tiles = []
-        for top in range(0, height - size + 1, size):
-            for left in range(0, width - size + 1, size):
-                buffer = io.BytesIO()
-                image.crop((left, top, left + size, top + size)).save(buffer, format="PNG")
-                tiles.append(buffer.getvalue())
+def _tiles(image: dict[str, Any], size: int) -> list[bytes]:
+    rgb = open_rgb(image)
+    width, height = rgb.size
+    tiles = []
+    for top in range(0, height - size + 1, size):
+        for left in range(0, width - size + 1, size):
+            buffer = io.BytesIO()
+            rgb.crop((left, top, left + size, top + size)).save(buffer, format="PNG")
+            tiles.append(buffer.getvalue())
     return tiles
+
+
+def parquet_files(data: str | os.PathLike) -> list[str] | None:
+    """The parquet files `data` names, or None when it names none (then it is a folder of images).
+
+    An `exaonepath-tile` output folder (or its `shards/`) gives the shards its manifest lists as complete:
+    a run killed while publishing a slide leaves partial shards beside them. A glob inside such a folder is
+    narrowed to the complete shards the same way; a `.parquet` file named explicitly is read as it is.
+    """
+    text = str(data)
+    if tiling_output_folder(text) is not None:
+        return completed_shard_files(text)
+    if glob.has_magic(text):
+        files = sorted(f for f in glob.glob(text) if f.endswith(".parquet"))
+        if tiling_output_folder(Path(text).parent) is not None:
+            complete = {os.path.abspath(f) for f in completed_shard_files(Path(text).parent)}
+            files = [f for f in files if os.path.abspath(f) in complete]
+        return files
+    if Path(text).suffix == ".parquet":
+        return [text]
+    return None
+
+
+@dataclass
+class _Images:
+    """Undecoded images with their group and (optional) label, before tiling."""
+
+    images: list[dict[str, Any]]
+    groups: list[str]
+    labels: list[Any] | None
+    fingerprint: str
+
+
+def _parquet_images(files: list[str], group_by: str, data: str | os.PathLike) -> _Images:
+    if not files:
+        raise ValueError(f"no parquet shards found for {data}")
+    table = datasets.load_dataset("parquet", data_files=files, split="train")
+    fingerprint = hashlib.sha256("".join(f"{f}:{os.stat(f).st_size}" for f in files).encode()).hexdigest()[
+        :16
+    ]
+    if group_by not in table.column_names:
+        raise ValueError(f"{data}: no column {group_by!r} (has {table.column_names})")
+    return _Images(
+        images=table.cast_column("image", datasets.Image(decode=False))["image"],
+        groups=[str(g) for g in table[group_by]],
+        labels=table["label"] if "label" in table.column_names else None,
+        fingerprint=fingerprint,
+    )
+
+
+def _folder_images(root: Path, group_by: str) -> _Images:
+    fingerprint = local_fingerprint(root)
+    if not (root / "metadata.csv").is_file():
+        if group_by not in ("folder", "file"):
+            raise ValueError(f"{root} has no metadata.csv: group by 'folder' or 'file', not {group_by!r}")
+        paths = image_files(root)
+        return _Images(
+            images=[{"bytes": None, "path": str(p)} for p in paths],
+            groups=[_group_of(p, root, group_by) for p in paths],
+            labels=None,
+            fingerprint=fingerprint,
+        )
+    table = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+    images = table.cast_column("image", datasets.Image(decode=False))["image"]
+    if group_by in ("folder", "file"):
+        groups = [_group_of(Path(i["path"]), root, group_by) for i in images]
+    elif group_by in table.column_names:
+        groups = [str(g) for g in table[group_by]]
+    else:
+        raise ValueError(f"{root}/metadata.csv has no column {group_by!r} (has {table.column_names})")
+    labels = table["label"] if "label" in table.column_names else None
+    return _Images(images, groups, labels, fingerprint)
+
+
+def _tile_images(found: _Images, tile: int) -> _Images:
+    images, groups, labels = [], [], []
+    for index, image in enumerate(found.images):
+        pieces = _tiles(image, tile)
+        if not pieces:
+            logger.warning("%s is smaller than --tile %d; left out", image.get("path") or index, tile)
+        images += [{"bytes": piece, "path": None} for piece in pieces]
+        groups += [found.groups[index]] * len(pieces)
+        if found.labels is not None:
+            labels += [found.labels[index]] * len(pieces)
+    return _Images(
+        images, groups, labels if found.labels is not None else None, f"{found.fingerprint}-tile{tile}"
+    )
 
 
 def load_grouped_images(data: str | os.PathLike, group_by: str, tile: int | None = None) -> GroupedImages:
     """Images of `data` with their group (see the module docstring for the accepted layouts)."""
-    root = Path(data)
-    shards = sorted((root / "shards").glob("*.parquet")) if root.is_dir() else []
-    if root.suffix == ".parquet" or shards:
-        files = [str(root)] if root.suffix == ".parquet" else [str(s) for s in shards]
-        table = datasets.load_dataset("parquet", data_files=files, split="train")
-        fingerprint = hashlib.sha256(
-            "".join(f"{f}:{os.stat(f).st_size}" for f in files).encode()
-        ).hexdigest()[:16]
-        if group_by not in table.column_names:
-            raise ValueError(f"{data}: no column {group_by!r} (has {table.column_names})")
-        groups = [str(g) for g in table[group_by]]
-        labels = table["label"] if "label" in table.column_names else None
-        images = table.cast_column("image", datasets.Image(decode=False))["image"]
-    elif root.is_dir():
-        fingerprint = local_fingerprint(root)
-        if (root / "metadata.csv").is_file():
-            table = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
-            table = table.cast_column("image", datasets.Image(decode=False))
-            images = table["image"]
-            if group_by in ("folder", "file"):
-                groups = [_group_of(Path(i["path"]), root, group_by) for i in images]
-            elif group_by in table.column_names:
-                groups = [str(g) for g in table[group_by]]
-            else:
-                raise ValueError(f"{root}/metadata.csv has no column {group_by!r} (has {table.column_names})")
-            labels = table["label"] if "label" in table.column_names else None
-        else:
-            if group_by not in ("folder", "file"):
-                raise ValueError(f"{root} has no metadata.csv: group by 'folder' or 'file', not {group_by!r}")
-            paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            images = [{"bytes": None, "path": str(p)} for p in paths]
-            groups = [_group_of(p, root, group_by) for p in paths]
-            labels = None
+    files = parquet_files(data)
+    if files is not None:
+        found = _parquet_images(files, group_by, data)
+    elif Path(data).is_dir():
+        found = _folder_images(Path(data), group_by)
     else:
-        raise FileNotFoundError(f"--data {data} is neither a folder nor parquet shards")
-    if not images:
+        raise FileNotFoundError(f"--data {data} is neither a folder of images nor parquet shards")
+    if not found.images:
         raise ValueError(f"no images found in {data}")
-
     if tile:
-        expanded_images, expanded_groups, expanded_labels = [], [], []
-        for index, image in enumerate(images):
-            pieces = _tiles(image.get("bytes"), image.get("path"), tile)
-            if not pieces:
-                logger.warning("%s is smaller than --tile %d; left out", image.get("path") or index, tile)
-            expanded_images += [{"bytes": piece, "path": None} for piece in pieces]
-            expanded_groups += [groups[index]] * len(pieces)
-            if labels is not None:
-                expanded_labels += [labels[index]] * len(pieces)
-        images, groups, labels = (
-            expanded_images,
-            expanded_groups,
-            (expanded_labels if labels is not None else None),
-        )
-        fingerprint = f"{fingerprint}-tile{tile}"
-
+        found = _tile_images(found, tile)
+    labels = found.labels
     names = sorted({str(v) for v in labels}) if labels is not None else []
-    label_index = [names.index(str(v)) for v in labels] if labels is not None else [-1] * len(images)
+    label_index = [names.index(str(v)) for v in labels] if labels is not None else [-1] * len(found.images)
     dataset = datasets.Dataset.from_dict(
-        {"image": images, "label": label_index, "slide_id": groups, "patient_id": [""] * len(images)},
+        {
+            "image": found.images,
+            "label": label_index,
+            "slide_id": found.groups,
+            "patient_id": [""] * len(found.images),
+        },
         features=datasets.Features(
             {
                 "image": datasets.Image(decode=False),
@@ -165,7 +223,8 @@ def load_grouped_images(data: str | os.PathLike, group_by: str, tile: int | None
             }
         ),
     )
-    return GroupedImages(dataset, f"{fingerprint}-{group_by}", labels is not None, str(root.resolve()))
+    source = str(Path(data).resolve()) if not glob.has_magic(str(data)) else os.path.abspath(str(data))
+    return GroupedImages(dataset, f"{found.fingerprint}-{group_by}", labels is not None, source)
 
 
 def _codes(groups: list[str] | np.ndarray) -> np.ndarray:
@@ -316,16 +375,161 @@ def render_markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class CollapseInput:
+    """Features of one (model, input setting) to assess, with the group (slide) of each row.
+
+    `classes` (one label per row) adds the same metrics by class; `details` are recorded in the result as
+    they are (model identity, preprocessing, extraction statistics, ...).
+    """
+
+    model: str
+    setting: str
+    features: torch.Tensor
+    groups: Sequence[str]
+    classes: Sequence[str] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def assess_collapse(
+    inputs: Sequence[CollapseInput], tsne_path: str | os.PathLike, k: int = 5, seed: int = 0
+) -> tuple[list[dict[str, Any]], Path]:
+    """Collapse metrics of every input and one t-SNE figure of them all (written to `tsne_path`).
+
+    Returns one result per input, `{"model", "setting", **details, "by_group", ["by_class"]}`, in the order
+    of `inputs` (`render_markdown` tabulates them), and the figure's path.
+    """
+    results, panels = [], []
+    for item in inputs:
+        by_group = collapse_metrics(item.features, item.groups, k=k, seed=seed)
+        result = {"model": item.model, "setting": item.setting, **item.details, "by_group": by_group}
+        if item.classes is not None:
+            result["by_class"] = collapse_metrics(item.features, item.classes, k=k, seed=seed)
+        results.append(result)
+        panels.append(
+            {
+                "model": item.model,
+                "setting": item.setting,
+                "groups": list(item.groups),
+                "embedding": tsne_embedding(item.features, seed=seed),
+                "metrics": by_group,
+            }
+        )
+    models = list(dict.fromkeys(item.model for item in inputs))
+    settings = list(dict.fromkeys(item.setting for item in inputs))
+    return results, plot_tsne(panels, models, settings, Path(tsne_path))
+
+
+@dataclass(frozen=True)
+class CollapseSettings:
+    """One `exaonepath-collapse` run (see the module docstring); `labels` names the models in the outputs."""
+
+    models: tuple[str, ...]
+    data: str | os.PathLike
+    labels: tuple[str, ...] | None = None
+    group_by: str = "slide_id"
+    tile: int | None = None
+    input_settings: tuple[str, ...] = ("raw", "macenko")
+    k: int = 5
+    pooling: Pooling = "auto"
+    output_dir: Path = Path("results/feature_collapse")
+    seed: int = 0
+    extraction: ExtractionSettings = field(default_factory=lambda: ExtractionSettings(num_workers=2))
+
+    def validate(self) -> None:
+        if self.labels is not None and len(self.labels) != len(self.models):
+            raise ValueError("give one label (--label) per model (--model)")
+        if self.group_by not in GROUP_CHOICES:
+            raise ValueError(f"group_by must be one of {GROUP_CHOICES}, not {self.group_by!r}")
+        unknown = [name for name in self.input_settings if name not in SETTINGS]
+        if unknown:
+            raise ValueError(f"unknown input setting(s) {unknown}; choose from {sorted(SETTINGS)}")
+
+
+def _extract_all(
+    settings: CollapseSettings, data: GroupedImages, labels: Sequence[str], state: PartialState
+) -> list[tuple[str, dict[str, Any], str, Preprocessing, FeatureSet]]:
+    extracted = []
+    for model_source, label in zip(settings.models, labels, strict=True):
+        encoder = load_encoder(model_source, pooling=settings.pooling, device=state.device)
+        for setting in settings.input_settings:
+            preprocessing = encoder.default_preprocessing(stain_normalize=SETTINGS[setting])
+            key = cache_key(
+                encoder,
+                data.source,
+                "local",
+                data.fingerprint,
+                "all",
+                preprocessing,
+                settings.extraction.precision,
+            )
+            features = settings.extraction.extract(encoder, data.dataset, preprocessing, key, state=state)
+            extracted.append((label, encoder.identity(), setting, preprocessing, features))
+    return extracted
+
+
+def run_feature_collapse(
+    settings: CollapseSettings, state: PartialState | None = None
+) -> dict[str, Any] | None:
+    """Extract features of every model and input setting, assess them, write `collapse.json`, `collapse.md`
+    and `tsne.png` under `settings.output_dir`; returns the summary (None on the other processes)."""
+    settings.validate()
+    state = state or distributed_state()
+    data = load_grouped_images(settings.data, settings.group_by, settings.tile)
+    labels = list(settings.labels) if settings.labels else [Path(m).name for m in settings.models]
+    # every process extracts first; metrics and t-SNE (slow on large sets) run afterwards on the main
+    # process only, so that no process waits at a collective meanwhile
+    extracted = _extract_all(settings, data, labels, state)
+    if not state.is_main_process:
+        return None
+    inputs = [
+        CollapseInput(
+            model=label,
+            setting=setting,
+            features=features.features,
+            groups=features.slide_ids,
+            classes=features.labels.numpy().astype(str) if data.has_labels else None,
+            details={
+                "model_identity": identity,
+                "preprocessing": preprocessing.to_dict(),
+                "extraction": {**features.stats, "failed_images": len(features.failed)},
+            },
+        )
+        for label, identity, setting, preprocessing, features in extracted
+    ]
+    out = Path(settings.output_dir)
+    results, png = assess_collapse(inputs, out / "tsne.png", k=settings.k, seed=settings.seed)
+    for result in results:
+        logger.info("%s %s: %s", result["model"], result["setting"], result["by_group"])
+    summary = {
+        "data": data.source,
+        "group_by": settings.group_by,
+        "tile": settings.tile,
+        "results": results,
+        "tsne_png": str(png),
+        "environment": environment(),
+    }
+    write_json(out / "collapse.json", summary)
+    table = render_markdown(results)
+    atomic_write_bytes(out / "collapse.md", table.encode())
+    print(table + f"\nt-SNE: {png}\nrecord: {out / 'collapse.json'}")
+    return summary
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="exaonepath-collapse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--model", action="append", required=True, help="repeat to compare models side by side"
     )
     parser.add_argument("--label", action="append", default=None, help="display name per --model")
-    parser.add_argument("--data", required=True, type=Path)
-    parser.add_argument("--group-by", dest="group_by", choices=GROUP_CHOICES, default="slide_id")
+    parser.add_argument(
+        "--data", required=True, type=Path, help="image folder, exaonepath-tile output, parquet file or glob"
+    )
+    parser.add_argument(
+        "--group_by", "--group-by", dest="group_by", choices=GROUP_CHOICES, default="slide_id"
+    )
     parser.add_argument("--tile", type=int, default=None, help="cut each image into SIZE x SIZE tiles first")
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["raw", "macenko"])
     parser.add_argument("--k", type=int, default=5)
@@ -339,80 +543,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def settings_from_args(args: argparse.Namespace) -> CollapseSettings:
+    return CollapseSettings(
+        models=tuple(args.model),
+        data=args.data,
+        labels=tuple(args.label) if args.label else None,
+        group_by=args.group_by,
+        tile=args.tile,
+        input_settings=tuple(args.settings),
+        k=args.k,
+        pooling=args.pooling,
+        output_dir=args.output_dir,
+        seed=args.seed,
+        extraction=ExtractionSettings(
+            cache_dir=args.cache_dir,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            precision=args.precision,
+        ),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.label and len(args.label) != len(args.model):
-        raise SystemExit("give one --label per --model")
-    state = distributed_state()
-    cache_root = args.cache_dir or default_cache_root()
-    data = load_grouped_images(args.data, args.group_by, args.tile)
-    labels = [Path(m).name for m in args.model] if not args.label else args.label
-    # every process extracts first; metrics and t-SNE (minutes on large sets) run afterwards on the main
-    # process only, so that no process waits at a collective meanwhile
-    extracted = []
-    for model_source, label in zip(args.model, labels, strict=True):
-        encoder = load_encoder(model_source, pooling=args.pooling, device=state.device)
-        for setting in args.settings:
-            preprocessing = encoder.default_preprocessing(stain_normalize=SETTINGS[setting])
-            key = cache_key(
-                encoder, data.source, "local", data.fingerprint, "all", preprocessing, args.precision
-            )
-            features = extract_features(
-                encoder,
-                data.dataset,
-                preprocessing,
-                key,
-                cache_root,
-                batch_size=args.batch_size,
-                num_workers=args.num_workers,
-                precision=args.precision,
-                state=state,
-            )
-            extracted.append((label, encoder.identity(), setting, preprocessing, features))
-    if not state.is_main_process:
-        return {}
-    results, panels = [], []
-    for label, identity, setting, preprocessing, features in extracted:
-        result = {
-            "model": label,
-            "model_identity": identity,
-            "setting": setting,
-            "preprocessing": preprocessing.to_dict(),
-            "by_group": collapse_metrics(features.features, features.slide_ids, k=args.k, seed=args.seed),
-            "extraction": {**features.stats, "failed_images": len(features.failed)},
-        }
-        if data.has_labels:
-            result["by_class"] = collapse_metrics(
-                features.features, features.labels.numpy().astype(str), k=args.k, seed=args.seed
-            )
-        results.append(result)
-        panels.append(
-            {
-                "model": label,
-                "setting": setting,
-                "groups": features.slide_ids,
-                "embedding": tsne_embedding(features.features, seed=args.seed),
-                "metrics": result["by_group"],
-            }
-        )
-        logger.info("%s %s: %s", label, setting, result["by_group"])
-    out = args.output_dir
-    png = plot_tsne(panels, labels, args.settings, out / "tsne.png")
-    summary = {
-        "data": data.source,
-        "group_by": args.group_by,
-        "tile": args.tile,
-        "results": results,
-        "tsne_png": str(png),
-        "environment": environment(),
-    }
-    write_json(out / "collapse.json", summary)
-    table = render_markdown(results)
-    atomic_write_bytes(out / "collapse.md", table.encode())
-    print(table + f"\nt-SNE: {png}\nrecord: {out / 'collapse.json'}")
-    return summary
+    try:
+        run_feature_collapse(settings_from_args(args))
+    except (FileNotFoundError, ValueError) as error:
+        logger.debug("bad input", exc_info=True)
+        print(f"exaonepath-collapse: error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -339,7 +339,9 @@ class _ChunkWriter:
                 _flush_chunk(self.entry, chunk, self.buffers.pop(chunk))
 
 
-def _pending_rows(entry: Path, num_rows: int, chunk_size: int, num_chunks: int, state: PartialState) -> list[int]:
+def _pending_rows(
+    entry: Path, num_rows: int, chunk_size: int, num_chunks: int, state: PartialState
+) -> list[int]:
     """Rows of this process's chunks that no earlier run finished (every `num_processes`-th chunk is ours)."""
     mine = [c for c in range(num_chunks) if c % state.num_processes == state.process_index]
     pending = [c for c in mine if not _chunk_path(entry, c).is_file()]

@@ -1,14 +1,15 @@
 """Linear probing of a frozen encoder on the paper's six benchmarks or any local imagefolder.
 
-    python -m eval.linear_probe --model PATH_OR_HUB_ID --task crc100k
-    python -m eval.linear_probe --model PATH --task all --data_root /data/benchmarks   # mhist/ til/ msi_crc/ msi_stad/
-    python -m eval.linear_probe --model PATH --task imagefolder --data_dir DIR --test_fraction 0.25
-    accelerate launch -m eval.linear_probe ...     # feature extraction across processes / nodes
+    exaonepath-probe --model PATH_OR_HUB_ID --task crc100k
+    exaonepath-probe --model PATH --task all --data_root /data/benchmarks   # mhist/ til/ msi_crc/ msi_stad/
+    exaonepath-probe --model PATH --task imagefolder --data_dir DIR --test_fraction 0.25
+    accelerate launch -m exaonepath_hf.eval.linear_probe ...     # feature extraction across processes / nodes
 
 Features are extracted once per (model, dataset revision, split, preprocessing) into the feature cache,
 then each protocol (`--protocol paper eva lbfgs`) trains on the cache. Each (task, protocol) writes
 `OUTPUT/<model>/<task>/<protocol>.record.json` (every setting, versions, revisions, metrics per seed,
 mean ± sd) and `<protocol>.predictions.safetensors`; `OUTPUT/report.md` renders the paper's Table 1.
+In Python: `run_linear_probe(LinearProbeSettings(...))`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import dataclasses
 import json
 import logging
 import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +30,27 @@ import torch
 from accelerate import PartialState
 
 from ..atomic_io import atomic_save_tensors, write_json
-
-from .backbones import Encoder, Preprocessing, load_encoder
-from .features import FeatureSet, cache_key, default_cache_root, distributed_state, extract_features
+from ..stain_normalization import StainReference
+from .backbones import Encoder, Pooling, Preprocessing, load_encoder
+from .features import ExtractionSettings, FeatureSet, cache_key, distributed_state
 from .probes import PRESETS, FeatureSplit, ProbeConfig, fit_linear_probe, predict, summarize_seeds
 from .report import RECORD_SUFFIX, environment, write_report
-from .tasks import PAPER_TASK_ORDER, SPLIT_NAMES, TaskData, get_task, imagefolder_task, load_task
+from .tasks import PAPER_TASK_ORDER, SPLIT_NAMES, TaskData, TaskSpec, get_task, imagefolder_task, load_task
 
-__all__ = ["METRIC_PATH", "load_metric", "extract_task_features", "run_probe", "probe_task", "main"]
+__all__ = [
+    "METRIC_PATH",
+    "LinearProbeSettings",
+    "load_metric",
+    "select_tasks",
+    "probe_configs",
+    "extract_task_features",
+    "run_probe",
+    "probe_task",
+    "run_linear_probe",
+    "main",
+]
 
-logger = logging.getLogger("eval.linear_probe")
+logger = logging.getLogger(__name__)
 
 METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "pathology_metrics.py"
 METRIC_KEYS = ("top1", "balanced_accuracy", "macro_f1", "auroc")
@@ -54,9 +69,10 @@ def extract_task_features(
     encoder: Encoder,
     task: TaskData,
     preprocessing: Preprocessing,
-    args: argparse.Namespace,
-    state: PartialState,
+    extraction: ExtractionSettings,
+    state: PartialState | None = None,
 ) -> dict[str, FeatureSet]:
+    """Features of every split of `task`, from the cache when an earlier run extracted them."""
     features = {}
     for split in SPLIT_NAMES:
         key = cache_key(
@@ -66,20 +82,9 @@ def extract_task_features(
             task.fingerprint(split),
             split,
             preprocessing,
-            args.precision,
+            extraction.precision,
         )
-        features[split] = extract_features(
-            encoder,
-            task.splits[split],
-            preprocessing,
-            key,
-            args.cache_dir,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            chunk_size=args.chunk_size,
-            precision=args.precision,
-            state=state,
-        )
+        features[split] = extraction.extract(encoder, task.splits[split], preprocessing, key, state=state)
     return features
 
 
@@ -124,16 +129,51 @@ def run_probe(
     )
 
 
-def _probe_config(name: str, args: argparse.Namespace) -> ProbeConfig:
-    config = PRESETS[name]
-    overrides = {}
-    if args.iterations is not None and config.optimizer != "lbfgs":
-        overrides["iterations"] = args.iterations
-    if args.eval_every is not None and config.optimizer != "lbfgs":
-        overrides["eval_every"] = args.eval_every
-    if args.seeds is not None:
-        overrides["seeds"] = tuple(args.seeds)
-    return dataclasses.replace(config, **overrides)
+def probe_configs(
+    protocols: Sequence[str],
+    iterations: int | None = None,
+    eval_every: int | None = None,
+    seeds: Sequence[int] | None = None,
+) -> list[ProbeConfig]:
+    """The `PRESETS` named in `protocols`, with the given overrides (iterations and interval: not L-BFGS)."""
+    unknown = [name for name in protocols if name not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {unknown}; choose from {sorted(PRESETS)}")
+    configs = []
+    for name in protocols:
+        config = PRESETS[name]
+        overrides: dict[str, Any] = {}
+        if iterations is not None and config.optimizer != "lbfgs":
+            overrides["iterations"] = iterations
+        if eval_every is not None and config.optimizer != "lbfgs":
+            overrides["eval_every"] = eval_every
+        if seeds is not None:
+            overrides["seeds"] = tuple(seeds)
+        configs.append(dataclasses.replace(config, **overrides))
+    return configs
+
+
+def _extraction_record(features: dict[str, FeatureSet], stain_normalize: bool) -> dict[str, Any]:
+    return {
+        split: {
+            **fs.stats,
+            "num_features": len(fs),
+            "failed_images": len(fs.failed),
+            "stain_fallbacks": int((~fs.stain_normalized).sum()) if stain_normalize else 0,
+        }
+        for split, fs in features.items()
+    }
+
+
+def _print_summary(task: TaskData, protocol: str, summary: dict[str, Any]) -> None:
+    print(
+        f"{task.spec.display_name} [{protocol}] "
+        + ", ".join(
+            f"{k} {summary[k]['mean']:.4f}" + (f"±{summary[k]['sd']:.4f}" if summary[k]["n"] > 1 else "")
+            for k in METRIC_KEYS
+            if summary[k]["mean"] is not None
+        )
+    )
 
 
 def probe_task(
@@ -141,16 +181,21 @@ def probe_task(
     task: TaskData,
     features: dict[str, FeatureSet],
     preprocessing: Preprocessing,
-    args: argparse.Namespace,
+    configs: Sequence[ProbeConfig],
+    output_dir: str | Path,
     metric: evaluate.EvaluationModule,
+    model_label: str | None = None,
+    probe_device: str = "cpu",
 ) -> list[Path]:
-    """Train every requested protocol on one task's cached features; write records and predictions."""
-    model_label = args.label or Path(encoder.source).name
-    out_dir = Path(args.output_dir) / slugify(model_label) / task.spec.name
+    """Train every protocol of `configs` on one task's cached features; write records and predictions.
+
+    Returns the written record files, `output_dir/<model label>/<task>/<protocol>.record.json`.
+    """
+    model_label = model_label or Path(encoder.source).name
+    out_dir = Path(output_dir) / slugify(model_label) / task.spec.name
     written = []
-    for protocol in args.protocol:
-        config = _probe_config(protocol, args)
-        results, probabilities = run_probe(features, config, len(task.class_names), metric, args.probe_device)
+    for config in configs:
+        results, probabilities = run_probe(features, config, len(task.class_names), metric, probe_device)
         test = features["test"]
         record = {
             "task": {**task.spec.to_dict(), "class_names": list(task.class_names)},
@@ -162,17 +207,7 @@ def probe_task(
             },
             "model": {**encoder.identity(), "label": model_label},
             "preprocessing": preprocessing.to_dict(),
-            "extraction": {
-                split: {
-                    **fs.stats,
-                    "num_features": len(fs),
-                    "failed_images": len(fs.failed),
-                    "stain_fallbacks": int((~fs.stain_normalized).sum())
-                    if preprocessing.stain_normalize
-                    else 0,
-                }
-                for split, fs in features.items()
-            },
+            "extraction": _extraction_record(features, preprocessing.stain_normalize),
             "probe": {
                 **config.to_dict(),
                 "model_selection": f"best validation {config.selection_metric} over evaluations every "
@@ -184,28 +219,136 @@ def probe_task(
             "results": results,
             "environment": environment(),
         }
-        stem = out_dir / protocol
+        record_path = out_dir / (config.name + RECORD_SUFFIX)
         atomic_save_tensors(
-            stem.with_suffix(".predictions.safetensors"),
+            out_dir / f"{config.name}.predictions.safetensors",
             {"probabilities": probabilities, "labels": test.labels, "indices": test.indices},
         )
-        write_json(stem.with_name(protocol + RECORD_SUFFIX), record)
-        written.append(stem.with_name(protocol + RECORD_SUFFIX))
-        summary = results["summary"]
-        print(
-            f"{task.spec.display_name} [{protocol}] "
-            + ", ".join(
-                f"{k} {summary[k]['mean']:.4f}" + (f"±{summary[k]['sd']:.4f}" if summary[k]["n"] > 1 else "")
-                for k in METRIC_KEYS
-                if summary[k]["mean"] is not None
-            )
+        write_json(record_path, record)
+        written.append(record_path)
+        _print_summary(task, config.name, results["summary"])
+    return written
+
+
+@dataclass(frozen=True)
+class LinearProbeSettings:
+    """One `exaonepath-probe` run: the encoder, the task(s), the preprocessing, the protocols, the outputs.
+
+    `task` is a key of `TASKS`, "all" (the six, local ones from `data_root/<task>`, skipped when absent) or
+    "imagefolder" (`data_dir`, split as `val_fraction` / `test_fraction` / `split_seed` say).
+    """
+
+    model: str
+    task: str
+    revision: str | None = None
+    label: str | None = None
+    pooling: Pooling = "auto"
+    data_dir: Path | None = None
+    data_root: Path | None = None
+    dataset_revision: str | None = None
+    class_names: tuple[str, ...] | None = None
+    val_fraction: float = 0.2
+    test_fraction: float | None = None
+    split_seed: int = 42
+    stain_normalize: bool = True
+    stain_reference: StainReference | None = None
+    protocols: tuple[str, ...] = ("paper",)
+    iterations: int | None = None
+    eval_every: int | None = None
+    seeds: tuple[int, ...] | None = None
+    output_dir: Path = Path("results/linear_probe")
+    probe_device: str | None = None
+    extraction: ExtractionSettings = field(default_factory=ExtractionSettings)
+
+
+def select_tasks(
+    task: str,
+    data_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+    class_names: Sequence[str] | None = None,
+    val_fraction: float = 0.2,
+    split_seed: int = 42,
+) -> list[tuple[TaskSpec, Path | None]]:
+    """(spec, data folder) of each task `task` names; see `LinearProbeSettings`."""
+    data_dir = Path(data_dir) if data_dir is not None else None
+    if task == "imagefolder":
+        if data_dir is None:
+            raise ValueError("--task imagefolder needs --data_dir")
+        return [(imagefolder_task(data_dir, class_names, val_fraction, split_seed), data_dir)]
+    names = PAPER_TASK_ORDER if task == "all" else (task,)
+    selected = []
+    for name in names:
+        spec = get_task(name)
+        folder = data_dir if task != "all" else (Path(data_root) / name if data_root else None)
+        if spec.is_local and (folder is None or not folder.is_dir()):
+            if task != "all":
+                raise ValueError(
+                    f"{name} has no hub copy: build it with `exaonepath-convert-dataset {spec.converter} SRC OUT` "
+                    "and pass --data_dir OUT"
+                )
+            logger.warning("skipping %s: no imagefolder at %s (see exaonepath-convert-dataset)", name, folder)
+            continue
+        selected.append((spec, folder))
+    return selected
+
+
+def run_linear_probe(settings: LinearProbeSettings, state: PartialState | None = None) -> list[Path]:
+    """Extract (or load) features, train every protocol on every task, write records and `report.md`.
+
+    Returns the written record files (none on the processes other than the main one).
+    """
+    tasks = select_tasks(
+        settings.task,
+        settings.data_dir,
+        settings.data_root,
+        settings.class_names,
+        settings.val_fraction,
+        settings.split_seed,
+    )
+    configs = probe_configs(settings.protocols, settings.iterations, settings.eval_every, settings.seeds)
+    state = state or distributed_state()
+    encoder = load_encoder(
+        settings.model, pooling=settings.pooling, revision=settings.revision, device=state.device
+    )
+    preprocessing = encoder.default_preprocessing(
+        stain_normalize=settings.stain_normalize, stain_reference=settings.stain_reference
+    )
+    # every process extracts; only then does the main process train probes, so that no process waits at a
+    # collective while another trains (a long wait would hit the process group's timeout)
+    extracted = []
+    for spec, data_dir in tasks:
+        task = load_task(
+            spec, data_dir=data_dir, revision=settings.dataset_revision, test_fraction=settings.test_fraction
         )
+        extracted.append(
+            (task, extract_task_features(encoder, task, preprocessing, settings.extraction, state))
+        )
+    if not state.is_main_process:
+        return []
+    metric = load_metric()
+    probe_device = settings.probe_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    written = []
+    for task, features in extracted:
+        written += probe_task(
+            encoder,
+            task,
+            features,
+            preprocessing,
+            configs,
+            settings.output_dir,
+            metric,
+            settings.label,
+            probe_device,
+        )
+    if written:
+        report = write_report(settings.output_dir)
+        print(f"records: {', '.join(map(str, written))}\nreport: {report}")
     return written
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="exaonepath-probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--model", required=True, help="folder, hub id, .ckpt/state-dict file, timm:NAME or hf-hub:ORG/NAME"
@@ -258,67 +401,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _tasks(args: argparse.Namespace) -> list[tuple[Any, Path | None]]:
-    if args.task == "imagefolder":
-        if args.data_dir is None:
-            raise SystemExit("--task imagefolder needs --data_dir")
-        class_names = args.class_names.split(",") if args.class_names else None
-        return [
-            (imagefolder_task(args.data_dir, class_names, args.val_fraction, args.split_seed), args.data_dir)
-        ]
-    names = PAPER_TASK_ORDER if args.task == "all" else (args.task,)
-    selected = []
-    for name in names:
-        spec = get_task(name)
-        data_dir = (
-            args.data_dir if args.task != "all" else (args.data_root / name if args.data_root else None)
-        )
-        if spec.is_local and (data_dir is None or not data_dir.is_dir()):
-            if args.task != "all":
-                raise SystemExit(
-                    f"{name} has no hub copy: build it with `python -m eval.converters {spec.converter} SRC OUT` "
-                    "and pass --data_dir OUT"
-                )
-            logger.warning("skipping %s: no imagefolder at %s (see eval.converters)", name, data_dir)
-            continue
-        selected.append((spec, data_dir))
-    return selected
-
-
-def main(argv: list[str] | None = None) -> list[Path]:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    state = distributed_state()
-    args.cache_dir = args.cache_dir or default_cache_root()
-    args.probe_device = args.probe_device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = load_encoder(args.model, pooling=args.pooling, revision=args.revision, device=state.device)
+def settings_from_args(args: argparse.Namespace) -> LinearProbeSettings:
+    """The parsed command line as typed settings (reads the `--stain_reference` JSON)."""
     reference = None
     if args.stain_reference is not None:
-        from ..stain_normalization import StainReference
-
         reference = StainReference.from_dict(json.loads(args.stain_reference.read_text()))
-    preprocessing = encoder.default_preprocessing(
-        stain_normalize=args.stain_normalize == "on", stain_reference=reference
+    return LinearProbeSettings(
+        model=args.model,
+        task=args.task,
+        revision=args.revision,
+        label=args.label,
+        pooling=args.pooling,
+        data_dir=args.data_dir,
+        data_root=args.data_root,
+        dataset_revision=args.dataset_revision,
+        class_names=tuple(args.class_names.split(",")) if args.class_names else None,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        split_seed=args.split_seed,
+        stain_normalize=args.stain_normalize == "on",
+        stain_reference=reference,
+        protocols=tuple(args.protocol),
+        iterations=args.iterations,
+        eval_every=args.eval_every,
+        seeds=tuple(args.seeds) if args.seeds is not None else None,
+        output_dir=args.output_dir,
+        probe_device=args.probe_device,
+        extraction=ExtractionSettings(
+            cache_dir=args.cache_dir,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            chunk_size=args.chunk_size,
+            precision=args.precision,
+        ),
     )
-    # every process extracts; only then does the main process train probes, so that no process waits at a
-    # collective while another trains (a long wait would hit the process group's timeout)
-    extracted = []
-    for spec, data_dir in _tasks(args):
-        task = load_task(
-            spec, data_dir=data_dir, revision=args.dataset_revision, test_fraction=args.test_fraction
-        )
-        extracted.append((task, extract_task_features(encoder, task, preprocessing, args, state)))
-    if not state.is_main_process:
-        return []
-    metric = load_metric()
-    written = []
-    for task, features in extracted:
-        written += probe_task(encoder, task, features, preprocessing, args, metric)
-    if written:
-        report = write_report(args.output_dir)
-        print(f"records: {', '.join(map(str, written))}\nreport: {report}")
-    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run_linear_probe(settings_from_args(args))
+    except (FileNotFoundError, ValueError) as error:
+        logger.debug("bad input", exc_info=True)
+        print(f"exaonepath-probe: error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,8 +1,8 @@
 """Linear probes trained on cached features: the paper's SGD protocol, an eva-style AdamW preset, L-BFGS.
 
 All probes are a single linear layer on frozen features. Minibatches are drawn by indexing one tensor
-with a fresh permutation per epoch (no DataLoader: at 128 rows a step its overhead would dominate), so
-the paper's 12,500 iterations on 100k x 768 features take seconds on two CPU cores.
+with a fresh permutation per epoch (no DataLoader: at 128 rows a step its per-batch overhead would dominate
+the step itself; benchmarks/bench_eval.py measures both).
 
 Model selection: the paper's linear protocol (DINO's `eval_linear`) keeps the classifier that scores
 best on the validation split; we evaluate every `eval_every` steps and restore the best state (ties keep
@@ -53,8 +53,8 @@ class ProbeConfig:
     # L-BFGS only: L2 strengths (on the mean cross-entropy) tried, best on validation kept
     l2_grid: tuple[float, ...] = ()
     lbfgs_max_iter: int = 500
-    # Minibatch probes on CPU: one step is ~1 MFLOP, so splitting it across threads costs more in
-    # synchronisation than it saves (10-40x slower with 2 threads on a busy 2-core machine).
+    # Minibatch probes on CPU: one step is too small to split across threads; the synchronisation costs
+    # more than it saves (benchmarks/bench_eval.py measures it).
     cpu_threads: int = 1
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Run records and the Table 1 report (the paper's numbers beside ours, with the difference).
 
-Each probing run writes one JSON record (`eval.linear_probe`); this module renders a directory of them:
+Each probing run writes one JSON record (`exaonepath-probe`); this module renders a directory of them:
 
-    python -m eval.report results/linear_probe            # prints and writes results/linear_probe/report.md
+    exaonepath-report results/linear_probe            # prints and writes results/linear_probe/report.md
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ import importlib.metadata
 import json
 import platform
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..atomic_io import atomic_write_bytes
-
 from .tasks import PAPER_MEAN_TOP1, PAPER_TASK_ORDER, TASKS
 
 __all__ = ["environment", "load_records", "render_table1", "render_details", "write_report"]
@@ -127,9 +126,7 @@ def render_details(records: Iterable[dict[str, Any]]) -> str:
 def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     records = load_records(root)
     if not records:
-        raise FileNotFoundError(
-            f"no run records (*{RECORD_SUFFIX}) under {root}; run eval.linear_probe first"
-        )
+        raise FileNotFoundError(f"no run records (*{RECORD_SUFFIX}) under {root}; run exaonepath-probe first")
     protocols = sorted({r["probe"]["name"] for r in records})
     parts = ["# Linear probing results", ""]
     for protocol in protocols:
@@ -140,16 +137,25 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     return target
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="exaonepath-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("results", type=Path, help="directory with *.record.json files")
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default RESULTS/report.md)")
-    args = parser.parse_args(argv)
-    target = write_report(args.results, args.out)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        target = write_report(args.results, args.out)
+    except FileNotFoundError as error:
+        print(f"exaonepath-report: error: {error}", file=sys.stderr)
+        return 2
     print(target.read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

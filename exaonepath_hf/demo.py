@@ -10,7 +10,7 @@
 4. Extract features from raw and from Macenko-normalized input, and measure how much they cluster by virtual
    slide (kNN slide accuracy, silhouette, variance between slides), with a t-SNE per setting.
 
-    exaonepath-demo --out exaonepath-demo                      # demo model, ~5 minutes on 2 cores
+    exaonepath-demo --out exaonepath-demo                      # demo model, a few minutes on a CPU
     exaonepath-demo --out exaonepath-demo --model path/to/exaonepath-vitb16
 """
 
@@ -20,8 +20,10 @@ import argparse
 import importlib.util
 import json
 import logging
-import shutil
+import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -30,6 +32,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .atomic_io import atomic_file, atomic_write_bytes, atomic_write_text
+from .images import decode_rgb
 from .stain_normalization import DEFAULT_STAIN_REFERENCE, MacenkoNormalizer, StainReference
 from .tiling import TilingConfig, load_patch_dataset, tile_slides
 
@@ -64,16 +68,17 @@ DEMO_TRAINING = [
 ]
 
 
-def check_extras() -> None:
-    """The demo trains and evaluates: say which extra is missing instead of failing halfway."""
+def missing_extras() -> str | None:
+    """The demo trains and evaluates: which extra is missing (a message), so that it does not fail halfway."""
     missing = [
         module for module in ("yaml", "sklearn", "matplotlib") if importlib.util.find_spec(module) is None
     ]
-    if missing:
-        raise SystemExit(
-            f'exaonepath-demo needs {", ".join(missing)}: install the extras with pip install -e ".[train,eval]" '
-            '(or pip install "exaonepath-hf[train,eval]")'
-        )
+    if not missing:
+        return None
+    return (
+        f'exaonepath-demo needs {", ".join(missing)}: install the extras with pip install -e ".[train,eval]" '
+        '(or pip install "exaonepath-hf[train,eval]")'
+    )
 
 
 def sample_slide() -> Path:
@@ -87,7 +92,7 @@ def tile_sample(out: Path, num_workers: int) -> tuple[Path, Path]:
     if summary.failures:
         raise RuntimeError(f"tiling the sample slide failed: {summary.failures}")
     thumbnail = out / "thumbnail.png"
-    shutil.copyfile(next((tiles / "thumbnails").glob("*.png")), thumbnail)
+    atomic_write_bytes(thumbnail, next((tiles / "thumbnails").glob("*.png")).read_bytes())
     return tiles, thumbnail
 
 
@@ -95,7 +100,7 @@ def read_patches(tiles: Path) -> tuple[list[torch.Tensor], np.ndarray]:
     """All patches as uint8 CHW tensors, with their level-0 (x, y)."""
     images, coordinates = [], []
     for row in load_patch_dataset(tiles, streaming=False):
-        images.append(torch.from_numpy(np.array(row["image"].convert("RGB"))).permute(2, 0, 1).contiguous())
+        images.append(torch.from_numpy(decode_rgb(row["image"])).permute(2, 0, 1).contiguous())
         coordinates.append((row["x"], row["y"]))
     return images, np.asarray(coordinates, dtype=np.int64)
 
@@ -114,9 +119,9 @@ def restain_as_labs(images: list[torch.Tensor]) -> tuple[list[torch.Tensor], lis
 
 def pretrain_demo_model(tiles: Path, out: Path, steps: int) -> Path:
     """A small ViT trained with the package's DINO loop on the Macenko-normalized patches; returns its folder."""
-    from train.pretrain_dino import main as pretrain
+    from .train.pretrain_dino import main as pretrain
 
-    config = resources.files("train").joinpath("configs", "cpu_smoke.yaml")
+    config = resources.files("exaonepath_hf.train") / "configs" / "cpu_smoke.yaml"
     run_dir = out / "demo-model-training"
     overrides = [
         f"data.source={tiles}",
@@ -149,28 +154,18 @@ def measure_collapse(
     out: Path, model_name: str, features: dict[str, torch.Tensor], groups: list[str]
 ) -> dict:
     """Slide-clustering metrics and t-SNE for each input setting; writes the markdown, JSON and PNG."""
-    from eval.feature_collapse import collapse_metrics, plot_tsne, render_markdown, tsne_embedding
+    from .eval.feature_collapse import CollapseInput, assess_collapse, render_markdown
 
-    results, panels = [], []
-    for setting, values in features.items():
-        metrics = collapse_metrics(values, groups)
-        results.append({"model": model_name, "setting": setting, "by_group": metrics})
-        panels.append(
-            {
-                "model": model_name,
-                "setting": setting,
-                "embedding": tsne_embedding(values),
-                "groups": groups,
-                "metrics": metrics,
-            }
-        )
-    plot_tsne(panels, [model_name], list(features), out / "tsne.png")
-    (out / "feature_collapse.md").write_text(
+    inputs = [CollapseInput(model_name, setting, values, groups) for setting, values in features.items()]
+    results, _ = assess_collapse(inputs, out / "tsne.png")
+    atomic_write_text(
+        out / "feature_collapse.md",
         "# Feature collapse by virtual slide (each patch in 4 lab stainings)\n\n"
         "kNN slide accuracy near 1: features encode the stain, not the tissue (WSI-specific feature collapse); "
-        "below chance: the 4 stainings of a patch are each other's neighbours.\n\n" + render_markdown(results)
+        "below chance: the 4 stainings of a patch are each other's neighbours.\n\n"
+        + render_markdown(results),
     )
-    (out / "feature_collapse.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out / "feature_collapse.json", json.dumps(results, indent=2))
     return {result["setting"]: result["by_group"] for result in results}
 
 
@@ -181,7 +176,18 @@ def load_model(source: str | Path, device: str):
     return model, AutoImageProcessor.from_pretrained(source)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class DemoSettings:
+    """One demo run: where it writes, which model (None: pretrain a demo ViT for `train_steps` steps)."""
+
+    out: Path = Path("exaonepath-demo")
+    model: str | None = None
+    train_steps: int = 40
+    workers: int = 1
+    device: str = "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exaonepath-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -189,59 +195,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--model", help="converted EXAONEPath folder or hub repo; default: pretrain a demo model"
     )
-    parser.add_argument("--train-steps", type=int, default=40, help="DINO steps of the demo model")
+    parser.add_argument(
+        "--train_steps", "--train-steps", type=int, default=40, help="DINO steps of the demo model"
+    )
     parser.add_argument("--workers", type=int, default=1, help="tiling processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    check_extras()
-    start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    import exaonepath_hf  # noqa: F401  (registers the Auto classes for the exported folder)
-
-    print(f"[1/4] tiling {SAMPLE_SLIDE} at 0.5 µm/px into 256 px tissue patches")
-    tiles, thumbnail = tile_sample(out, args.workers)
-    images, coordinates = read_patches(tiles)
-    print(f"      {len(images)} tissue patches; grid drawn on {thumbnail}")
-
-    print("[2/4] re-staining the patches as four labs would (virtual slides lab-A..lab-D)")
-    restained, labs, sources = restain_as_labs(images)
-
-    if args.model:
-        model_name, model_folder = f"EXAONEPath ({args.model})", args.model
-        print(f"[3/4] loading {args.model}")
-    else:
-        model_name = f"demo ViT ({args.train_steps} DINO steps here; not EXAONEPath)"
-        print(
-            f"[3/4] pretraining a DEMO model: ViT 192-d x 4 blocks, {args.train_steps} DINO steps on Macenko patches"
+def save_features(
+    out: Path, model_name: str, raw: torch.Tensor, normalized: torch.Tensor, coordinates, labs: list[str]
+) -> Path:
+    """`features.safetensors`: raw and Macenko features, each row's coordinates and virtual slide."""
+    path = out / "features.safetensors"
+    with atomic_file(path) as temporary:
+        save_file(
+            {
+                "raw": raw,
+                "macenko": normalized,
+                "coordinates": torch.from_numpy(coordinates),
+                "virtual_slide": torch.tensor([list(LAB_STAINS).index(lab) for lab in labs]),
+            },
+            str(temporary),
+            metadata={"model": model_name, "virtual_slides": json.dumps(list(LAB_STAINS))},
         )
-        model_folder = pretrain_demo_model(tiles, out, args.train_steps)
-    model, processor = load_model(model_folder, args.device)
+    return path
 
-    print("[4/4] extracting features from raw and Macenko input; measuring clustering by virtual slide")
-    raw, _ = extract(model, processor, restained, stain_normalize=False)
-    normalized, fallbacks = extract(model, processor, restained, stain_normalize=True)
-    save_file(
-        {
-            "raw": raw,
-            "macenko": normalized,
-            "coordinates": torch.from_numpy(coordinates[sources]),
-            "virtual_slide": torch.tensor([list(LAB_STAINS).index(lab) for lab in labs]),
-        },
-        str(out / "features.safetensors"),
-        metadata={"model": model_name, "virtual_slides": json.dumps(list(LAB_STAINS))},
-    )
-    metrics = measure_collapse(out, model_name, {"raw input": raw, "Macenko input": normalized}, labs)
 
-    minutes = (time.perf_counter() - start) / 60
+def print_summary(
+    minutes: float, model_name: str, num_patches: int, fallbacks: int, metrics: dict, out: Path
+):
     print(f"\nDone in {minutes:.1f} min. Model: {model_name}")
     print(
-        f"Patches: {len(images)} from {SAMPLE_SLIDE} x {len(LAB_STAINS)} stainings; Macenko fallbacks: {fallbacks}"
+        f"Patches: {num_patches} from {SAMPLE_SLIDE} x {len(LAB_STAINS)} stainings; Macenko fallbacks: {fallbacks}"
     )
     for setting, values in metrics.items():
         print(
@@ -251,6 +237,60 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Outputs in {out}/: features.safetensors, feature_collapse.md/.json, tsne.png, thumbnail.png, tiles/"
     )
+
+
+def run_demo(settings: DemoSettings) -> dict:
+    """Tile, re-stain, get a model, measure feature collapse (see the module docstring); returns the metrics
+    per input setting."""
+    start = time.perf_counter()
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import exaonepath_hf  # noqa: F401  (registers the Auto classes for the exported folder)
+
+    print(f"[1/4] tiling {SAMPLE_SLIDE} at 0.5 µm/px into 256 px tissue patches")
+    tiles, thumbnail = tile_sample(out, settings.workers)
+    images, coordinates = read_patches(tiles)
+    print(f"      {len(images)} tissue patches; grid drawn on {thumbnail}")
+
+    print("[2/4] re-staining the patches as four labs would (virtual slides lab-A..lab-D)")
+    restained, labs, sources = restain_as_labs(images)
+
+    if settings.model:
+        model_name, model_folder = f"EXAONEPath ({settings.model})", settings.model
+        print(f"[3/4] loading {settings.model}")
+    else:
+        model_name = f"demo ViT ({settings.train_steps} DINO steps here; not EXAONEPath)"
+        print(
+            f"[3/4] pretraining a DEMO model: ViT 192-d x 4 blocks, {settings.train_steps} DINO steps on "
+            "Macenko patches"
+        )
+        model_folder = pretrain_demo_model(tiles, out, settings.train_steps)
+    model, processor = load_model(model_folder, settings.device)
+
+    print("[4/4] extracting features from raw and Macenko input; measuring clustering by virtual slide")
+    raw, _ = extract(model, processor, restained, stain_normalize=False)
+    normalized, fallbacks = extract(model, processor, restained, stain_normalize=True)
+    save_features(out, model_name, raw, normalized, coordinates[sources], labs)
+    metrics = measure_collapse(out, model_name, {"raw input": raw, "Macenko input": normalized}, labs)
+    print_summary((time.perf_counter() - start) / 60, model_name, len(images), fallbacks, metrics, out)
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    problem = missing_extras()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+    settings = DemoSettings(
+        out=Path(args.out),
+        model=args.model,
+        train_steps=args.train_steps,
+        workers=args.workers,
+        device=args.device,
+    )
+    run_demo(settings)
     return 0
 
 

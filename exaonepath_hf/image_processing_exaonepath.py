@@ -12,8 +12,14 @@ values in 0..255, and float in [0, 1] (an image whose maximum is <= 1) or [0, 25
 RGB. Alpha (RGBA, grey+alpha) is composited over white, as transmitted light through empty glass is white, so
 transparent pixels become background that Macenko ignores; a fully opaque alpha channel is simply dropped.
 
+The processor keeps the :class:`MacenkoNormalizer` of its last call (and so its working buffers) for the next
+call with the same stain settings; it is not part of the saved configuration.
+
 This file is shipped with saved processors (``trust_remote_code``): it imports only torch, torchvision,
-transformers and its sibling ``stain_normalization.py``.
+transformers and its sibling ``stain_normalization.py`` (which imports ``stain_engine.py``). Of transformers'
+image-processing base it overrides the public ``process_image``, ``center_crop`` and ``to_dict`` and the
+documented hooks ``_preprocess_image_like_inputs`` and ``_preprocess`` (pinned by
+``tests/test_image_processing.py::test_private_transformers_hooks_the_processor_relies_on``).
 """
 
 from __future__ import annotations
@@ -119,7 +125,21 @@ class ExaonePathImageProcessor(TorchvisionBackend):
 
     # ------------------------------------------------------------------------------------------------ stain API
     def stain_normalizer(self, **overrides: Any) -> MacenkoNormalizer:
-        """The :class:`MacenkoNormalizer` this processor applies (keyword overrides as in ``__call__``)."""
+        """A new :class:`MacenkoNormalizer` with this processor's settings (keyword overrides as in ``__call__``)."""
+        return MacenkoNormalizer(**self._normalizer_settings(overrides))
+
+    def fit_stain_reference(self, images, device: str | torch.device | None = None) -> StainReference:
+        """Fit the stain reference to one or more target images (any accepted input), store and return it."""
+        reference = self.stain_normalizer().fit(self._prepared_images(images, device=device))
+        self.stain_reference = reference.to_dict()
+        return reference
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output.pop("_kept_normalizer", None)  # working memory, not configuration
+        return output
+
+    def _normalizer_settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
         settings = {
             "stain_reference": self.stain_reference,
             "stain_io": self.stain_io,
@@ -128,37 +148,39 @@ class ExaonePathImageProcessor(TorchvisionBackend):
             "min_tissue_fraction": self.min_tissue_fraction,
         }
         settings.update({key: value for key, value in overrides.items() if value is not None})
-        return MacenkoNormalizer(
-            reference=StainReference.from_dict(settings["stain_reference"]),
-            io=settings["stain_io"],
-            alpha=settings["stain_alpha"],
-            beta=settings["stain_beta"],
-            min_tissue_fraction=settings["min_tissue_fraction"],
-        )
+        return {
+            "reference": StainReference.from_dict(settings["stain_reference"]),
+            "io": float(settings["stain_io"]),
+            "alpha": float(settings["stain_alpha"]),
+            "beta": float(settings["stain_beta"]),
+            "min_tissue_fraction": float(settings["min_tissue_fraction"]),
+        }
 
-    def fit_stain_reference(self, images, device: str | torch.device | None = None) -> StainReference:
-        """Fit the stain reference to one or more target images (any accepted input), store and return it."""
-        prepared = self._prepare_image_like_inputs(images, device=device)
-        reference = self.stain_normalizer().fit(prepared)
-        self.stain_reference = reference.to_dict()
-        return reference
+    def _normalizer_for(self, **overrides: Any) -> MacenkoNormalizer:
+        """The normalizer of the last call, if it had the same settings: it keeps its working buffers between
+        calls. Several threads may share it (each call takes its own buffers)."""
+        settings = self._normalizer_settings(overrides)
+        kept = self.__dict__.get("_kept_normalizer")
+        if kept is None or kept[0] != settings:
+            kept = (settings, MacenkoNormalizer(**settings))
+            self._kept_normalizer = kept
+        return kept[1]
 
     # ------------------------------------------------------------------------------------------- input handling
-    def _prepare_images_structure(self, images, expected_ndims: int = 3) -> list:
-        images = self.fetch_images(images)
-        flat = _flatten_images(images)
+    def _preprocess_image_like_inputs(self, images, *args, **kwargs) -> BatchFeature:
+        # the hook transformers documents for custom orchestration; this processor flattens any nesting of images
+        # and batches itself, and its errors name the image that failed
+        return self._preprocess(self._prepared_images(images, **kwargs), *args, **kwargs)
+
+    def _prepared_images(self, images, **kwargs) -> list[torch.Tensor]:
+        """Every image of ``images`` (an image, a batch, nested lists) as ``process_image`` returns it."""
+        flat = _flatten_images(self.fetch_images(images))
         if not flat:
             raise ValueError("no images given: pass an image, a list of images or a batch")
-        return flat
-
-    def _prepare_image_like_inputs(
-        self, images, *args, expected_ndims: int = 3, **kwargs
-    ) -> list[torch.Tensor]:
-        images = self._prepare_images_structure(images, expected_ndims=expected_ndims)
         prepared = []
-        for index, image in enumerate(images):
+        for index, image in enumerate(flat):
             try:
-                prepared.append(self.process_image(image, *args, **kwargs))
+                prepared.append(self.process_image(image, **kwargs))
             except (ValueError, TypeError) as error:
                 raise type(error)(f"image {index}: {error}") from error
         return prepared
@@ -232,7 +254,7 @@ class ExaonePathImageProcessor(TorchvisionBackend):
         scale = rescale_factor if do_rescale else 1.0
         if do_stain_normalize:
             scale *= 255.0  # Macenko returns 0..1
-            normalizer = self.stain_normalizer(
+            normalizer = self._normalizer_for(
                 stain_reference=stain_reference,
                 stain_io=stain_io,
                 stain_alpha=stain_alpha,

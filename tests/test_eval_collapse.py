@@ -8,20 +8,24 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from sklearn.neighbors import NearestNeighbors
-
 from exaonepath_hf.eval.backbones import Encoder
 from exaonepath_hf.eval.feature_collapse import (
+    CollapseInput,
+    assess_collapse,
     between_group_variance_share,
+    build_parser,
     collapse_metrics,
     knn_identity_accuracy,
     load_grouped_images,
     main,
+    parquet_files,
     plot_tsne,
     tsne_embedding,
 )
 from exaonepath_hf.eval.features import cache_key, extract_features
+from PIL import Image
+from sklearn.neighbors import NearestNeighbors
+
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 
 
@@ -129,10 +133,11 @@ def test_cli_on_real_slides_both_settings_two_models(
 ):
     argv = [
         "--model", tiny_models[0], "--model", tiny_models[1], "--data", str(shared_data / folder),
-        "--group-by", group_by, "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"),
+        "--group_by", group_by, "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"),
         "--num_workers", "0", "--batch_size", "8",
     ] + (["--tile", str(tile)] if tile else [])  # fmt: skip
-    summary = main(argv)
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "collapse.json").read_text())
     assert [(r["model"], r["setting"]) for r in summary["results"]] == [
         ("tiny0", "raw"), ("tiny0", "macenko"), ("tiny1", "raw"), ("tiny1", "macenko"),
     ]  # fmt: skip
@@ -170,3 +175,79 @@ def test_macenko_removes_stain_driven_slide_identity(shared_data, tmp_path):
     # the two TCGA slides differ in stain: raw colour separates them, normalized colour hardly does
     assert share[False] > 0.3
     assert share[True] < share[False] / 5
+
+
+def _write_slide_shard(path, slide_id, num_patches, seed):
+    from exaonepath_hf.tiling.shards import PatchRecord, encode_patch, write_shard
+
+    rng = np.random.default_rng(seed)
+    records = [
+        PatchRecord(
+            image=encode_patch(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+            slide_id=slide_id,
+            x=i * 32,
+            y=0,
+            level=0,
+            size=32,
+            mpp=0.5,
+            tissue_fraction=1.0,
+        )  # fmt: skip
+        for i in range(num_patches)
+    ]
+    write_shard(path, records, row_group_size=8)
+
+
+@pytest.fixture
+def tiling_output(tmp_path):
+    """An exaonepath-tile output folder whose manifest lists two complete slides, beside the partial shard a run
+    killed while publishing a third slide leaves."""
+    out = tmp_path / "tiles"
+    (out / "shards").mkdir(parents=True)
+    manifest = {"slides": {}}
+    for index, slide in enumerate(("slide-a", "slide-b")):
+        _write_slide_shard(out / "shards" / f"{slide}-00000.parquet", slide, 3, index)
+        manifest["slides"][slide] = {"shards": [f"{slide}-00000.parquet"]}
+    _write_slide_shard(out / "shards" / "slide-c-00000.parquet", "slide-c", 2, 9)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_tiling_output_reads_only_the_manifests_complete_shards(tiling_output):
+    for data in (tiling_output, tiling_output / "shards", f"{tiling_output}/shards/*.parquet"):
+        groups = load_grouped_images(data, "slide_id").dataset["slide_id"]
+        assert sorted(set(groups)) == ["slide-a", "slide-b"] and len(groups) == 6, data
+    assert parquet_files(tiling_output) == [
+        str(tiling_output / "shards" / name) for name in ("slide-a-00000.parquet", "slide-b-00000.parquet")
+    ]
+    # a parquet file or glob outside a tiling output is read as given
+    alone = tiling_output.parent / "alone"
+    alone.mkdir()
+    _write_slide_shard(alone / "x.parquet", "slide-x", 2, 3)
+    _write_slide_shard(alone / "y.parquet", "slide-y", 2, 4)
+    assert load_grouped_images(alone / "x.parquet", "slide_id").dataset["slide_id"] == ["slide-x"] * 2
+    assert len(load_grouped_images(f"{alone}/*.parquet", "slide_id").dataset) == 4
+    assert parquet_files(alone) is None
+
+
+def test_assess_collapse_assembles_results_and_figure(tmp_path):
+    features, groups = _slides(num_slides=3, per_slide=10)
+    inputs = [
+        CollapseInput("m", "raw", features, list(groups), details={"note": 1}),
+        CollapseInput("m", "macenko", features, list(groups), classes=["a", "b"] * 15),
+    ]
+    results, png = assess_collapse(inputs, tmp_path / "t.png")
+    assert [(r["model"], r["setting"]) for r in results] == [("m", "raw"), ("m", "macenko")]
+    assert results[0]["note"] == 1 and "by_class" not in results[0] and "by_class" in results[1]
+    assert results[0]["by_group"] == collapse_metrics(features, groups)
+    assert png == tmp_path / "t.png" and png.is_file()
+
+
+def test_cli_flags_take_underscores_and_keep_the_dashed_alias():
+    parser = build_parser()
+    for flag in ("--group_by", "--group-by"):
+        assert parser.parse_args(["--model", "m", "--data", "d", flag, "file"]).group_by == "file"
+
+
+def test_cli_reports_bad_input_with_an_exit_code(tmp_path, capsys):
+    code = main(["--model", "m", "--data", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")])
+    assert code == 2 and "neither a folder of images nor parquet shards" in capsys.readouterr().err

@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
+from exaonepath_hf.eval.linear_probe import LinearProbeSettings, main, probe_configs, run_linear_probe
 from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
-
-from exaonepath_hf.eval.linear_probe import main
 
 CLASSES = ("ADI", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 
@@ -37,15 +36,14 @@ def test_end_to_end_on_crc_samples(crc_imagefolder, tiny_model_dir, tmp_path, ca
         "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"),
         "--num_workers", "1", "--batch_size", "8",
     ]  # fmt: skip
-    first = main(argv)
-    assert sorted(p.name for p in first) == ["eva.record.json", "paper.record.json"]
-    record = json.loads(
-        (tmp_path / "out" / "tiny-exaonepath" / "imagefolder" / "paper.record.json").read_text()
-    )
+    task_dir = tmp_path / "out" / "tiny-exaonepath" / "imagefolder"
+    assert main(argv) == 0
+    assert sorted(p.name for p in task_dir.glob("*.record.json")) == ["eva.record.json", "paper.record.json"]
+    record = json.loads((task_dir / "paper.record.json").read_text())
     assert all(not s["cache_hit"] and s["forward_batches"] > 0 for s in record["extraction"].values())
 
-    second = main(argv)
-    record = json.loads(second[[p.name for p in second].index("paper.record.json")].read_text())
+    assert main(argv) == 0
+    record = json.loads((task_dir / "paper.record.json").read_text())
     extraction = record["extraction"]
     assert all(s["cache_hit"] and s["forward_batches"] == 0 for s in extraction.values())
     assert {split: s["num_features"] for split, s in extraction.items()} == {"train": 16, "val": 8, "test": 8}
@@ -99,6 +97,16 @@ def test_end_to_end_on_crc_samples(crc_imagefolder, tiny_model_dir, tmp_path, ca
     assert "| tiny-exaonepath | crc" in report and "cached" in report
 
 
-def test_local_task_without_data_explains_the_converter(tiny_model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="eval.converters msi_crc"):
-        main(["--model", str(tiny_model_dir), "--task", "msi_crc", "--cache_dir", str(tmp_path)])
+def test_local_task_without_data_explains_the_converter(tiny_model_dir, tmp_path, capsys):
+    code = main(["--model", str(tiny_model_dir), "--task", "msi_crc", "--cache_dir", str(tmp_path)])
+    assert code == 2
+    assert "exaonepath-convert-dataset msi_crc" in capsys.readouterr().err
+
+
+def test_library_call_takes_typed_settings(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="needs --data_dir"):
+        run_linear_probe(LinearProbeSettings(model=str(tiny_model_dir), task="imagefolder"))
+    with pytest.raises(ValueError, match="unknown protocol"):
+        probe_configs(["paper", "nope"])
+    (sgd,) = probe_configs(["paper"], iterations=10, seeds=[3])
+    assert (sgd.iterations, sgd.seeds, sgd.lr) == (10, (3,), 0.1)

@@ -3,9 +3,8 @@
 import evaluate
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
-
 from exaonepath_hf.eval.linear_probe import METRIC_PATH
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,13 @@ import torch
 from PIL import Image
 from torchstain.torch.normalizers import TorchMacenkoNormalizer
 
+from exaonepath_hf.stain_engine import Buffers
 from exaonepath_hf.stain_normalization import (
-    _RELEASED_OUTPUTS,
-    _WORKSPACES,
     DEFAULT_MIN_TISSUE_FRACTION,
     DEFAULT_STAIN_REFERENCE,
     MacenkoNormalizer,
     StainReference,
-    _MemoryPool,
+    normalize_chunk,
     _order_statistics,
     _order_statistics_by_torch,
 )
@@ -386,91 +385,3 @@ def test_worker_threads_follow_the_callers_inference_mode(patches):
     torch.testing.assert_close(again.images, first.images, atol=0, rtol=0)
 
 
-def test_output_memory_is_reused_only_once_released(patches):
-    batch = torch.stack(patches[:3])
-    normalizer = MacenkoNormalizer()
-    expected = normalizer.normalize(batch).images.clone()
-    first = normalizer.normalize(batch).images
-    address, row = first.data_ptr(), first[1]
-    del first  # `row` still views its memory
-    second = normalizer.normalize(batch).images
-    assert second.data_ptr() != address
-    second.fill_(-1)
-    torch.testing.assert_close(row, expected[1], atol=0, rtol=0)
-    del row
-    with torch.inference_mode():
-        third = normalizer.normalize(batch).images
-    assert third.data_ptr() == address  # released, so handed out again
-    torch.testing.assert_close(third, expected, atol=0, rtol=0)
-    del third
-    fourth = normalizer.normalize(batch).images  # memory released by an inference-mode output
-    assert fourth.data_ptr() == address and not fourth.is_inference()
-    fourth.requires_grad_()
-    torch.testing.assert_close(fourth, expected, atol=0, rtol=0)
-    assert torch.equal(second, torch.full_like(second, -1))
-
-
-def _new_pages_faulted_in(call) -> int:
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    call()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-
-def test_repeated_calls_do_not_fault_in_new_memory_until_the_cache_is_emptied(patches):
-    """A 38 MB output is new memory from the OS each time unless recycled: 9408 pages to fault in."""
-    batch = torch.stack(patches[:64])
-    narrower = batch[..., :220].contiguous()  # about the same size: shares the recycled memory
-    normalizer = MacenkoNormalizer()
-    pages = batch.numel() * 4 / 4096
-    normalizer.normalize(batch)  # its output is released at once
-    assert _new_pages_faulted_in(lambda: normalizer.normalize(batch)) < pages / 10
-    assert _new_pages_faulted_in(lambda: normalizer.normalize(narrower)) < pages / 10
-    assert MacenkoNormalizer.cached_bytes() > batch.numel() * 4  # the output's memory, and buffers
-    MacenkoNormalizer.empty_cache()
-    assert MacenkoNormalizer.cached_bytes() == 0
-
-
-def _normalize_in_child(batch, results) -> None:
-    torch.set_num_threads(1)  # as DataLoader workers do: OpenMP threads hang in a child forked after use
-    results.put(MacenkoNormalizer().normalize(batch).images.sum().item())
-
-
-def test_a_forked_child_normalizes_while_another_thread_held_the_memory_pools(patches):
-    """DataLoader workers are forked: locks held by other threads at the fork stay held in the child."""
-    batch = torch.stack(patches[:2])
-    expected = MacenkoNormalizer().normalize(batch).images.sum().item()
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    held, release = threading.Event(), threading.Event()
-
-    def hold_the_pools():
-        with _WORKSPACES._lock, _RELEASED_OUTPUTS._lock:
-            held.set()
-            release.wait()
-
-    holder = threading.Thread(target=hold_the_pools)
-    holder.start()
-    held.wait()
-    try:
-        child = context.Process(target=_normalize_in_child, args=(batch, results))
-        child.start()
-        child.join(timeout=60)
-    finally:
-        release.set()
-        holder.join()
-    if child.is_alive():
-        child.kill()
-    assert child.exitcode == 0
-    assert results.get(timeout=5) == pytest.approx(expected)
-
-
-def test_memory_pool_keeps_the_most_recently_returned_within_its_budget():
-    pool = _MemoryPool(max_bytes=100)
-    pool.put("a", "first a", 60)
-    pool.put("b", "b", 30)
-    pool.put("a", "second a", 10)
-    pool.put("c", "c", 30)  # 130 bytes: the oldest goes
-    assert pool.nbytes == 70 and pool.take("a") == "second a" and pool.take("a") is None
-    pool.put("huge", "huge", 101)  # larger than the budget: not kept, and pushes nothing out
-    assert pool.take("huge") is None and pool.take("b") == "b" and pool.take("c") == "c"
-    assert pool.nbytes == 0

@@ -1,20 +1,18 @@
 """The DINO data pipeline on real H&E patches: sources, sharding, counted skips and fallbacks, exact resume."""
 
 import io
-import sys
+import shutil
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
-from conftest import PROJECT_ROOT
 from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
-
-from exaonepath_hf.stain_normalization import MacenkoNormalizer  # noqa: E402
-from exaonepath_hf.train.dino.augmentations import AugmentationConfig, DINOMultiCrop  # noqa: E402
-from exaonepath_hf.train.dino.data import (  # noqa: E402
+from exaonepath_hf.stain_normalization import MacenkoNormalizer
+from exaonepath_hf.train.dino.augmentations import AugmentationConfig, DINOMultiCrop
+from exaonepath_hf.train.dino.data import (
     OrderedBatches,
     PatchStream,
     StreamState,
@@ -210,13 +208,21 @@ def test_webdataset_shards_are_read(tmp_path, shared_data):
     assert all(i.split("#")[0].endswith(".tar") and "#sample" in i for i in batch["ids"])
 
 
-def test_reads_the_tilers_real_output_split_across_ranks(tmp_path, shared_data):
-    """`exaonepath-tile` on the CC0 sample slide, then each of 2 ranks streams its own shard."""
+@pytest.fixture(scope="module")
+def tiled_slide(tmp_path_factory) -> Path:
+    """`exaonepath-tile` output of the bundled CC0 slide, in shards of 8 patches."""
+    import exaonepath_hf
     from exaonepath_hf.tiling.cli import main as tile
 
-    out = tmp_path / "tiles"
-    assert tile([str(shared_data / "wsi" / "CMU-1-Small-Region.svs"), "--out", str(out), "--shard-size", "8",
-                 "--quiet"]) == 0  # fmt: skip
+    slide = Path(exaonepath_hf.__file__).parent / "data" / "CMU-1-Small-Region.svs"
+    out = tmp_path_factory.mktemp("tiling") / "tiles"
+    assert tile([str(slide), "--out", str(out), "--shard_size", "8", "--quiet"]) == 0
+    return out
+
+
+def test_reads_the_tilers_real_output_split_across_ranks(tiled_slide):
+    """Each of 2 ranks streams its own shards of a real tiling output."""
+    out = tiled_slide
     source = resolve_source(str(out))
     total = count_samples(source)
     # 28 patches in shards of 8: 4 shards, 2 per rank.
@@ -239,3 +245,19 @@ def test_a_worker_whose_shards_hold_no_readable_image_fails_clearly(tmp_path):
         (tmp_path / f"broken{index}.png").write_bytes(b"not an image")
     with pytest.raises(RuntimeError, match="no readable image in a whole pass"):
         next(iter(make_stream(tmp_path, normalizer=False)))
+
+
+def test_a_tiling_output_yields_only_the_shards_its_manifest_completed(tiled_slide, tmp_path):
+    """A run killed while publishing a slide leaves shards the manifest does not list: never read them."""
+    out = tmp_path / "tiles"
+    shutil.copytree(tiled_slide, out)
+    complete = resolve_source(str(out)).files
+    shards = out / "shards"
+    stray = shards / "partial-slide-00000.parquet"
+    shutil.copyfile(complete[0], stray)
+    for source in (out, shards):
+        resolved = resolve_source(str(source))
+        assert resolved.kind == "parquet" and resolved.files == complete, source
+        assert str(stray) not in resolved.files
+    # An explicit glob is the user's choice and is taken as written.
+    assert str(stray) in resolve_source(str(shards / "*.parquet")).files

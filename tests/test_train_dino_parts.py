@@ -3,23 +3,24 @@
 import math
 import os
 import socket
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import PROJECT_ROOT
 from torch import nn
-
 
 from exaonepath_hf.train.dino.augmentations import AugmentationConfig, DINOMultiCrop
 from exaonepath_hf.train.dino.config import load_config
 from exaonepath_hf.train.dino.head import DINOHead
 from exaonepath_hf.train.dino.loss import DINOLoss
 from exaonepath_hf.train.dino.model import MultiCropNetwork
-from exaonepath_hf.train.dino.optim import clip_gradients_per_parameter, freeze_last_layer_gradients, parameter_groups
+from exaonepath_hf.train.dino.optim import (
+    clip_gradients_per_parameter,
+    freeze_last_layer_gradients,
+    parameter_groups,
+)
 from exaonepath_hf.train.dino.schedules import DINOSchedules, cosine_schedule, linear_warmup_then_constant
 from exaonepath_hf.train.dino.teacher import build_teacher, ema_update
 
@@ -299,7 +300,7 @@ def test_multicrop_without_photometric_ops_is_imagenet_normalized_crop():
 
 @pytest.mark.parametrize("name", ["paper", "one_gpu", "cpu_smoke"])
 def test_shipped_configs_load(name):
-    cfg = load_config(PROJECT_ROOT / "train" / "configs" / f"{name}.yaml")
+    cfg = load_config(name)  # packaged: installed with exaonepath_hf.train
     assert cfg.augmentations.global_crop_size % cfg.model.patch_size == 0
     assert cfg.augmentations.local_crop_size % cfg.model.patch_size == 0
     if name == "paper":

@@ -12,9 +12,8 @@ import pytest
 import torch
 from conftest import PROJECT_ROOT
 
-
-SCRIPT = PROJECT_ROOT / "train" / "pretrain_dino.py"
-SMOKE = PROJECT_ROOT / "train" / "configs" / "cpu_smoke.yaml"
+MODULE = "exaonepath_hf.train.pretrain_dino"
+SMOKE = "cpu_smoke"  # the packaged config, by name: runs work from any folder
 PYTHON_BIN = Path(sys.executable).parent
 
 
@@ -25,15 +24,12 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    return env
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
-def _run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        command, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
+def _run(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs `command` in `cwd`, an empty folder: the installed package, not the checkout, must be what runs."""
+    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (
         f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     )
@@ -62,9 +58,10 @@ def two_process_run(patch_folder, tmp_path_factory) -> Path:
         [
             str(PYTHON_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-            str(SCRIPT), "--config", str(SMOKE), f"data.source={patch_folder}", f"run.output_dir={out}",
+            "-m", MODULE, "--config", SMOKE, f"data.source={patch_folder}", f"run.output_dir={out}",
             "run.log_every=1", "run.checkpoint_every=5",
-        ]
+        ],
+        cwd=tmp_path_factory.mktemp("empty_cwd"),
     )  # fmt: skip
     return out
 
@@ -125,7 +122,7 @@ def test_export_on_request_writes_the_newest_teacher(two_process_run, patch_fold
     from safetensors.torch import load_file
 
     again = tmp_path / "again"
-    _main_in_process(["--config", str(SMOKE), f"run.output_dir={two_process_run}", f"run.export_dir={again}",
+    _main_in_process(["--config", SMOKE, f"run.output_dir={two_process_run}", f"run.export_dir={again}",
                       f"data.source={patch_folder}", "--export_only"])  # fmt: skip
     first = load_file(two_process_run / "export" / "model.safetensors")
     second = load_file(again / "model.safetensors")
@@ -135,18 +132,20 @@ def test_export_on_request_writes_the_newest_teacher(two_process_run, patch_fold
 
 def test_resume_continues_exactly(patch_folder, tmp_path):
     """2N steps straight equal N steps, stop, resume, N steps: identical teacher weights (2 loader workers)."""
-    common = [sys.executable, str(SCRIPT), "--config", str(SMOKE), f"data.source={patch_folder}",
+    common = [sys.executable, "-m", MODULE, "--config", SMOKE, f"data.source={patch_folder}",
               "run.max_steps=6", "run.checkpoint_every=3", "data.num_workers=2", "run.record_samples=false",
               "model.drop_path_rate=0.2", "run.log_every=1",
               "run.gradient_accumulation_steps=2"]  # fmt: skip
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    _run(common + [f"run.output_dir={straight}"])
-    _run(common + [f"run.output_dir={interrupted}", "--stop_at_step", "3"])
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    _run(common + [f"run.output_dir={straight}"], cwd)
+    _run(common + [f"run.output_dir={interrupted}", "--stop_at_step", "3"], cwd)
     assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step_3"]
     assert not (interrupted / "export").exists()
     # A save that died half-way leaves a temporary folder: it must be ignored.
     (interrupted / "checkpoints" / ".step_5.tmp").mkdir()
-    _run(common + [f"run.output_dir={interrupted}", "--resume"])
+    _run(common + [f"run.output_dir={interrupted}", "--resume"], cwd)
 
     for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "model.safetensors"):
         a, b = straight / "checkpoints" / "step_6" / name, interrupted / "checkpoints" / "step_6" / name
@@ -192,7 +191,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
 
     monkeypatch.setattr(DINOLoss, "forward", poisoned)
     out = tmp_path / "nan"
-    argv = ["--config", str(SMOKE), f"data.source={patch_folder}", f"run.output_dir={out}", "run.max_steps=5",
+    argv = ["--config", SMOKE, f"data.source={patch_folder}", f"run.output_dir={out}", "run.max_steps=5",
             "run.checkpoint_every=2", "run.record_samples=false", "data.num_workers=0"]  # fmt: skip
     with pytest.raises(pretrain.NonFiniteLossError, match=r"loss is nan at step 2.*step_2"):
         _main_in_process(argv)
@@ -223,7 +222,7 @@ def test_bf16_autocast_run_keeps_the_loss_in_fp32(patch_folder, tmp_path, monkey
 
     monkeypatch.setattr(MultiCropNetwork, "forward", recording_network)
     out = tmp_path / "bf16"
-    _main_in_process(["--config", str(SMOKE), f"data.source={patch_folder}", f"run.output_dir={out}",
+    _main_in_process(["--config", SMOKE, f"data.source={patch_folder}", f"run.output_dir={out}",
                       "run.mixed_precision=bf16", "run.max_steps=3", "run.record_samples=false",
                       "data.num_workers=0", "--stop_at_step", "2"])  # fmt: skip
     # The head's last layer runs in fp32 even under autocast, so both logits and the loss are fp32.
@@ -291,3 +290,38 @@ def test_push_to_hub_uploads_the_exported_folder(tmp_path, monkeypatch):
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(calls[1][2])
     card = (tmp_path / "export" / "README.md").read_text()
     assert "not the\nreleased EXAONEPath weights" in card and '"lr": 0.005' in card
+
+
+def test_config_is_a_packaged_name_or_a_path(tmp_path):
+    from exaonepath_hf.train.dino.config import config_path, load_config, packaged_config_names
+    from exaonepath_hf.train.pretrain_dino import parse_args
+
+    assert packaged_config_names() == ["cpu_smoke", "one_gpu", "paper"]
+    packaged = config_path("cpu_smoke")
+    assert packaged.is_file() and packaged.name == "cpu_smoke.yaml"
+    assert load_config("cpu_smoke") == load_config(PROJECT_ROOT / "train" / "configs" / "cpu_smoke.yaml")
+    assert load_config("cpu_smoke", ["run.max_steps=3"]).run.max_steps == 3
+    assert config_path("8_gpus", "accelerate_configs").name == "8_gpus.yaml"
+    assert parse_args(["--config", "cpu_smoke", "run.seed=1"]).overrides == ["run.seed=1"]
+    # A file wins over a packaged name; an unknown name lists the packaged ones.
+    (tmp_path / "mine.yaml").write_text("run:\n  seed: 5\n")
+    assert load_config(tmp_path / "mine.yaml").run.seed == 5
+    with pytest.raises(FileNotFoundError, match="cpu_smoke, one_gpu, paper"):
+        load_config("cpu_smok")
+
+
+def test_model_section_becomes_the_backbone_config():
+    from exaonepath_hf import ExaonePathConfig
+    from exaonepath_hf.train.dino.config import load_config
+
+    model = load_config(SMOKE, ["model.mlp_ratio=2.0", "model.drop_path_rate=0.3"]).model
+    config = model.to_exaonepath_config()
+    assert isinstance(config, ExaonePathConfig)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 2, 2)
+    assert (config.mlp_ratio, config.drop_path_rate, config.patch_size, config.image_size) == (
+        2.0,
+        0.3,
+        16,
+        32,
+    )
+    assert config.layer_norm_eps == ExaonePathConfig().layer_norm_eps  # not in the section: the default

@@ -1,20 +1,27 @@
 """EXAONEPath pretraining: DINO on Macenko-normalized patches with Accelerate, from one CPU to 10 nodes x 8 GPUs.
 
-    # 2 CPU processes, tiny ViT, a few minutes (gloo; no GPU needed)
-    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
-        train/pretrain_dino.py --config train/configs/cpu_smoke.yaml data.source=../shared/data/crc-val-he-7k-samples
-    # one GPU / one node of 8 GPUs
-    accelerate launch --config_file train/accelerate_configs/single_gpu.yaml train/pretrain_dino.py \
-        --config train/configs/one_gpu.yaml data.source=/data/tiles model.init_weights=/models/vit_b16_imagenet
-    accelerate launch --config_file train/accelerate_configs/8_gpus.yaml train/pretrain_dino.py --config ...
-    # the paper: 10 nodes x 8 A100, batch 5,120; run on every node with its rank
-    accelerate launch --config_file train/accelerate_configs/multi_node.yaml --machine_rank $NODE_RANK \
-        --main_process_ip $HEAD_NODE train/pretrain_dino.py --config train/configs/paper.yaml data.source=...
-    # continue exactly from the newest checkpoint / only export the teacher of the newest checkpoint
-    ... train/pretrain_dino.py --config ... --resume
-    ... train/pretrain_dino.py --config ... --export_only --push_to_hub my-org/exaonepath-dino
+`--config` takes a YAML file or the name of a packaged one (cpu_smoke, one_gpu, paper); any `section.key=value`
+argument overrides it (e.g. run.max_steps=100 data.num_workers=4). The script runs as the console script
+`exaonepath-pretrain`, as `python -m exaonepath_hf.train.pretrain_dino` or under `accelerate launch ... -m`.
 
-Any `section.key=value` argument overrides the YAML (e.g. run.max_steps=100 data.num_workers=4).
+    # one process (CPU or one GPU), tiny ViT
+    exaonepath-pretrain --config cpu_smoke data.source=tiles run.output_dir=runs/cpu_smoke
+    # 2 CPU processes (gloo; no GPU needed)
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
+        -m exaonepath_hf.train.pretrain_dino --config cpu_smoke data.source=tiles run.output_dir=runs/cpu_smoke
+    # accelerate's --config_file takes a path: the packaged Accelerate configs live beside the training ones
+    CONFIGS=$(python -c 'from importlib.resources import files; print(files("exaonepath_hf.train"))')
+    # one GPU / one node of 8 GPUs
+    accelerate launch --config_file $CONFIGS/accelerate_configs/single_gpu.yaml -m exaonepath_hf.train.pretrain_dino \\
+        --config one_gpu data.source=/data/tiles model.init_weights=/models/vit_b16_imagenet
+    accelerate launch --config_file $CONFIGS/accelerate_configs/8_gpus.yaml -m exaonepath_hf.train.pretrain_dino \\
+        --config paper data.source=/data/tiles model.init_weights=/models/vit_b16_imagenet
+    # the paper: 10 nodes x 8 A100, batch 5,120; run on every node with its rank
+    accelerate launch --config_file $CONFIGS/accelerate_configs/multi_node.yaml --machine_rank $NODE_RANK \\
+        --main_process_ip $HEAD_NODE -m exaonepath_hf.train.pretrain_dino --config paper data.source=...
+    # continue exactly from the newest checkpoint / only export the teacher of the newest checkpoint
+    ... -m exaonepath_hf.train.pretrain_dino --config paper ... --resume
+    exaonepath-pretrain --config paper run.output_dir=... --export_only --push_to_hub my-org/exaonepath-dino
 """
 
 from __future__ import annotations
@@ -26,23 +33,26 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
+from torch import nn
 from tqdm.auto import tqdm
 
-from ..configuration_exaonepath import ExaonePathConfig
-from ..modeling_exaonepath import ExaonePathModel
 from ..atomic_io import write_json
 from ..convert import load_backbone
+from ..modeling_exaonepath import ExaonePathModel
 from ..stain_normalization import DEFAULT_STAIN_REFERENCE, MacenkoNormalizer, StainReference
 from .dino import data as dino_data
 from .dino.augmentations import DINOMultiCrop
 from .dino.checkpoint import TrainState, export_backbone, latest_checkpoint, save_checkpoint
-from .dino.config import PretrainConfig, load_config
+from .dino.config import PretrainConfig, RunConfig, load_config, packaged_config_names
 from .dino.head import DINOHead
 from .dino.loss import DINOLoss
 from .dino.model import MultiCropNetwork
@@ -52,7 +62,10 @@ from .dino.optim import (
     parameter_groups,
     set_optimizer_hyperparameters,
 )
+from .dino.schedules import DINOSchedules, ScheduleValues
 from .dino.teacher import build_teacher, ema_update, weights_digest
+
+__all__ = ["NonFiniteLossError", "RunOptions", "build_student", "main", "pretrain"]
 
 logger = logging.getLogger("pretrain_dino")
 
@@ -61,11 +74,52 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class RunOptions:
+    """What a command asks of a run beyond its configuration."""
+
+    resume: bool = False  # continue from the newest checkpoint, if any
+    export_only: bool = False  # export the newest checkpoint's teacher and stop
+    push_to_hub: str | None = None  # repo id; overrides run.push_to_hub
+    stop_at_step: int | None = None  # checkpoint and exit here (schedules still span the whole run)
+
+
+@dataclass
+class TrainingParts:
+    """Everything one optimizer step touches; built once per run by `build_training`."""
+
+    accelerator: Accelerator
+    student: nn.Module  # prepared (possibly DDP-wrapped) `MultiCropNetwork`
+    teacher: MultiCropNetwork
+    dino_loss: DINOLoss
+    optimizer: torch.optim.Optimizer
+    transform: DINOMultiCrop
+    state: TrainState
+    checkpoints: Path
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass
+class MetricsWindow:
+    """Sums since the last logged step, for rates that describe the recent past rather than the whole run."""
+
+    seconds: float = 0.0
+    waiting: float = 0.0
+    images: float = 0.0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="exaonepath-pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", required=True, help="YAML file (train/configs/*.yaml)")
+    names = ", ".join(packaged_config_names())
+    parser.add_argument("--config", required=True, help=f"a YAML file or a packaged config name ({names})")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--export_only", action="store_true", help="export the newest checkpoint's teacher")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="also upload the exported backbone")
@@ -75,39 +129,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="checkpoint and exit at this step (schedules still span the whole run)",
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the YAML")
-    return parser.parse_args(argv)
+    return parser.parse_args(None if argv is None else list(argv))
 
 
-def stain_reference_from_config(value) -> StainReference:
-    if value is None:
-        return DEFAULT_STAIN_REFERENCE
-    if isinstance(value, dict):
-        return StainReference.from_dict(value)
-    # A target image: the reference is fitted on it, like the release's 4096² TCGA target.
-    return MacenkoNormalizer().fit(dino_data.decode_image({"path": value, "bytes": None}))
-
-
-def build_student(cfg: PretrainConfig) -> MultiCropNetwork:
-    m = cfg.model
-    config = ExaonePathConfig(
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads,
-        mlp_ratio=m.mlp_ratio,
-        patch_size=m.patch_size,
-        image_size=m.image_size,
-        drop_path_rate=m.drop_path_rate,
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    options = RunOptions(
+        resume=args.resume,
+        export_only=args.export_only,
+        push_to_hub=args.push_to_hub,
+        stop_at_step=args.stop_at_step,
     )
-    backbone = load_backbone(m.init_weights, config=config) if m.init_weights else ExaonePathModel(config)
-    head = DINOHead(
-        m.hidden_size,
-        m.out_dim,
-        m.head_hidden_dim,
-        m.head_bottleneck_dim,
-        m.head_num_layers,
-        m.norm_last_layer,
-    )
-    return MultiCropNetwork(backbone.train(), head)
+    return pretrain(cfg, options)
+
+
+def pretrain(cfg: PretrainConfig, options: RunOptions = RunOptions()) -> int:
+    """Train (or, with `options.export_only`, export) as `cfg` says; returns the exit code."""
+    accelerator = start_accelerator(cfg.run)
+    parts = build_training(cfg, accelerator)
+    restore_checkpoint(parts, resume=options.resume, export_only=options.export_only)
+    reference = stain_reference_from_config(cfg.data.stain_reference)
+    if options.export_only:
+        export(cfg, accelerator, parts.teacher, reference, options.push_to_hub)
+    else:
+        run_training(cfg, parts, reference, options)
+    accelerator.end_training()
+    return 0
 
 
 def launched_on_cpus_only() -> bool:
@@ -121,167 +169,248 @@ def launched_on_cpus_only() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
 
 
-def train_step(
-    accelerator, student, teacher, dino_loss, optimizer, batches, values, cfg
-) -> tuple[torch.Tensor, list, float]:
-    """One optimizer step over `gradient_accumulation_steps` batches.
-
-    Returns the loss and counts summed over ranks ([loss, images, Macenko fallbacks, unreadable]), the ids this
-    rank trained on, and the seconds spent waiting for data. Raises `NonFiniteLossError` before the update.
-    """
-    accum = cfg.run.gradient_accumulation_steps
-    unwrapped = accelerator.unwrap_model(student)
-    local = torch.zeros(4, device=accelerator.device)
-    ids, wait = [], 0.0
-    for micro in range(accum):
-        before = time.perf_counter()
-        batch = next(batches)
-        wait += time.perf_counter() - before
-        crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
-        with torch.no_grad(), accelerator.autocast():  # only prepared models are autocast for us
-            teacher_output = teacher(crops[:2])
-        with nullcontext() if micro == accum - 1 else accelerator.no_sync(student):
-            loss = dino_loss(student(crops), teacher_output, values.teacher_temp)
-            accelerator.backward(loss / accum)
-        counts = [len(batch["ids"]), batch["macenko_fallbacks"], batch["unreadable"]]
-        local += torch.stack(
-            [loss.detach() / accum, *(torch.tensor(float(c), device=local.device) for c in counts)]
-        )
-        ids.extend(batch["ids"])
-    totals = accelerator.reduce(local, reduction="sum")
-    if not math.isfinite(totals[0].item()):
-        raise NonFiniteLossError(f"loss is {totals[0].item() / accelerator.num_processes}")
-    if values.freeze_last_layer:
-        freeze_last_layer_gradients(unwrapped.head)
-    clip_gradients_per_parameter(student.parameters(), cfg.optim.clip_grad)
-    set_optimizer_hyperparameters(optimizer, values.lr, values.weight_decay)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    ema_update(teacher, unwrapped, values.teacher_momentum)
-    return totals, ids, wait
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    out = Path(cfg.run.output_dir)
+def start_accelerator(run: RunConfig) -> Accelerator:
     accelerator = Accelerator(
         cpu=launched_on_cpus_only(),
-        mixed_precision=cfg.run.mixed_precision,
+        mixed_precision=run.mixed_precision,
         log_with="tensorboard",
-        project_dir=out,
+        project_dir=Path(run.output_dir),
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
-    set_seed(cfg.run.seed, device_specific=True)  # ranks draw different drop-path masks
+    set_seed(run.seed, device_specific=True)  # ranks draw different drop-path masks
+    return accelerator
 
+
+def build_student(cfg: PretrainConfig) -> MultiCropNetwork:
+    m = cfg.model
+    config = m.to_exaonepath_config()
+    backbone = load_backbone(m.init_weights, config=config) if m.init_weights else ExaonePathModel(config)
+    head = DINOHead(
+        m.hidden_size,
+        m.out_dim,
+        m.head_hidden_dim,
+        m.head_bottleneck_dim,
+        m.head_num_layers,
+        m.norm_last_layer,
+    )
+    return MultiCropNetwork(backbone.train(), head)
+
+
+def build_training(cfg: PretrainConfig, accelerator: Accelerator) -> TrainingParts:
     student = build_student(cfg)
     optimizer = torch.optim.AdamW(parameter_groups(student), lr=0.0, betas=cfg.optim.betas)
     student, optimizer = accelerator.prepare(student, optimizer)
-    teacher = build_teacher(
-        accelerator.unwrap_model(student)
-    )  # after prepare: all ranks copy the same weights
+    # After prepare, from the unwrapped student: built before, each rank would copy different weights.
+    teacher = build_teacher(accelerator.unwrap_model(student))
     transform = DINOMultiCrop(cfg.augmentations)
     dino_loss = DINOLoss(
         cfg.model.out_dim, transform.num_crops, 2, cfg.loss.student_temp, cfg.loss.center_momentum
     ).to(accelerator.device)
     state = TrainState()
     accelerator.register_for_checkpointing(teacher, dino_loss, state)
+    checkpoints = Path(cfg.run.output_dir) / "checkpoints"
+    return TrainingParts(accelerator, student, teacher, dino_loss, optimizer, transform, state, checkpoints)
 
-    checkpoints = out / "checkpoints"
-    newest = latest_checkpoint(checkpoints) if args.resume or args.export_only else None
+
+def restore_checkpoint(parts: TrainingParts, resume: bool, export_only: bool) -> None:
+    newest = latest_checkpoint(parts.checkpoints) if resume or export_only else None
     if newest is not None:
-        accelerator.load_state(str(newest))
-        logger.info("resumed from %s (step %d)", newest, state.step)
-    elif args.export_only:
-        raise FileNotFoundError(f"no step_N checkpoint in {checkpoints} to export")
-    elif args.resume:  # the same command can start a job and requeue it after a preemption
-        logger.warning("--resume: no checkpoint in %s yet, starting from scratch", checkpoints)
-    reference = stain_reference_from_config(cfg.data.stain_reference)
-    if args.export_only:
-        return export(cfg, accelerator, teacher, reference, args.push_to_hub)
+        parts.accelerator.load_state(str(newest))
+        logger.info("resumed from %s (step %d)", newest, parts.state.step)
+    elif export_only:
+        raise FileNotFoundError(f"no step_N checkpoint in {parts.checkpoints} to export")
+    elif resume:  # the same command can start a job and requeue it after a preemption
+        logger.warning("--resume: no checkpoint in %s yet, starting from scratch", parts.checkpoints)
 
-    batches, num_samples = dino_data.build_rank_loader(
-        cfg.data, transform, MacenkoNormalizer(reference) if cfg.data.stain_normalize else None,
-        cfg.run.batch_size_per_device, cfg.run.seed, accelerator.process_index, accelerator.num_processes,
-        state.streams, pin_memory=accelerator.device.type == "cuda",
-    )  # fmt: skip
-    global_batch = (
-        cfg.run.batch_size_per_device * accelerator.num_processes * cfg.run.gradient_accumulation_steps
-    )
-    if cfg.run.max_steps is None and not num_samples:
+
+def stain_reference_from_config(value: str | dict | None) -> StainReference:
+    if value is None:
+        return DEFAULT_STAIN_REFERENCE
+    if isinstance(value, dict):
+        return StainReference.from_dict(value)
+    # A target image: the reference is fitted on it, like the release's 4096² TCGA target.
+    return MacenkoNormalizer().fit(dino_data.decode_image({"path": value, "bytes": None}))
+
+
+def plan_steps(run: RunConfig, num_samples: int | None, num_processes: int) -> StepPlan:
+    global_batch = run.batch_size_per_device * num_processes * run.gradient_accumulation_steps
+    if run.max_steps is None and not num_samples:
         raise ValueError(
             "the number of samples of this source is unknown: set data.num_samples or run.max_steps"
         )
     steps_per_epoch = max(1, (num_samples or global_batch) // global_batch)
-    total_steps = cfg.run.max_steps or max(1, round(cfg.run.epochs * steps_per_epoch))
-    schedules = cfg.schedules(global_batch, steps_per_epoch, total_steps)
+    total_steps = run.max_steps or max(1, round(run.epochs * steps_per_epoch))
+    return StepPlan(global_batch, steps_per_epoch, total_steps)
+
+
+def run_training(
+    cfg: PretrainConfig, parts: TrainingParts, reference: StainReference, options: RunOptions
+) -> None:
+    accelerator = parts.accelerator
+    batches, num_samples = dino_data.build_rank_loader(
+        cfg.data, parts.transform, MacenkoNormalizer(reference) if cfg.data.stain_normalize else None,
+        cfg.run.batch_size_per_device, cfg.run.seed, accelerator.process_index, accelerator.num_processes,
+        parts.state.streams, pin_memory=accelerator.device.type == "cuda",
+    )  # fmt: skip
+    plan = plan_steps(cfg.run, num_samples, accelerator.num_processes)
+    schedules = cfg.schedules(plan.global_batch, plan.steps_per_epoch, plan.total_steps)
     accelerator.init_trackers("dino", config=cfg.flat())
     logger.info(
         "%d steps (%d per epoch), global batch %d, peak lr %.3g, %d loader workers per rank",
-        total_steps, steps_per_epoch, global_batch, schedules.lr, batches.state.num_workers,
+        plan.total_steps, plan.steps_per_epoch, plan.global_batch, schedules.lr, batches.state.num_workers,
     )  # fmt: skip
+    stop_at = min(options.stop_at_step or plan.total_steps, plan.total_steps)
+    seen_ids = train_until(cfg, parts, batches, schedules, plan, stop_at)
+    if cfg.run.record_samples:
+        write_rank_record(
+            Path(cfg.run.output_dir), accelerator.process_index, seen_ids, parts.teacher, parts.dino_loss
+        )
+    if parts.state.step >= plan.total_steps:
+        export(cfg, accelerator, parts.teacher, reference, options.push_to_hub)
 
-    stop_at = min(args.stop_at_step or total_steps, total_steps)
-    seen_ids: list[str] = []
-    bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="dino")
-    window = {"time": 0.0, "wait": 0.0, "images": 0.0}
+
+def train_until(
+    cfg: PretrainConfig,
+    parts: TrainingParts,
+    batches: dino_data.OrderedBatches,
+    schedules: DINOSchedules,
+    plan: StepPlan,
+    stop_at: int,
+) -> list[str]:
+    """Optimizer steps from the current one to `stop_at`, logging and checkpointing; returns the ids trained on
+    (when `run.record_samples`)."""
+    run = cfg.run
+    state, seen_ids, window = parts.state, [], MetricsWindow()
+    bar = tqdm(total=plan.total_steps, initial=state.step, disable=not parts.accelerator.is_main_process,
+               desc="dino")  # fmt: skip
     while state.step < stop_at:
         values = schedules.at(state.step)
         tick = time.perf_counter()
         try:
             totals, ids, wait = train_step(
-                accelerator, student, teacher, dino_loss, optimizer, batches, values, cfg
+                parts, batches, values, run.gradient_accumulation_steps, cfg.optim.clip_grad
             )
         except NonFiniteLossError as error:
             raise NonFiniteLossError(
                 f"{error} at step {state.step}; stopped before the update. The last good checkpoint is "
-                f"{latest_checkpoint(checkpoints)}. Usual causes: fp16 (use bf16 or no), too high an lr."
+                f"{latest_checkpoint(parts.checkpoints)}. Usual causes: fp16 (use bf16 or no), too high an lr."
             ) from None
         state.step += 1
-        images, fallbacks, unreadable = (int(v) for v in totals[1:].tolist())
-        state.images_seen += images
-        state.macenko_fallbacks += fallbacks
-        state.unreadable_images += unreadable
-        if cfg.run.record_samples:
+        images = count_step(state, totals)
+        if run.record_samples:
             seen_ids.extend(ids)
-        window["time"] += time.perf_counter() - tick
-        window["wait"] += wait
-        window["images"] += images
+        window.seconds += time.perf_counter() - tick
+        window.waiting += wait
+        window.images += images
         bar.update(1)
-        if state.step % cfg.run.log_every == 0 or state.step == stop_at:
-            loss = totals[0].item() / accelerator.num_processes
-            metrics = {
-                "loss": loss,
-                "lr": values.lr,
-                "weight_decay": values.weight_decay,
-                "teacher_momentum": values.teacher_momentum,
-                "teacher_temp": values.teacher_temp,
-                "images_per_s": window["images"] / window["time"],
-                "data_wait_fraction": window["wait"] / window["time"],
-                "macenko_fallbacks": state.macenko_fallbacks,
-                "unreadable_images": state.unreadable_images,
-                "epoch": state.step / steps_per_epoch,
-            }
-            accelerator.log(metrics, step=state.step)
-            if accelerator.is_main_process:  # also plain JSON lines, for scripts and tests
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": state.step, **metrics}) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
-            window = {"time": 0.0, "wait": 0.0, "images": 0.0}
-        if state.step % cfg.run.checkpoint_every == 0 or state.step == stop_at:
+        if state.step % run.log_every == 0 or state.step == stop_at:
+            metrics = log_metrics(parts, Path(run.output_dir), totals, values, window, plan.steps_per_epoch)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
+            window = MetricsWindow()
+        if state.step % run.checkpoint_every == 0 or state.step == stop_at:
             state.streams = gather_object([batches.state.to_dict()])
-            save_checkpoint(accelerator, checkpoints, state.step, cfg.run.keep_last_checkpoints)
+            save_checkpoint(parts.accelerator, parts.checkpoints, state.step, run.keep_last_checkpoints)
     bar.close()
-
-    if cfg.run.record_samples:
-        write_rank_record(out, accelerator.process_index, seen_ids, teacher, dino_loss)
-    if state.step >= total_steps:
-        export(cfg, accelerator, teacher, reference, args.push_to_hub)
-    accelerator.end_training()
-    return 0
+    return seen_ids
 
 
-def export(cfg, accelerator, teacher, reference, push_to_hub: str | None) -> int:
+def train_step(
+    parts: TrainingParts,
+    batches: Iterator[dict[str, Any]],
+    values: ScheduleValues,
+    accumulation_steps: int,
+    clip_grad: float,
+) -> tuple[torch.Tensor, list[str], float]:
+    """One optimizer step over `accumulation_steps` batches.
+
+    Returns the loss and counts summed over ranks ([loss, images, Macenko fallbacks, unreadable]), the ids this
+    rank trained on, and the seconds spent waiting for data. Raises `NonFiniteLossError` before the update.
+    """
+    accelerator, student = parts.accelerator, parts.student
+    local = torch.zeros(4, device=accelerator.device)
+    ids, wait = [], 0.0
+    for micro in range(accumulation_steps):
+        before = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - before
+        crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
+        with torch.no_grad(), accelerator.autocast():  # only prepared models are autocast for us
+            teacher_output = parts.teacher(crops[:2])
+        # Gradients are all-reduced only on the last micro-batch.
+        with nullcontext() if micro == accumulation_steps - 1 else accelerator.no_sync(student):
+            loss = parts.dino_loss(student(crops), teacher_output, values.teacher_temp)
+            accelerator.backward(loss / accumulation_steps)
+        counts = [len(batch["ids"]), batch["macenko_fallbacks"], batch["unreadable"]]
+        local += torch.stack(
+            [
+                loss.detach() / accumulation_steps,
+                *(torch.tensor(float(c), device=local.device) for c in counts),
+            ]
+        )
+        ids.extend(batch["ids"])
+    totals = accelerator.reduce(local, reduction="sum")
+    if not math.isfinite(totals[0].item()):
+        raise NonFiniteLossError(f"loss is {totals[0].item() / accelerator.num_processes}")
+    update_weights(parts, values, clip_grad)
+    return totals, ids, wait
+
+
+def update_weights(parts: TrainingParts, values: ScheduleValues, clip_grad: float) -> None:
+    """DINO's gradient surgery, the optimizer step, then the teacher's EMA step."""
+    unwrapped = parts.accelerator.unwrap_model(parts.student)
+    if values.freeze_last_layer:
+        freeze_last_layer_gradients(unwrapped.head)
+    clip_gradients_per_parameter(parts.student.parameters(), clip_grad)
+    set_optimizer_hyperparameters(parts.optimizer, values.lr, values.weight_decay)
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    ema_update(parts.teacher, unwrapped, values.teacher_momentum)
+
+
+def count_step(state: TrainState, totals: torch.Tensor) -> int:
+    """Adds a step's counts (summed over ranks) to the run's counters; returns its number of images."""
+    images, fallbacks, unreadable = (int(v) for v in totals[1:].tolist())
+    state.images_seen += images
+    state.macenko_fallbacks += fallbacks
+    state.unreadable_images += unreadable
+    return images
+
+
+def log_metrics(
+    parts: TrainingParts,
+    out: Path,
+    totals: torch.Tensor,
+    values: ScheduleValues,
+    window: MetricsWindow,
+    steps_per_epoch: int,
+) -> dict[str, float]:
+    accelerator, state = parts.accelerator, parts.state
+    metrics = {
+        "loss": totals[0].item() / accelerator.num_processes,
+        "lr": values.lr,
+        "weight_decay": values.weight_decay,
+        "teacher_momentum": values.teacher_momentum,
+        "teacher_temp": values.teacher_temp,
+        "images_per_s": window.images / window.seconds,
+        "data_wait_fraction": window.waiting / window.seconds,
+        "macenko_fallbacks": state.macenko_fallbacks,
+        "unreadable_images": state.unreadable_images,
+        "epoch": state.step / steps_per_epoch,
+    }
+    accelerator.log(metrics, step=state.step)
+    if accelerator.is_main_process:  # also plain JSON lines, for scripts and tests
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": state.step, **metrics}) + "\n")
+    return metrics
+
+
+def export(
+    cfg: PretrainConfig,
+    accelerator: Accelerator,
+    teacher: MultiCropNetwork,
+    reference: StainReference,
+    push_to_hub: str | None,
+) -> None:
     if accelerator.is_main_process:
         target = Path(cfg.run.export_dir or Path(cfg.run.output_dir) / "export")
         export_backbone(
@@ -294,10 +423,9 @@ def export(cfg, accelerator, teacher, reference, push_to_hub: str | None) -> int
         )
         logger.info("exported the teacher backbone to %s", target)
     accelerator.wait_for_everyone()
-    return 0
 
 
-def write_rank_record(out: Path, rank: int, ids: list[str], teacher, dino_loss) -> None:
+def write_rank_record(out: Path, rank: int, ids: list[str], teacher: nn.Module, dino_loss: nn.Module) -> None:
     """Which samples this rank trained on and hashes of its teacher and center (for sharding and sync checks)."""
     record = {
         "rank": rank,

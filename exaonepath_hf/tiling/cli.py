@@ -48,8 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--workers", type=int, default=1, help="slides tiled in parallel (processes)")
+    _add_patch_arguments(parser.add_argument_group("patches"))
+    _add_output_arguments(parser.add_argument_group("output"))
+    _add_tissue_arguments(parser.add_argument_group("tissue detection"))
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    return parser
 
-    grid = parser.add_argument_group("patches")
+
+def _add_patch_arguments(grid: argparse._ArgumentGroup) -> None:
     grid.add_argument(
         "--patch_size",
         "--patch-size",
@@ -79,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grid.add_argument("--backend", choices=SLIDE_BACKENDS, default=_DEFAULTS.backend, help="slide reader")
 
-    out = parser.add_argument_group("output")
+
+def _add_output_arguments(out: argparse._ArgumentGroup) -> None:
     out.add_argument(
         "--format", choices=("png", "jpeg"), default=_DEFAULTS.image_format, help="patch encoding"
     )
@@ -106,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="write coordinates and thumbnails, no image shards",
     )
 
-    tissue = parser.add_argument_group("tissue detection")
+
+def _add_tissue_arguments(tissue: argparse._ArgumentGroup) -> None:
     tissue.add_argument(
         "--detection_mpp", "--detection-mpp", type=float, default=_TISSUE_DEFAULTS.detection_mpp
     )
@@ -137,9 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=_TISSUE_DEFAULTS.max_holes_per_region,
         help="per region (CLAM: 8); no cap",
     )
-
-    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TilingConfig:

@@ -64,9 +64,7 @@ class ModelConfig:
         """The backbone's config: every field of this section that `ExaonePathConfig` defines, the rest at its
         defaults (so an architecture field added to both needs no copying code)."""
         backbone = _backbone_fields()
-        return ExaonePathConfig(
-            **{f.name: getattr(self, f.name) for f in fields(self) if f.name in backbone}
-        )
+        return ExaonePathConfig(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in backbone})
 
 
 @dataclass
