@@ -27,12 +27,12 @@ from pathlib import Path
 import datasets
 import torch
 import torch.nn.functional as F
-from exaonepath_hf.eval.backbones import Encoder
-from exaonepath_hf.eval.features import _Collate, _EncodedImages, cache_key, extract_features
-from exaonepath_hf.eval.probes import PRESETS, FeatureSplit, fit_linear_probe
 from torch.utils.data import DataLoader, TensorDataset
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
+from exaonepath_hf.eval.backbones import Encoder
+from exaonepath_hf.eval.features import _Collate, _EncodedImages, cache_key, extract_features
+from exaonepath_hf.eval.probes import PRESETS, FeatureSplit, fit_linear_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 

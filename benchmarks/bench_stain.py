@@ -18,9 +18,10 @@ Peers: `pip install -e ".[bench]"` (torchstain, macenko-pca), then, as their pin
 `pip install --no-deps torch-staintools==1.0.7 kornia==0.8.2 kornia-rs staintools==2.1.2 spams-bin
 opencv-python-headless`.
 
-Each method runs `--repeats` timed passes (after a warm-up on 8 patches; the median is reported; the passes
-of the methods are interleaved) with `torch.set_num_threads(--threads)`. Writes benchmarks/results/stain.json
-and stain.md. `real_patches()` is also the patch set of the parity tests.
+Each method runs `--repeats` (at least 5) timed passes (after a warm-up on 8 patches; the median is reported;
+the passes of the methods are interleaved) with `torch.set_num_threads(--threads)`. The CPU (vendor, family,
+model, SIMD flags) and the torch and numpy versions are recorded with the figures. Writes
+benchmarks/results/stain.json and stain.md. `real_patches()` is also the patch set of the parity tests.
 """
 
 from __future__ import annotations
@@ -275,6 +276,43 @@ def time_methods(builds: dict[str, Callable], target: torch.Tensor, inputs: list
     return {name: results[name] for name in builds}
 
 
+SIMD_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vbmi2",
+    "avx512_fp16",
+)
+
+
+def cpu_description() -> dict:
+    """Vendor, family, model, model name and the SIMD flags that pick numpy's and torch's kernels (Linux
+    /proc/cpuinfo; the platform module elsewhere): the same code runs several times faster on one host than on
+    another of the same kind."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return {"processor": platform.processor() or platform.machine()}
+    flags = set(fields.get("flags", "").split())
+    return {
+        "vendor": fields.get("vendor_id"),
+        "family": fields.get("cpu family"),
+        "model": fields.get("model"),
+        "model_name": fields.get("model name"),
+        "simd_flags": [flag for flag in SIMD_FLAGS if flag in flags],
+    }
+
+
 def run_benchmark(threads: int, count: int, repeats: int) -> dict:
     torch.set_num_threads(threads)
     patches = real_patches(DATA, count)
@@ -283,7 +321,10 @@ def run_benchmark(threads: int, count: int, repeats: int) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "load_average_at_start": list(os.getloadavg()),
+        "cpu": cpu_description(),
         "torch": torch.__version__,
+        "numpy": np.__version__,
+        "numpy_disabled_cpu_features": os.environ.get("NPY_DISABLE_CPU_FEATURES", ""),
         "threads": threads,
         "repeats": repeats,
         "statistic": "median of repeats",
@@ -318,11 +359,19 @@ def run_benchmark(threads: int, count: int, repeats: int) -> dict:
 
 
 def markdown(results: dict) -> str:
+    cpu = results["cpu"]
+    if "vendor" in cpu:
+        cpu = (
+            f"{cpu['vendor']} family {cpu['family']} model {cpu['model']}, {cpu['model_name']}; "
+            f"{' '.join(cpu['simd_flags'])}"
+        )
+    else:
+        cpu = cpu["processor"]
     lines = [
         f"Stain normalization, {results['patches']}; {results['threads']} threads, median of "
-        f"{results['repeats']} passes, {results['machine']}, "
-        f"torch {results['torch']}, load average at start {results['load_average_at_start'][0]:.1f}; "
-        f"{results['date']}.",
+        f"{results['repeats']} interleaved passes, {results['machine']} ({cpu}), "
+        f"torch {results['torch']}, numpy {results['numpy']}, load average at start "
+        f"{results['load_average_at_start'][0]:.1f}; {results['date']}.",
         "",
         "| Macenko | patches/s | vs torchstain |",
         "|---|---:|---:|",
@@ -345,6 +394,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per method (median reported)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error(
+            "--repeats must be at least 5: a median of fewer passes is too noisy on a shared machine"
+        )
     results = run_benchmark(args.threads, args.count, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "stain.json", json.dumps(results, indent=2) + "\n")

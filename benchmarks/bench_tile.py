@@ -171,7 +171,12 @@ def measure_startup(tree: Path) -> dict:
         )
         seconds = time.perf_counter() - start
         output = subprocess.run(
-            [sys.executable, "-c", WORKER_IMPORTS], cwd=empty, env=env, check=True, capture_output=True, text=True
+            [sys.executable, "-c", WORKER_IMPORTS],
+            cwd=empty,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
     return {"help_seconds": seconds, **json.loads(output)}
 
@@ -195,8 +200,12 @@ def startup_rows(trees: dict[str, Path], repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=24, help="symlinked copies of the slide to tile")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds per configuration (median)")
-    parser.add_argument("--baseline", type=Path, help="another checkout of the package to compare start-up with")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="interleaved rounds per configuration (median)"
+    )
+    parser.add_argument(
+        "--baseline", type=Path, help="another checkout of the package to compare start-up with"
+    )
     parser.add_argument("--run_one", "--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_one:

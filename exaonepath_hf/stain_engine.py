@@ -184,13 +184,17 @@ class ChunkEngine:
             result = then(normalized)
             with outputs_lock:
                 if outputs is None:  # `then`'s output shape is known once its first chunk is done
-                    outputs = torch.empty((count, *result.shape[1:]), dtype=result.dtype, device=result.device)
+                    outputs = torch.empty(
+                        (count, *result.shape[1:]), dtype=result.dtype, device=result.device
+                    )
             outputs[chunk] = result
 
         self._run_chunks(run_chunk, len(chunks), device)
         return outputs, valid
 
-    def _run_chunks(self, run_chunk: Callable[[int, Buffers], None], count: int, device: torch.device) -> None:
+    def _run_chunks(
+        self, run_chunk: Callable[[int, Buffers], None], count: int, device: torch.device
+    ) -> None:
         """``run_chunk(i, buffers)`` for every i < count: on CPU on up to ``torch.get_num_threads()`` worker
         threads that each hold one set of buffers, elsewhere in the caller's thread (a GPU runs each op in
         parallel already).

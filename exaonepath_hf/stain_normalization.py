@@ -649,7 +649,9 @@ class MacenkoNormalizer:
         flags = torch.zeros(len(batch), dtype=torch.bool, device=batch[0].device)
         for indices in _group_by_shape(batch).values():
             # a list comes back as a list: chunk-sized outputs, which the allocator recycles once freed
-            outputs, valid = self._normalize_equal_sized([batch[i] for i in indices], then, output_per_chunk=True)
+            outputs, valid = self._normalize_equal_sized(
+                [batch[i] for i in indices], then, output_per_chunk=True
+            )
             if isinstance(outputs, list):
                 outputs = [image for chunk in outputs for image in chunk.unbind(0)]
             flags[indices] = valid.to(flags.device)

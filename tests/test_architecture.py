@@ -55,7 +55,18 @@ def run_python(code: str, cwd: Path, python: str = sys.executable, timeout: floa
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", out, "."],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            out,
+            ".",
+        ],
         cwd=PROJECT_ROOT,
         check=True,
         capture_output=True,
@@ -66,7 +77,10 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_holds_only_the_package_namespace(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    assert {name.split("/")[0] for name in names} == {"exaonepath_hf", wheel.name.split("-py3")[0] + ".dist-info"}
+    assert {name.split("/")[0] for name in names} == {
+        "exaonepath_hf",
+        wheel.name.split("-py3")[0] + ".dist-info",
+    }
     for expected in (
         "exaonepath_hf/train/pretrain_dino.py",
         "exaonepath_hf/train/configs/cpu_smoke.yaml",
@@ -98,7 +112,13 @@ def test_wheel_in_a_fresh_venv_runs_its_commands_from_an_empty_folder(wheel, tmp
 
     def run(*command: str, timeout: float = 600) -> str:
         result = subprocess.run(
-            command, cwd=empty, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+            command,
+            cwd=empty,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
         assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
         return result.stdout + result.stderr
@@ -244,5 +264,7 @@ def test_console_script_help_uses_underscore_flags(name, capsys):
     text = capsys.readouterr().out
     assert text.startswith("usage:")
     flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", text))
-    dashed_only = sorted(flag for flag in flags if "-" in flag[2:] and "--" + flag[2:].replace("-", "_") not in flags)
+    dashed_only = sorted(
+        flag for flag in flags if "-" in flag[2:] and "--" + flag[2:].replace("-", "_") not in flags
+    )
     assert not dashed_only, f"{name}: options without the underscore spelling: {dashed_only}"

@@ -8,6 +8,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from sklearn.neighbors import NearestNeighbors
+
+from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 from exaonepath_hf.eval.backbones import Encoder
 from exaonepath_hf.eval.feature_collapse import (
     CollapseInput,
@@ -23,10 +27,6 @@ from exaonepath_hf.eval.feature_collapse import (
     tsne_embedding,
 )
 from exaonepath_hf.eval.features import cache_key, extract_features
-from PIL import Image
-from sklearn.neighbors import NearestNeighbors
-
-from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 
 
 def _slides(num_slides=6, per_slide=40, dim=32, spread=0.2, seed=0):

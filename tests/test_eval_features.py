@@ -6,11 +6,11 @@ import dataclasses
 import datasets
 import pytest
 import torch
-from exaonepath_hf.eval.backbones import Preprocessing, load_encoder
-from exaonepath_hf.eval.features import cache_dir_for, cache_key, extract_features, load_cached
 from PIL import Image
 
 from exaonepath_hf import ExaonePathModel
+from exaonepath_hf.eval.backbones import Preprocessing, load_encoder
+from exaonepath_hf.eval.features import cache_dir_for, cache_key, extract_features, load_cached
 from exaonepath_hf.stain_normalization import StainReference
 
 

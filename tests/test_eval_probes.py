@@ -6,8 +6,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from exaonepath_hf.eval.probes import PRESETS, FeatureSplit, fit_linear_probe, predict, summarize_seeds
 from sklearn.linear_model import LogisticRegression
+
+from exaonepath_hf.eval.probes import PRESETS, FeatureSplit, fit_linear_probe, predict, summarize_seeds
 
 
 def _blobs(n: int, dim: int = 16, classes: int = 3, spread: float = 1.0, seed: int = 0) -> FeatureSplit:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from exaonepath_hf.eval.converters import convert_mhist, convert_msi, convert_til
-from exaonepath_hf.eval.tasks import TASKS, get_task, imagefolder_task, load_task, parse_tcga_ids
 from PIL import Image
 from sklearn.model_selection import train_test_split
+
+from exaonepath_hf.eval.converters import convert_mhist, convert_msi, convert_til
+from exaonepath_hf.eval.tasks import TASKS, get_task, imagefolder_task, load_task, parse_tcga_ids
 
 
 def _png(seed: int, size: int = 16) -> bytes:

@@ -1,5 +1,7 @@
 """ExaonePathImageProcessor against the release's preprocessing, its input handling, saving and the fit CLI."""
 
+import copy
+import inspect
 import json
 import os
 import subprocess
@@ -10,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
+import transformers
 from PIL import Image
 from test_stain_normalization import read_chw, release_macenko
 from torchstain.torch.normalizers import TorchMacenkoNormalizer
 from transformers import AutoImageProcessor, BatchFeature
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.processing_utils import ImagesKwargs
 
 from exaonepath_hf.fit_stain import main as fit_stain_main
 from exaonepath_hf.image_processing_exaonepath import ExaonePathImageProcessor
@@ -236,7 +241,7 @@ def test_fit_save_and_load_keep_the_reference(shared_data, patch, tmp_path):
     assert config["auto_map"] == {
         "AutoImageProcessor": "image_processing_exaonepath.ExaonePathImageProcessor"
     }
-    assert {"image_processing_exaonepath.py", "stain_normalization.py"} <= {
+    assert {"image_processing_exaonepath.py", "stain_normalization.py", "stain_engine.py"} <= {
         p.name for p in tmp_path.iterdir()
     }
     loaded = ExaonePathImageProcessor.from_pretrained(tmp_path)
@@ -328,3 +333,73 @@ def test_fit_stain_cli(shared_data, tmp_path, capsys):
     Image.fromarray(np.full((64, 64, 3), 255, dtype=np.uint8)).save(white)
     with pytest.raises(SystemExit, match="too few tissue pixels"):
         fit_stain_main([str(white), "--out", str(tmp_path / "y")])
+
+
+# The private hooks of transformers' image-processing base that ExaonePathImageProcessor relies on, with the
+# parameters it uses. `preprocess` calls `_preprocess_image_like_inputs(images, *args, **kwargs)` with every
+# standardized kwarg; the processor overrides it and `_preprocess`. Pin `transformers` accordingly.
+PRIVATE_HOOKS = {
+    "_preprocess_image_like_inputs": ("images",),
+    "_preprocess": ("images",),
+}
+# the standard kwargs that ExaonePathImageProcessor._preprocess takes by name
+STANDARD_KWARGS = (
+    "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+    "do_normalize", "image_mean", "image_std", "disable_grouping", "return_tensors", "device",
+    "do_convert_rgb", "input_data_format",
+)  # fmt: skip
+
+
+def test_private_transformers_hooks_the_processor_relies_on(patch, monkeypatch):
+    version = transformers.__version__
+    for name, parameters in PRIVATE_HOOKS.items():
+        assert hasattr(TorchvisionBackend, name), (
+            f"transformers {version}: TorchvisionBackend has no {name}, which ExaonePathImageProcessor overrides "
+            "and relies on being called; pin a transformers version that has it"
+        )
+        signature = inspect.signature(getattr(TorchvisionBackend, name))
+        missing = [parameter for parameter in parameters if parameter not in signature.parameters]
+        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+        assert not missing and takes_kwargs, (
+            f"transformers {version}: {name}{signature} lacks {missing or '**kwargs'}, which "
+            "ExaonePathImageProcessor relies on"
+        )
+    missing = [name for name in STANDARD_KWARGS if name not in ImagesKwargs.__annotations__]
+    assert not missing, (
+        f"transformers {version}: ImagesKwargs has no {missing}, which _preprocess takes by name"
+    )
+    # and `preprocess` really goes through the hook, with the standardized kwargs
+    calls = []
+    hook = ExaonePathImageProcessor._preprocess_image_like_inputs
+
+    def recording(self, images, *args, **kwargs):
+        calls.append(kwargs)
+        return hook(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(ExaonePathImageProcessor, "_preprocess_image_like_inputs", recording)
+    output = ExaonePathImageProcessor()(patch, return_tensors="pt")
+    assert len(calls) == 1, (
+        f"transformers {version}: preprocess() no longer calls _preprocess_image_like_inputs"
+    )
+    assert set(STANDARD_KWARGS) <= set(calls[0]) and calls[0]["crop_size"].height == 224
+    assert output["pixel_values"].shape == (1, 3, 224, 224)
+
+
+def test_processor_keeps_its_normalizer_between_calls_but_not_in_its_config(patch, tmp_path):
+    processor = ExaonePathImageProcessor()
+    first = processor(patch, return_tensors="pt")["pixel_values"]
+    normalizer = processor._normalizer_for()
+    assert normalizer.cached_bytes() > 0
+    torch.testing.assert_close(processor(patch, return_tensors="pt")["pixel_values"], first, atol=0, rtol=0)
+    assert processor._normalizer_for() is normalizer
+    processor(patch, return_tensors="pt", stain_beta=0.2)  # other settings: another normalizer
+    assert processor._normalizer_for() is not normalizer
+    assert processor.stain_normalizer() is not processor._normalizer_for()  # the public one is always new
+    assert "_kept_normalizer" not in processor.to_dict()
+    copied = copy.deepcopy(processor)
+    torch.testing.assert_close(copied(patch, return_tensors="pt")["pixel_values"], first, atol=0, rtol=0)
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert "_kept_normalizer" not in config and "stain_beta" in config
+    loaded = ExaonePathImageProcessor.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded(patch, return_tensors="pt")["pixel_values"], first, atol=0, rtol=0)

@@ -45,18 +45,22 @@ KILL_POINTS = {
 
 
 def _tile_and_die(kill_point: str, slide: Path, out: Path) -> int:
-    script = textwrap.dedent(
-        f"""
+    script = (
+        textwrap.dedent(
+            f"""
         import os
         from exaonepath_hf.tiling import TilingConfig, tile_slides
         from exaonepath_hf.tiling import pipeline
 
         PATCHES_PER_SHARD = {PATCHES_PER_SHARD}
         """
-    ) + textwrap.dedent(KILL_POINTS[kill_point]) + textwrap.dedent(
-        f"""
+        )
+        + textwrap.dedent(KILL_POINTS[kill_point])
+        + textwrap.dedent(
+            f"""
         tile_slides([{str(slide)!r}], {str(out)!r}, TilingConfig(patches_per_shard=PATCHES_PER_SHARD), 1)
         """
+        )
     )
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True).returncode
 

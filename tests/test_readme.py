@@ -44,8 +44,6 @@ def test_every_code_block_says_whether_it_runs():
 @pytest.fixture(scope="module")
 def workspace(shared_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("readme")
-    for folder in ("train", "eval"):
-        (root / folder).symlink_to(PROJECT_ROOT / folder)
     torch.manual_seed(0)
     tiny = ExaonePathModel(ExaonePathConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=1))
     torch.save(

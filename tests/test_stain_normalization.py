@@ -1,10 +1,14 @@
 """Batched Macenko against the HEnorm golden outputs, torchstain (the release's algorithm) and edge cases."""
 
+import copy
+import gc
 import importlib.util
 import math
 import multiprocessing
+import pickle
 import resource
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +23,9 @@ from exaonepath_hf.stain_normalization import (
     DEFAULT_STAIN_REFERENCE,
     MacenkoNormalizer,
     StainReference,
-    normalize_chunk,
     _order_statistics,
     _order_statistics_by_torch,
+    normalize_chunk,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -385,3 +389,176 @@ def test_worker_threads_follow_the_callers_inference_mode(patches):
     torch.testing.assert_close(again.images, first.images, atol=0, rtol=0)
 
 
+def _new_pages_faulted_in(call) -> int:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    call()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_normalize_chunk_writes_into_out_and_equals_the_normalizer(patches):
+    batch = torch.stack(patches[:6])
+    expected = MacenkoNormalizer().normalize(batch)
+    out = torch.full(batch.shape, -1.0)
+    result = normalize_chunk(batch, DEFAULT_STAIN_REFERENCE, out=out, workspace=Buffers())
+    assert result.images is out
+    torch.testing.assert_close(out, expected.images, atol=0, rtol=0)
+    assert torch.equal(result.normalized, expected.normalized)
+    fresh = normalize_chunk(batch)  # default reference, new output and scratch memory
+    torch.testing.assert_close(fresh.images, expected.images, atol=0, rtol=0)
+    settings = {"io": 250.0, "alpha": 2.0, "beta": 0.2, "min_tissue_fraction": 0.0}
+    custom = MacenkoNormalizer(**settings).normalize(batch)
+    torch.testing.assert_close(normalize_chunk(batch, **settings).images, custom.images, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="out must be a contiguous float32"):
+        normalize_chunk(batch, out=torch.empty(batch.shape, dtype=torch.float64))
+    with pytest.raises(ValueError, match="N×3×H×W"):
+        normalize_chunk(batch[0])
+
+
+def test_scratch_memory_belongs_to_the_instance_and_outputs_are_new_tensors(patches):
+    batch = torch.stack(patches[:16])
+    first, second = MacenkoNormalizer(), MacenkoNormalizer()
+    output = first.normalize(batch).images
+    assert first.cached_bytes() > 0 and second.cached_bytes() == 0
+    second.normalize(batch)
+    kept = second.cached_bytes()
+    # repeated calls reuse the scratch memory: only the output is new memory
+    output_pages = batch.numel() * 4 / 4096
+    assert _new_pages_faulted_in(lambda: first.normalize(batch)) < 1.5 * output_pages
+    first.empty_cache()
+    assert first.cached_bytes() == 0 and second.cached_bytes() == kept
+    # outputs are plain tensors the caller owns: never handed out again, resizable
+    again = first.normalize(batch).images
+    assert again.data_ptr() != output.data_ptr()
+    torch.testing.assert_close(again, output, atol=0, rtol=0)
+    again.resize_(2 * again.numel())
+    # the memory goes with the normalizer
+    engine_buffers = weakref.ref(second._engine._free[0])
+    del second
+    gc.collect()
+    assert engine_buffers() is None
+
+
+def test_normalizer_pickles_and_copies_without_its_buffers(patches):
+    batch = torch.stack(patches[:4])
+    normalizer = MacenkoNormalizer(min_tissue_fraction=0.02)
+    expected = normalizer.normalize(batch)
+    for copied in (pickle.loads(pickle.dumps(normalizer)), copy.deepcopy(normalizer)):
+        assert copied.cached_bytes() == 0 and copied.min_tissue_fraction == 0.02
+        torch.testing.assert_close(copied.normalize(batch).images, expected.images, atol=0, rtol=0)
+    assert normalizer.cached_bytes() > 0
+
+
+def test_torch_thread_setting_is_unchanged_for_other_threads_during_a_call(patches):
+    batch = torch.stack(patches[:32])  # 4 chunks on worker threads
+    normalizer = MacenkoNormalizer()
+    threads = torch.get_num_threads()
+    seen, done = set(), threading.Event()
+
+    def observe():
+        while not done.is_set():
+            seen.add(torch.get_num_threads())  # a thread that exists throughout the call
+            fresh = threading.Thread(target=lambda: seen.add(torch.get_num_threads()))  # and new threads
+            fresh.start()
+            fresh.join()
+
+    observer = threading.Thread(target=observe)
+    observer.start()
+    try:
+        for _ in range(3):
+            normalizer.normalize(batch)
+            normalizer.normalize(list(batch), then=lambda chunk: chunk[..., :8, :8])
+    finally:
+        done.set()
+        observer.join()
+    assert seen == {threads}
+    assert torch.get_num_threads() == threads
+
+
+def test_one_normalizer_used_from_two_threads_gives_the_serial_results(patches):
+    normalizer = MacenkoNormalizer(max_batch_pixels=3 * 224 * 224)
+    tensor_batch, list_batch = torch.stack(patches[:12]), patches[12:24] + [patches[0][:, :100, :150]]
+
+    def work():
+        return (
+            normalizer.normalize(tensor_batch),
+            normalizer.normalize(list_batch),
+            normalizer.normalize_stack(patches[24:33], then=lambda chunk: chunk[..., ::4, ::4] * 2),
+        )
+
+    expected = work()
+    results, errors = [], []
+
+    def run():
+        try:
+            for _ in range(3):
+                results.append(work())
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    workers = [threading.Thread(target=run) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert not errors and len(results) == 6
+    for result in results:
+        for got, want in zip(result, expected, strict=True):
+            assert torch.equal(got.normalized, want.normalized)
+            if isinstance(want.images, list):
+                assert all(torch.equal(a, b) for a, b in zip(got.images, want.images, strict=True))
+            else:
+                assert torch.equal(got.images, want.images)
+
+
+def _normalize_in_child(batch, results, normalizer=None) -> None:
+    torch.set_num_threads(1)  # as DataLoader workers do: OpenMP threads hang in a child forked after use
+    results.put((normalizer or MacenkoNormalizer()).normalize(batch).images.sum().item())
+
+
+def test_a_forked_child_normalizes_while_another_thread_holds_a_normalizers_lock(patches):
+    """DataLoader workers are forked: locks held by other threads at the fork stay held in the child. A fresh
+    normalizer in the child shares nothing with the parent's; the parent's own normalizer starts over."""
+    batch = torch.stack(patches[:2])
+    normalizer = MacenkoNormalizer()
+    expected = normalizer.normalize(batch).images.sum().item()
+    context = multiprocessing.get_context("fork")
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock():
+        with normalizer._engine._lock:
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    held.wait()
+    try:
+        for child_normalizer in (None, normalizer):
+            results = context.Queue()
+            child = context.Process(target=_normalize_in_child, args=(batch, results, child_normalizer))
+            child.start()
+            child.join(timeout=60)
+            if child.is_alive():
+                child.kill()
+            assert child.exitcode == 0
+            assert results.get(timeout=5) == pytest.approx(expected)
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_order_statistics_are_exact_at_the_extremes_and_on_ties():
+    generator = torch.Generator().manual_seed(1)
+    length = 40000
+    rows = [
+        torch.randn(length, generator=generator),
+        torch.randint(0, 3, (length,), generator=generator).float(),  # three values
+        torch.full((length,), 2.5),
+        torch.cat((torch.full((length // 2,), -1e6), torch.randn(length // 2, generator=generator))),
+        torch.arange(length, dtype=torch.float32).flip(0),  # monotonic
+    ]
+    for values in rows:
+        expected = values.sort().values
+        for kth in (0, 1, 7, 399, 400, length // 2, length // 2 + 1, length - 401, length - 2, length - 1):
+            wanted = torch.tensor([[kth]])
+            assert torch.equal(_order_statistics(values.clone()[None], wanted), expected[kth].view(1, 1)), kth
