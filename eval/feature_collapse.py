@@ -30,7 +30,6 @@ import hashlib
 import io
 import logging
 import os
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import torch
 from accelerate import PartialState
 
 from ..atomic_io import atomic_write_bytes, write_json
+from ..cli import run_command
 from ..images import image_files, open_rgb
 from ..tiling.shards import completed_shard_files, tiling_output_folder
 from .backbones import Pooling, Preprocessing, load_encoder
@@ -566,14 +566,7 @@ def settings_from_args(args: argparse.Namespace) -> CollapseSettings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run_feature_collapse(settings_from_args(args))
-    except (FileNotFoundError, ValueError) as error:
-        logger.debug("bad input", exc_info=True)
-        print(f"exaonepath-collapse: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("exaonepath-collapse", lambda: run_feature_collapse(settings_from_args(args)))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from accelerate import PartialState
 
 from ..atomic_io import atomic_save_tensors, write_json
+from ..cli import run_command
 from ..stain_normalization import StainReference
 from .backbones import Encoder, Pooling, Preprocessing, load_encoder
 from .features import ExtractionSettings, FeatureSet, cache_key, distributed_state
@@ -439,14 +439,7 @@ def settings_from_args(args: argparse.Namespace) -> LinearProbeSettings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run_linear_probe(settings_from_args(args))
-    except (FileNotFoundError, ValueError) as error:
-        logger.debug("bad input", exc_info=True)
-        print(f"exaonepath-probe: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("exaonepath-probe", lambda: run_linear_probe(settings_from_args(args)))
 
 
 if __name__ == "__main__":

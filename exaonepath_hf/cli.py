@@ -1,0 +1,33 @@
+"""What every console script shares: log format, and bad input as one line on stderr with exit code 2.
+
+A command's `main(argv) -> int` parses its flags into typed settings and hands the call to `run_command`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+__all__ = ["BAD_INPUT_EXIT_CODE", "run_command"]
+
+logger = logging.getLogger(__name__)
+
+#: argparse's own code for a bad command line; bad files or values found later get the same.
+BAD_INPUT_EXIT_CODE = 2
+
+
+def run_command(prog: str, command: Callable[[], object]) -> int:
+    """Runs `command()`; returns 0, or `BAD_INPUT_EXIT_CODE` after naming the bad input on stderr.
+
+    Bad input is a missing file or a value the library rejects (FileNotFoundError, ValueError); anything else
+    is a bug or an environment failure and propagates with its traceback.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        command()
+    except (FileNotFoundError, ValueError) as error:
+        logger.debug("bad input", exc_info=True)
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return BAD_INPUT_EXIT_CODE
+    return 0
