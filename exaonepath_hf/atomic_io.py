@@ -86,7 +86,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     """Yields a fresh sibling folder to fill; on success it becomes `target`, on error it is removed."""
     target = Path(target)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; choose another output folder or allow overwriting")
+        raise FileExistsError(f"{target} exists; choose another output folder or overwrite it (--overwrite)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

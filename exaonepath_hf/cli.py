@@ -20,13 +20,14 @@ BAD_INPUT_EXIT_CODE = 2
 def run_command(prog: str, command: Callable[[], object]) -> int:
     """Runs `command()`; returns 0, or `BAD_INPUT_EXIT_CODE` after naming the bad input on stderr.
 
-    Bad input is a missing file or a value the library rejects (FileNotFoundError, ValueError); anything else
-    is a bug or an environment failure and propagates with its traceback.
+    Bad input is a missing file, an output that exists, or a value the library rejects (FileNotFoundError,
+    FileExistsError, ValueError); anything else is a bug or an environment failure and propagates with its
+    traceback.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         command()
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         logger.debug("bad input", exc_info=True)
         print(f"{prog}: error: {error}", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE

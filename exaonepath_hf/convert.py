@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from .atomic_io import atomic_directory
+from .cli import run_command
 from .configuration_exaonepath import ExaonePathConfig
 from .image_processing_exaonepath import ExaonePathImageProcessor
 from .modeling_exaonepath import ExaonePathModel
@@ -261,7 +263,7 @@ def push_folder_to_hub(
     return str(getattr(commit, "commit_url", commit))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="exaonepath-convert",
         description="Convert the EXAONEPath release, its hub layout, or timm/DINO ViT weights to a "
@@ -283,20 +285,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    args = parse_args(argv)
-    model = load_backbone(args.source, num_attention_heads=args.num_attention_heads)
-    out_dir = save_folder(model, args.out, overwrite=args.overwrite)
+def convert(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    num_attention_heads: int | None = None,
+    push_to_hub: str | None = None,
+    private: bool | None = None,
+) -> Path:
+    """Convert `source` (see `load_backbone`) into the `save_pretrained` folder `out_dir`; optionally upload it."""
+    model = load_backbone(source, num_attention_heads=num_attention_heads)
+    out_dir = save_folder(model, out_dir, overwrite=overwrite)
     config = model.config
     print(
-        f"converted {args.source} → {out_dir}: ViT {config.hidden_size}d × {config.num_hidden_layers} blocks, "
+        f"converted {source} → {out_dir}: ViT {config.hidden_size}d × {config.num_hidden_layers} blocks, "
         f"{config.num_attention_heads} heads, patch {config.patch_size}, {model.num_parameters() / 1e6:.1f}M params"
     )
-    if args.push_to_hub:
-        url = push_folder_to_hub(out_dir, args.push_to_hub, private=args.private or None)
-        print(f"pushed to {url}")
-    return 0
+    if push_to_hub:
+        print(f"pushed to {push_folder_to_hub(out_dir, push_to_hub, private=private)}")
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_command(
+        "exaonepath-convert",
+        lambda: convert(
+            args.source,
+            args.out,
+            overwrite=args.overwrite,
+            num_attention_heads=args.num_attention_heads,
+            push_to_hub=args.push_to_hub,
+            private=args.private or None,
+        ),
+    )
 
 
 if __name__ == "__main__":

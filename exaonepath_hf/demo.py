@@ -121,7 +121,6 @@ def pretrain_demo_model(tiles: Path, out: Path, steps: int) -> Path:
     """A small ViT trained with the package's DINO loop on the Macenko-normalized patches; returns its folder."""
     from .train.pretrain_dino import main as pretrain
 
-    config = resources.files("exaonepath_hf.train") / "configs" / "cpu_smoke.yaml"
     run_dir = out / "demo-model-training"
     overrides = [
         f"data.source={tiles}",
@@ -129,7 +128,7 @@ def pretrain_demo_model(tiles: Path, out: Path, steps: int) -> Path:
         f"run.max_steps={steps}",
         *DEMO_TRAINING,
     ]
-    if pretrain(["--config", str(config), *overrides]) != 0:
+    if pretrain(["--config", "cpu_smoke", *overrides]) != 0:
         raise RuntimeError(f"demo pretraining failed; see the log above and {run_dir}")
     return run_dir / "export"
 

@@ -199,9 +199,11 @@ def test_pickles_with_code_are_refused(tmp_path):
         load_backbone(path)
 
 
-def test_existing_output_is_not_overwritten_silently(converted, release_ckpt):
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        main([str(release_ckpt), "--out", str(converted)])
+def test_existing_output_is_not_overwritten_silently(converted, release_ckpt, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in converted.iterdir()}
+    assert main([str(release_ckpt), "--out", str(converted)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in converted.iterdir()} == before
 
 
 REMOTE_CODE_SCRIPT = textwrap.dedent(
