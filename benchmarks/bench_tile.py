@@ -255,7 +255,10 @@ def main() -> None:
             }
     trees = {"this tree": ROOT}
     if args.baseline:
-        trees[f"baseline ({args.baseline.name})"] = args.baseline.resolve()
+        revision = subprocess.run(
+            ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        trees[f"baseline {revision or args.baseline}"] = args.baseline.resolve()
     startup = startup_rows(trees, args.repeats)
 
     record = {
