@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -19,8 +20,10 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from .atomic_io import move_files_into
+from .cli import run_command
 from .image_processing_exaonepath import ExaonePathImageProcessor
 from .images import open_rgb
+from .stain_normalization import StainReference
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ def _load_target(path: Path) -> Image.Image:
     try:
         return open_rgb(path)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-        raise SystemExit(f"exaonepath-fit-stain: cannot read target image {path}: {error}") from error
+        raise ValueError(f"cannot read target image {path}: {error}") from error
 
 
 def _save_atomically(processor: ExaonePathImageProcessor, out: Path) -> None:
@@ -60,29 +63,45 @@ def _save_atomically(processor: ExaonePathImageProcessor, out: Path) -> None:
         move_files_into(staging, out)
 
 
+def fit_stain(
+    targets: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    processor: str | os.PathLike | None = None,
+    device: str | None = None,
+    **stain_settings: float,
+) -> StainReference:
+    """Fit the stain reference of `targets`, save the processor carrying it to `out` and return the reference.
+
+    `processor` is a processor folder to start from (else the defaults); `stain_settings` override its
+    `stain_io`, `stain_alpha`, `stain_beta`.
+    """
+    if processor is not None:
+        fitted = ExaonePathImageProcessor.from_pretrained(processor, **stain_settings)
+    else:
+        fitted = ExaonePathImageProcessor(**stain_settings)
+    images = [_load_target(Path(path)) for path in targets]
+    reference = fitted.fit_stain_reference(images, device=device)
+    _save_atomically(fitted, Path(out))
+    logger.info("fitted on %d target image(s); processor written to %s", len(images), out)
+    return reference
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    overrides = {
-        key: value
-        for key, value in {"stain_io": args.io, "stain_alpha": args.alpha, "stain_beta": args.beta}.items()
-        if value is not None
-    }
-    if args.processor is not None:
-        processor = ExaonePathImageProcessor.from_pretrained(args.processor, **overrides)
-    else:
-        processor = ExaonePathImageProcessor(**overrides)
+    settings = {"stain_io": args.io, "stain_alpha": args.alpha, "stain_beta": args.beta}
 
-    images = [_load_target(path) for path in args.targets]
-    try:
-        reference = processor.fit_stain_reference(images, device=args.device)
-    except ValueError as error:
-        raise SystemExit(f"exaonepath-fit-stain: {error}") from error
-    _save_atomically(processor, args.out)
-    logger.info("fitted on %d target image(s); processor written to %s", len(images), args.out)
-    json.dump(reference.to_dict(), sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    return 0
+    def fit_and_print() -> None:
+        reference = fit_stain(
+            args.targets,
+            args.out,
+            processor=args.processor,
+            device=args.device,
+            **{key: value for key, value in settings.items() if value is not None},
+        )
+        json.dump(reference.to_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+
+    return run_command("exaonepath-fit-stain", fit_and_print)
 
 
 if __name__ == "__main__":
