@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import psutil
+from machine import cpu_description, cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -50,21 +51,6 @@ CONFIGS = {
     "exaonepath-tile, 1 worker (openslide, PNG)": {"workers": 1, "backend": "openslide", "format": "png"},
     "bare read + PNG encode loop (peer)": {"bare": True},
 }
-
-
-def cpu_description() -> str:
-    """Vendor, family, model and model name from /proc/cpuinfo (Linux), else the platform's processor string."""
-    try:
-        fields = dict(
-            line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:30] if ":" in line
-        )
-        fields = {key.strip(): value.strip() for key, value in fields.items()}
-        return (
-            f"{fields.get('model name', '?')}, {fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} "
-            f"model {fields.get('model', '?')}"
-        )
-    except OSError:
-        return platform.processor() or platform.machine()
 
 
 def run_one(spec: dict) -> dict:
@@ -275,7 +261,7 @@ def main() -> None:
     (RESULTS / "tile.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         f"Tiling `{SLIDE.name}` x {args.copies} copies (256 px at 0.5 µm/px = 257 px at level 0, 28 patches per "
-        f"copy), {os.cpu_count()} CPU cores ({record['cpu']}), median of {args.repeats} interleaved rounds. The "
+        f"copy), {cpu_summary(record['cpu'])}, median of {args.repeats} interleaved rounds. The "
         "one-off start of the worker fork server is not in the time but in its own column.",
         "",
         "| configuration | patches/s | seconds | worker start-up (s) | peak PSS, process tree (MB) "
