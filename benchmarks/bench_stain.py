@@ -1,6 +1,6 @@
 """Macenko stain normalization and end-to-end preprocessing throughput against the peers, in one run.
 
-    python benchmarks/bench_stain.py [--threads 2] [--count 256] [--repeats 5]
+    python benchmarks/bench_stain.py [--threads 2] [--count 256] [--mixed 48] [--repeats 5]
 
 The same `--count` real H&E patches of 224x224 (cut from the images in ../shared/data, round-robin over the
 source images so that every stain, tissue type and the background crops are represented) go through:
@@ -11,17 +11,24 @@ source images so that every stain, tissue type and the background crops are repr
    the same target image first. Peers are a `bench` extra, not runtime dependencies; a peer that is missing
    or fails is recorded with the reason.
 2. End to end from PIL images to `pixel_values`: `ExaonePathImageProcessor` against the release pipeline
-   (torchstain normalizer, then torchvision Resize(256, bicubic) / CenterCrop(224) / Normalize per image).
+   (torchstain normalizer, then torchvision Resize(256, bicubic) / CenterCrop(224) / Normalize per image), on
+   those patches and on `--mixed` real tiles of mixed sizes, 224 to 1024 px (`mixed_size_tiles`).
+
+Both run twice: in this process with numpy's default CPU dispatch, and in a child process started with
+`NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"` (numpy's AVX2 kernels; its AVX-512 `partition` is
+several times slower on AMD Zen 4 than on other hosts). The child runs ours and the release's only.
 
 Peers: `pip install -e ".[bench]"` (torchstain, macenko-pca), then, as their pins would replace torch:
 `pip install --no-build-isolation --no-deps stainx==0.1.6`,
 `pip install --no-deps torch-staintools==1.0.7 kornia==0.8.2 kornia-rs staintools==2.1.2 spams-bin
 opencv-python-headless`.
 
-Each method runs `--repeats` (at least 5) timed passes (after a warm-up on 8 patches; the median is reported;
+Each method runs `--repeats` (at least 5) timed passes (after a warm-up on 8 images; the median is reported;
 the passes of the methods are interleaved) with `torch.set_num_threads(--threads)`. The CPU (vendor, family,
-model, SIMD flags) and the torch and numpy versions are recorded with the figures. Writes
-benchmarks/results/stain.json and stain.md. `real_patches()` is also the patch set of the parity tests.
+model, SIMD flags), torch's version, numpy's version and its dispatch targets (baseline, compiled, active) and
+the load average are recorded with the figures. Writes benchmarks/results/stain.json and stain.md.
+`real_patches()` is also the patch set of the parity tests, `mixed_size_tiles()` that of the processor's
+mixed-size test.
 """
 
 from __future__ import annotations
@@ -99,6 +106,35 @@ def real_patches(data_dir: Path = DATA, count: int = 256, size: int = PATCH) -> 
 def load_target(data_dir: Path = DATA) -> torch.Tensor:
     with Image.open(data_dir / TARGET) as image:
         return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+
+
+MIXED_SIZES = (224, 256, 320, 384, 448, 512, 768, 1024)
+
+
+def mixed_size_tiles(data_dir: Path = DATA, count: int = 48) -> list[torch.Tensor]:
+    """`count` real uint8 3×s×s tiles with s cycling through MIXED_SIZES (224 to 1024, as tiles cut at different
+    magnifications come): the i-th is cut from the next source image (round-robin) that is at least s×s, at an
+    offset drawn from `random.Random(i)`, so the set is the same on every run."""
+    import random
+
+    pixels = []
+    for path in _source_images(data_dir):
+        with Image.open(path) as image:
+            pixels.append(np.asarray(image.convert("RGB")))
+    tiles, cursor = [], 0
+    for index in range(count):
+        size = MIXED_SIZES[index % len(MIXED_SIZES)]
+        large = [array for array in pixels if min(array.shape[:2]) >= size]
+        if not large:
+            raise RuntimeError(f"no image of at least {size}x{size} in {data_dir}")
+        array = large[cursor % len(large)]
+        cursor += 1
+        chooser = random.Random(index)
+        top = chooser.randrange(array.shape[0] - size + 1)
+        left = chooser.randrange(array.shape[1] - size + 1)
+        crop = array[top : top + size, left : left + size]
+        tiles.append(torch.from_numpy(crop.copy()).permute(2, 0, 1).contiguous())
+    return tiles
 
 
 # --------------------------------------------------------------------------------------------- Macenko methods
@@ -313,10 +349,85 @@ def cpu_description() -> dict:
     }
 
 
-def run_benchmark(threads: int, count: int, repeats: int) -> dict:
+#: numpy's AVX-512 dispatch targets: disabling them (before numpy is imported) runs its AVX2 kernels instead
+AVX2_PATH = "X86_V4 AVX512_ICL AVX512_SPR"
+TORCHSTAIN = "torchstain 1.4 torch (the release's algorithm)"
+OURS = "exaonepath_hf MacenkoNormalizer (batched)"
+PROCESSOR = "ExaonePathImageProcessor (PIL -> pixel_values)"
+RELEASE = "release pipeline (torchstain + torchvision per PIL image)"
+
+
+def numpy_dispatch() -> dict:
+    """numpy's version, baseline and the dispatch targets it may use and does use here (the kernels of
+    `partition`, `sort`, ... differ by target, and their speed by CPU)."""
+    from numpy._core import _multiarray_umath as umath
+
+    features = umath.__cpu_features__
+    return {
+        "version": np.__version__,
+        "baseline": list(umath.__cpu_baseline__),
+        "dispatch": list(umath.__cpu_dispatch__),
+        "dispatch_active": [target for target in umath.__cpu_dispatch__ if features.get(target)],
+        "NPY_DISABLE_CPU_FEATURES": os.environ.get("NPY_DISABLE_CPU_FEATURES", ""),
+    }
+
+
+def _with_speedups(entries: dict, reference: str, key: str) -> dict:
+    base = entries.get(reference, {}).get("patches_per_s")
+    for entry in entries.values():
+        if "patches_per_s" in entry and base:
+            entry[key] = round(entry["patches_per_s"] / base, 2)
+    return entries
+
+
+def measure(threads: int, count: int, repeats: int, mixed_count: int, peers: bool) -> dict:
+    """Macenko on the equal-size patches, and end to end on them and on the mixed-size tiles, in this process
+    (with the numpy dispatch it was started with). Without `peers` only ours and torchstain run for Macenko."""
     torch.set_num_threads(threads)
     patches = real_patches(DATA, count)
+    tiles = mixed_size_tiles(DATA, mixed_count)
     target = load_target(DATA)
+    macenko: dict = {}
+    builds = {}
+    for name, (build, module) in MACENKO_METHODS.items():
+        if not peers and name not in (OURS, TORCHSTAIN):
+            continue
+        try:
+            __import__(module)
+        except Exception as error:
+            macenko[name] = {"skipped": f"not installable/importable here: {error!r}"}
+            continue
+        builds[name] = build
+    macenko.update(time_methods(builds, target, patches, repeats))
+    macenko = {name: macenko[name] for name in MACENKO_METHODS if name in macenko}
+    to_pil = lambda images: [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]  # noqa: E731
+    return {
+        "numpy": numpy_dispatch(),
+        "macenko": _with_speedups(macenko, TORCHSTAIN, "speedup_vs_torchstain"),
+        "end_to_end": _with_speedups(
+            time_methods(END_TO_END_METHODS, target, to_pil(patches), repeats), RELEASE, "speedup_vs_release"
+        ),
+        "end_to_end_mixed": _with_speedups(
+            time_methods(END_TO_END_METHODS, target, to_pil(tiles), repeats), RELEASE, "speedup_vs_release"
+        ),
+    }
+
+
+def measure_in_child(args: argparse.Namespace, disabled: str) -> dict:
+    """`measure` in a fresh Python with NPY_DISABLE_CPU_FEATURES set (numpy reads it once, on import)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "child.json"
+        command = [sys.executable, __file__, "--child", str(output), "--threads", str(args.threads)]
+        command += ["--count", str(args.count), "--repeats", str(args.repeats), "--mixed", str(args.mixed)]
+        subprocess.run(command, check=True, env={**os.environ, "NPY_DISABLE_CPU_FEATURES": disabled})
+        return json.loads(output.read_text(encoding="utf-8"))
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    sizes = ", ".join(str(size) for size in MIXED_SIZES)
     results: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
@@ -324,38 +435,27 @@ def run_benchmark(threads: int, count: int, repeats: int) -> dict:
         "cpu": cpu_description(),
         "torch": torch.__version__,
         "numpy": np.__version__,
-        "numpy_disabled_cpu_features": os.environ.get("NPY_DISABLE_CPU_FEATURES", ""),
-        "threads": threads,
-        "repeats": repeats,
+        "threads": args.threads,
+        "repeats": args.repeats,
         "statistic": "median of repeats",
-        "patches": f"{count} real {PATCH}x{PATCH} H&E patches from {', '.join(PATCH_SOURCES)}",
+        "patches": f"{args.count} real {PATCH}x{PATCH} H&E patches from {', '.join(PATCH_SOURCES)}",
+        "mixed_tiles": f"{args.mixed} real square H&E tiles of {sizes} px cut from the same images",
         "target": TARGET,
-        "macenko": {},
-        "end_to_end": {},
+        "dispatch_paths": {
+            "default": measure(args.threads, args.count, args.repeats, args.mixed, peers=True)
+        },
     }
-    builds = {}
-    for name, (build, module) in MACENKO_METHODS.items():
-        try:
-            __import__(module)
-        except Exception as error:
-            results["macenko"][name] = {"skipped": f"not installable/importable here: {error!r}"}
-            continue
-        builds[name] = build
-    results["macenko"].update(time_methods(builds, target, patches, repeats))
-    results["macenko"] = {name: results["macenko"][name] for name in MACENKO_METHODS}
-    pil_images = [Image.fromarray(patch.permute(1, 2, 0).numpy()) for patch in patches]
-    results["end_to_end"] = time_methods(END_TO_END_METHODS, target, pil_images, repeats)
-
-    reference = results["macenko"]["torchstain 1.4 torch (the release's algorithm)"]["patches_per_s"]
-    for entry in results["macenko"].values():
-        if "patches_per_s" in entry:
-            entry["speedup_vs_torchstain"] = round(entry["patches_per_s"] / reference, 2)
-    release = results["end_to_end"]["release pipeline (torchstain + torchvision per PIL image)"][
-        "patches_per_s"
-    ]
-    for entry in results["end_to_end"].values():
-        entry["speedup_vs_release"] = round(entry["patches_per_s"] / release, 2)
+    results["dispatch_paths"]["avx2"] = measure_in_child(args, AVX2_PATH)
+    results["load_average_at_end"] = list(os.getloadavg())
     return results
+
+
+def _cell(entry: dict | None, key: str) -> str:
+    if not entry:
+        return "| |"
+    if "patches_per_s" not in entry:
+        return f"| skipped: {entry['skipped']} | |"
+    return f"| {entry['patches_per_s']:.0f} | {entry[key]:.2f}x |"
 
 
 def markdown(results: dict) -> str:
@@ -367,23 +467,38 @@ def markdown(results: dict) -> str:
         )
     else:
         cpu = cpu["processor"]
+    default, avx2 = results["dispatch_paths"]["default"], results["dispatch_paths"]["avx2"]
+    paths = (
+        f"numpy {results['numpy']} dispatch: default = {' '.join(default['numpy']['dispatch_active'])}; "
+        f'AVX2 path = NPY_DISABLE_CPU_FEATURES="{avx2["numpy"]["NPY_DISABLE_CPU_FEATURES"]}" '
+        f"({' '.join(avx2['numpy']['dispatch_active'])}), in a child process"
+    )
     lines = [
-        f"Stain normalization, {results['patches']}; {results['threads']} threads, median of "
-        f"{results['repeats']} interleaved passes, {results['machine']} ({cpu}), "
-        f"torch {results['torch']}, numpy {results['numpy']}, load average at start "
-        f"{results['load_average_at_start'][0]:.1f}; {results['date']}.",
+        f"Stain normalization, {results['patches']}; mixed set: {results['mixed_tiles']}; {results['threads']} "
+        f"threads, median of {results['repeats']} interleaved passes, {results['machine']} ({cpu}), "
+        f"torch {results['torch']}, {paths}; load average at start {results['load_average_at_start'][0]:.1f}, "
+        f"at end {results['load_average_at_end'][0]:.1f}; {results['date']}.",
         "",
-        "| Macenko | patches/s | vs torchstain |",
-        "|---|---:|---:|",
+        "| Macenko (equal-size patches) | patches/s, numpy default | vs torchstain | patches/s, numpy AVX2 "
+        "| vs torchstain |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for name, entry in results["macenko"].items():
-        if "patches_per_s" in entry:
-            lines.append(f"| {name} | {entry['patches_per_s']:.0f} | {entry['speedup_vs_torchstain']:.2f}x |")
-        else:
-            lines.append(f"| {name} | skipped: {entry['skipped']} | |")
-    lines += ["", "| end to end (PIL → pixel_values) | patches/s | vs release |", "|---|---:|---:|"]
-    for name, entry in results["end_to_end"].items():
-        lines.append(f"| {name} | {entry['patches_per_s']:.0f} | {entry['speedup_vs_release']:.2f}x |")
+    for name, entry in default["macenko"].items():
+        row = (
+            _cell(entry, "speedup_vs_torchstain")
+            + _cell(avx2["macenko"].get(name), "speedup_vs_torchstain")[1:]
+        )
+        lines.append(f"| {name} {row}")
+    lines += [
+        "",
+        "| end to end (PIL → pixel_values) | images/s, numpy default | vs release | images/s, numpy AVX2 "
+        "| vs release |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, label in (("end_to_end", "equal-size patches"), ("end_to_end_mixed", "mixed sizes")):
+        for name, entry in default[key].items():
+            row = _cell(entry, "speedup_vs_release") + _cell(avx2[key].get(name), "speedup_vs_release")[1:]
+            lines.append(f"| {name}, {label} {row}")
     return "\n".join(lines) + "\n"
 
 
@@ -391,14 +506,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--count", type=int, default=256)
+    parser.add_argument("--mixed", type=int, default=48, help="tiles in the mixed-size set")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per method (median reported)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # measure() only, into this JSON file
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error(
             "--repeats must be at least 5: a median of fewer passes is too noisy on a shared machine"
         )
-    results = run_benchmark(args.threads, args.count, args.repeats)
+    if args.child is not None:
+        measured = measure(args.threads, args.count, args.repeats, args.mixed, peers=False)
+        args.child.write_text(json.dumps(measured), encoding="utf-8")
+        return
+    results = run_benchmark(args)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "stain.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(args.out / "stain.md", markdown(results))

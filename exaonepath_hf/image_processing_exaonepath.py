@@ -277,9 +277,11 @@ class ExaonePathImageProcessor(TorchvisionBackend):
         if do_stain_normalize:
             # Macenko stacks each group chunk by chunk into memory it reuses (a stacked copy of 256 patches first
             # took 10% of the time) and resizes, crops and normalizes each chunk right away, while it is in cache
+            # all groups in one call: their chunks share the worker threads (mixed sizes come as small groups)
             groups, grouped_index = _group_indices(images, disable_grouping=bool(disable_grouping))
-            for key, indices in groups.items():
-                result = normalizer.normalize_stack([images[i] for i in indices], then=resize_crop_normalize)
+            stacks = [[images[i] for i in indices] for indices in groups.values()]
+            results = normalizer.normalize_stacks(stacks, then=resize_crop_normalize)
+            for key, result in zip(groups, results, strict=True):
                 processed[key], flags[key] = result.images, result.normalized
         else:
             grouped, grouped_index = group_images_by_shape(images, disable_grouping=bool(disable_grouping))

@@ -71,6 +71,10 @@ class Buffers:
             self._constants[name] = kept
         return kept[1]
 
+    def peek(self, name: str) -> tuple[Hashable, torch.Tensor] | None:
+        """The (key, tensor) that ``constant`` keeps under ``name``, or None."""
+        return self._constants.get(name)
+
     @property
     def nbytes(self) -> int:
         tensors = [*self._memory.values(), *(tensor for _, tensor in self._constants.values())]
@@ -152,45 +156,29 @@ class ChunkEngine:
         of a few MB are recycled by the C allocator once the caller frees them, where one batch-sized allocation
         is new memory from the OS every call.
         """
-        count, (channels, height, width) = len(images), tuple(images[0].shape)
-        device = images[0].device
-        chunks = [slice(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
-        valid = torch.empty(count, dtype=torch.bool, device=device)
-        outputs: list | torch.Tensor | None = None
-        if output_per_chunk and then is None:
-            outputs = [None] * len(chunks)
-        elif then is None:
-            outputs = torch.empty((count, channels, height, width), device=device)
-        outputs_lock = threading.Lock()
+        return self.run_many([(images, per_chunk)], chunk_function, then, output_per_chunk)[0]
 
-        def run_chunk(index: int, buffers: Buffers) -> None:
-            nonlocal outputs
-            chunk = chunks[index]
-            n = chunk.stop - chunk.start
-            if isinstance(images, torch.Tensor):
-                part = images[chunk]
-            else:
-                stacked = buffers.empty("stacked", (n, channels, height, width), images[0].dtype, device)
-                part = torch.stack(images[chunk], out=stacked)
-            if then is None:
-                if isinstance(outputs, list):
-                    out = outputs[index] = torch.empty((n, channels, height, width), device=device)
-                else:
-                    out = outputs[chunk]
-                valid[chunk] = chunk_function(part, out, buffers)
-                return
-            normalized = buffers.empty("normalized", (n, channels, height, width), torch.float32, device)
-            valid[chunk] = chunk_function(part, normalized, buffers)
-            result = then(normalized)
-            with outputs_lock:
-                if outputs is None:  # `then`'s output shape is known once its first chunk is done
-                    outputs = torch.empty(
-                        (count, *result.shape[1:]), dtype=result.dtype, device=result.device
-                    )
-            outputs[chunk] = result
+    def run_many(
+        self,
+        groups: Sequence[tuple[torch.Tensor | Sequence[torch.Tensor], int]],
+        chunk_function: ChunkFunction,
+        then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        output_per_chunk: bool = False,
+    ) -> list[tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]]:
+        """:meth:`run` on several groups ``(images, per_chunk)`` (each of one size, all on one device) at once: the
+        chunks of every group share the workers, largest first, so that a few small groups of mixed-size inputs
+        do not leave a worker idle each. Returns :meth:`run`'s result per group."""
+        jobs = [_Job(images, per_chunk, then, output_per_chunk) for images, per_chunk in groups]
+        tasks = [(job, index) for job in jobs for index in range(len(job.chunks))]
+        # the longest chunks first: the last ones to finish are then short, and the workers end together
+        tasks.sort(key=lambda task: -task[0].chunk_pixels(task[1]))
 
-        self._run_chunks(run_chunk, len(chunks), device)
-        return outputs, valid
+        def run_task(position: int, buffers: Buffers) -> None:
+            job, index = tasks[position]
+            job.run_chunk(index, buffers, chunk_function)
+
+        self._run_chunks(run_task, len(tasks), jobs[0].device)
+        return [(job.outputs, job.valid) for job in jobs]
 
     def _run_chunks(
         self, run_chunk: Callable[[int, Buffers], None], count: int, device: torch.device
@@ -236,3 +224,55 @@ class ChunkEngine:
         with ThreadPoolExecutor(workers, thread_name_prefix="macenko") as pool:
             for future in [pool.submit(work_in_callers_mode) for _ in range(workers)]:
                 future.result()
+
+
+class _Job:
+    """One group of equally sized images of :meth:`ChunkEngine.run_many`: its chunks, outputs and flags."""
+
+    def __init__(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        per_chunk: int,
+        then: Callable[[torch.Tensor], torch.Tensor] | None,
+        output_per_chunk: bool,
+    ) -> None:
+        self.images, self.then = images, then
+        count, self.shape = len(images), tuple(images[0].shape)
+        self.device = images[0].device
+        self.chunks = [slice(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
+        self.valid = torch.empty(count, dtype=torch.bool, device=self.device)
+        self.outputs: list | torch.Tensor | None = None
+        if output_per_chunk and then is None:
+            self.outputs = [None] * len(self.chunks)
+        elif then is None:
+            self.outputs = torch.empty((count, *self.shape), device=self.device)
+        self._lock = threading.Lock()
+
+    def chunk_pixels(self, index: int) -> int:
+        chunk = self.chunks[index]
+        return (chunk.stop - chunk.start) * math.prod(self.shape)
+
+    def run_chunk(self, index: int, buffers: Buffers, chunk_function: ChunkFunction) -> None:
+        chunk, images = self.chunks[index], self.images
+        shape = (chunk.stop - chunk.start, *self.shape)
+        if isinstance(images, torch.Tensor):
+            part = images[chunk]
+        else:
+            stacked = buffers.empty("stacked", shape, images[0].dtype, self.device)
+            part = torch.stack(images[chunk], out=stacked)
+        if self.then is None:
+            if isinstance(self.outputs, list):
+                out = self.outputs[index] = torch.empty(shape, device=self.device)
+            else:
+                out = self.outputs[chunk]
+            self.valid[chunk] = chunk_function(part, out, buffers)
+            return
+        normalized = buffers.empty("normalized", shape, torch.float32, self.device)
+        self.valid[chunk] = chunk_function(part, normalized, buffers)
+        result = self.then(normalized)
+        with self._lock:
+            if self.outputs is None:  # `then`'s output shape is known once its first chunk is done
+                self.outputs = torch.empty(
+                    (len(self.valid), *result.shape[1:]), dtype=result.dtype, device=result.device
+                )
+        self.outputs[chunk] = result

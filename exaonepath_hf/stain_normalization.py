@@ -419,13 +419,17 @@ def _background_keys(
     among many equal values is slow. Kept in ``workspace``: the shuffle costs more than normalizing an image."""
     if workspace is None:
         return _distinct_values_below(ceiling, num_pixels, device)
+    # one set for every size up to the largest seen: mixed sizes alternate, and a shuffle per switch costs
     capacity = _size_class(num_pixels)
-    kept = workspace.constant(
+    kept = workspace.peek("background_keys")
+    if kept is not None and kept[0][0] == ceiling and kept[0][2] == device and kept[0][1] >= capacity:
+        capacity = kept[0][1]
+    keys = workspace.constant(
         "background_keys",
         (ceiling, capacity, device),
         functools.partial(_distinct_values_below, ceiling, capacity, device),
     )
-    return kept[:num_pixels]
+    return keys[:num_pixels]
 
 
 def _distinct_values_below(ceiling: float, count: int, device: torch.device) -> torch.Tensor:
@@ -647,11 +651,10 @@ class MacenkoNormalizer:
             return MacenkoOutput(images=outputs if images.dim() == 4 else outputs[0], normalized=flags)
         per_image: list[torch.Tensor | None] = [None] * len(batch)
         flags = torch.zeros(len(batch), dtype=torch.bool, device=batch[0].device)
-        for indices in _group_by_shape(batch).values():
-            # a list comes back as a list: chunk-sized outputs, which the allocator recycles once freed
-            outputs, valid = self._normalize_equal_sized(
-                [batch[i] for i in indices], then, output_per_chunk=True
-            )
+        groups = list(_group_by_shape(batch).values())
+        # a list comes back as a list: chunk-sized outputs, which the allocator recycles once freed
+        results = self._normalize_groups([[batch[i] for i in indices] for indices in groups], then, True)
+        for indices, (outputs, valid) in zip(groups, results, strict=True):
             if isinstance(outputs, list):
                 outputs = [image for chunk in outputs for image in chunk.unbind(0)]
             flags[indices] = valid.to(flags.device)
@@ -677,6 +680,21 @@ class MacenkoNormalizer:
         outputs, flags = self._normalize_equal_sized(source, then)
         return MacenkoOutput(images=outputs, normalized=flags)
 
+    def normalize_stacks(
+        self, groups: Sequence[ImageBatch], then: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> list[MacenkoOutput]:
+        """:meth:`normalize_stack` on several groups (each of one size, dtype and device) in one call: the chunks
+        of all groups share the worker threads, which keeps them busy on mixed-size inputs made of a few images
+        per size."""
+        batches = []
+        for group in groups:
+            batch = _validated_images(group, "images")
+            if len(_group_by_shape(batch)) > 1:
+                raise ValueError("normalize_stacks needs every group of one shape, dtype and device")
+            batches.append(group if isinstance(group, torch.Tensor) and group.dim() == 4 else batch)
+        results = self._normalize_groups(batches, then)
+        return [MacenkoOutput(images=outputs, normalized=flags) for outputs, flags in results]
+
     def cached_bytes(self) -> int:
         """Bytes of scratch memory this normalizer keeps for its later calls."""
         return self._engine.cached_bytes()
@@ -689,12 +707,18 @@ class MacenkoNormalizer:
         self,
         images: torch.Tensor | list[torch.Tensor],
         then: Callable[[torch.Tensor], torch.Tensor] | None,
-        output_per_chunk: bool = False,
     ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
-        """Normalize [N, 3, H, W] (or N equally sized 3×H×W images) with the engine, in chunks of at most
-        ``max_batch_pixels``; see :meth:`ChunkEngine.run`."""
-        height, width = images[0].shape[-2:]
-        per_chunk = min(len(images), max(1, self.max_batch_pixels // (height * width)))
+        """Normalize [N, 3, H, W] (or N equally sized 3×H×W images); see :meth:`_normalize_groups`."""
+        return self._normalize_groups([images], then)[0]
+
+    def _normalize_groups(
+        self,
+        groups: list[torch.Tensor | list[torch.Tensor]],
+        then: Callable[[torch.Tensor], torch.Tensor] | None,
+        output_per_chunk: bool = False,
+    ) -> list[tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]]:
+        """Normalize groups of equally sized images with the engine, each in chunks of at most
+        ``max_batch_pixels``, the groups of one device together; see :meth:`ChunkEngine.run_many`."""
         # the settings of this call, read once: a concurrent fit() must not change them between chunks
         chunk_function = functools.partial(
             _normalized_flags,
@@ -704,7 +728,21 @@ class MacenkoNormalizer:
             beta=self.beta,
             min_tissue_fraction=self.min_tissue_fraction,
         )
-        return self._engine.run(images, per_chunk, chunk_function, then, output_per_chunk)
+        by_device: dict[torch.device, list[int]] = {}
+        for index, images in enumerate(groups):
+            by_device.setdefault(images[0].device, []).append(index)
+        results: list = [None] * len(groups)
+        for indices in by_device.values():
+            jobs = []
+            for index in indices:
+                height, width = groups[index][0].shape[-2:]
+                per_chunk = min(len(groups[index]), max(1, self.max_batch_pixels // (height * width)))
+                jobs.append((groups[index], per_chunk))
+            for index, result in zip(
+                indices, self._engine.run_many(jobs, chunk_function, then, output_per_chunk), strict=True
+            ):
+                results[index] = result
+        return results
 
 
 def _normalized_flags(

@@ -14,7 +14,7 @@ import torch
 import torchvision.transforms as T
 import transformers
 from PIL import Image
-from test_stain_normalization import read_chw, release_macenko
+from test_stain_normalization import bench_stain, read_chw, release_macenko
 from torchstain.torch.normalizers import TorchMacenkoNormalizer
 from transformers import AutoImageProcessor, BatchFeature
 from transformers.image_processing_backends import TorchvisionBackend
@@ -405,3 +405,15 @@ def test_processor_keeps_its_normalizer_between_calls_but_not_in_its_config(patc
     assert "_kept_normalizer" not in config and "stain_beta" in config
     loaded = ExaonePathImageProcessor.from_pretrained(tmp_path)
     torch.testing.assert_close(loaded(patch, return_tensors="pt")["pixel_values"], first, atol=0, rtol=0)
+
+
+def test_mixed_sizes_in_one_call_equal_each_image_alone(shared_data):
+    """Mixed-size inputs (groups whose chunks share the workers) give the pixel values of one call per image."""
+    tiles = bench_stain.mixed_size_tiles(shared_data, count=12)
+    images = [Image.fromarray(tile.permute(1, 2, 0).numpy()) for tile in tiles]
+    processor = ExaonePathImageProcessor()
+    together = processor(images, return_tensors="pt")
+    for index, image in enumerate(images):
+        alone = processor(image, return_tensors="pt")
+        assert torch.equal(together["pixel_values"][index], alone["pixel_values"][0]), index
+        assert together["stain_normalized"][index] == alone["stain_normalized"][0]

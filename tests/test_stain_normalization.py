@@ -562,3 +562,48 @@ def test_order_statistics_are_exact_at_the_extremes_and_on_ties():
         for kth in (0, 1, 7, 399, 400, length // 2, length // 2 + 1, length - 401, length - 2, length - 1):
             wanted = torch.tensor([[kth]])
             assert torch.equal(_order_statistics(values.clone()[None], wanted), expected[kth].view(1, 1)), kth
+
+
+def test_order_statistics_are_exact_on_adversarial_rows():
+    """Rows built against the sample bracket: a strided sample unlike the rest (the bracket misses), ties at the
+    bracket's bounds, constant rows, ranks at both ends, several rows with different ranks in one call."""
+    generator = torch.Generator().manual_seed(2)
+    length = 50176
+    unrepresentative = torch.randn(length, generator=generator)
+    unrepresentative[::16] = torch.linspace(-1e3, -1e2, len(unrepresentative[::16]))  # the sample: all lowest
+    stepped = torch.randint(0, 2, (length,), generator=generator).float()
+    stepped[::16] = 1.0  # the sample says "all ones"
+    rows = [
+        unrepresentative,
+        unrepresentative.flip(0).neg(),
+        stepped,
+        torch.full((length,), -0.5),
+        torch.randint(0, 5, (length,), generator=generator).float() / 4,  # many ties at every bound
+        torch.cat((torch.full((length - 100,), 7.0), torch.randn(100, generator=generator))),
+    ]
+    kths = [0, 1, 15, 16, 501, length // 8 - 1, length // 8, length // 2, length - length // 8, length - 502]
+    kths += [length - 17, length - 2, length - 1]
+    for values in rows:
+        expected = values.sort().values
+        for kth in kths:
+            wanted = torch.tensor([[kth]])
+            assert torch.equal(_order_statistics(values.clone()[None], wanted), expected[kth].view(1, 1)), kth
+    batch = torch.stack(rows)
+    wanted = torch.tensor([[kths[i % len(kths)], kths[-1 - i % len(kths)]] for i in range(len(rows))])
+    expected = batch.sort(dim=-1).values.gather(1, wanted)
+    assert torch.equal(_order_statistics(batch.clone(), wanted), expected)
+
+
+def test_groups_of_mixed_sizes_in_one_call_equal_one_call_each(patches, shared_data):
+    """normalize_stacks (the groups' chunks share the workers, largest first) gives each group's own result."""
+    big = bench_stain.real_patches(shared_data, count=3, size=512)
+    groups = [patches[:3], big, patches[3:12], [patch[:, :200, :160] for patch in patches[12:14]]]
+    normalizer = MacenkoNormalizer()
+    together = normalizer.normalize_stacks(groups)
+    for group, result in zip(groups, together, strict=True):
+        alone = MacenkoNormalizer().normalize_stack(group)
+        assert torch.equal(result.images, alone.images)
+        assert torch.equal(result.normalized, alone.normalized)
+    listed = normalizer.normalize([image for group in groups for image in group])
+    flat = [image for result in together for image in result.images.unbind(0)]
+    assert all(torch.equal(a, b) for a, b in zip(listed.images, flat, strict=True))
