@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_description, cpu_summary
 from PIL import Image
 
 from exaonepath_hf.atomic_io import atomic_write_text
@@ -312,43 +313,6 @@ def time_methods(builds: dict[str, Callable], target: torch.Tensor, inputs: list
     return {name: results[name] for name in builds}
 
 
-SIMD_FLAGS = (
-    "sse4_2",
-    "avx",
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vbmi2",
-    "avx512_fp16",
-)
-
-
-def cpu_description() -> dict:
-    """Vendor, family, model, model name and the SIMD flags that pick numpy's and torch's kernels (Linux
-    /proc/cpuinfo; the platform module elsewhere): the same code runs several times faster on one host than on
-    another of the same kind."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if not line.strip():
-                    break  # the first processor is enough
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        return {"processor": platform.processor() or platform.machine()}
-    flags = set(fields.get("flags", "").split())
-    return {
-        "vendor": fields.get("vendor_id"),
-        "family": fields.get("cpu family"),
-        "model": fields.get("model"),
-        "model_name": fields.get("model name"),
-        "simd_flags": [flag for flag in SIMD_FLAGS if flag in flags],
-    }
-
-
 #: numpy's AVX-512 dispatch targets: disabling them (before numpy is imported) runs its AVX2 kernels instead
 AVX2_PATH = "X86_V4 AVX512_ICL AVX512_SPR"
 TORCHSTAIN = "torchstain 1.4 torch (the release's algorithm)"
@@ -459,14 +423,7 @@ def _cell(entry: dict | None, key: str) -> str:
 
 
 def markdown(results: dict) -> str:
-    cpu = results["cpu"]
-    if "vendor" in cpu:
-        cpu = (
-            f"{cpu['vendor']} family {cpu['family']} model {cpu['model']}, {cpu['model_name']}; "
-            f"{' '.join(cpu['simd_flags'])}"
-        )
-    else:
-        cpu = cpu["processor"]
+    cpu = cpu_summary(results["cpu"])
     default, avx2 = results["dispatch_paths"]["default"], results["dispatch_paths"]["avx2"]
     paths = (
         f"numpy {results['numpy']} dispatch: default = {' '.join(default['numpy']['dispatch_active'])}; "
