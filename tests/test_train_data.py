@@ -16,9 +16,11 @@ from exaonepath_hf.train.dino.data import (
     OrderedBatches,
     PatchStream,
     StreamState,
+    build_rank_loader,
     count_samples,
     load_patch_dataset,
     resolve_source,
+    shuffle_shards,
 )
 
 TINY_CROPS = AugmentationConfig(global_crop_size=32, local_crop_size=16, num_local_crops=2)
@@ -39,7 +41,7 @@ def patch_folder(shared_data, tmp_path_factory) -> Path:
 
 def make_stream(source, rank=0, world_size=1, batch_size=2, start=None, normalizer=True):
     dataset, column = load_patch_dataset(resolve_source(str(source)))
-    dataset = split_dataset_by_node(dataset.shuffle(seed=3, buffer_size=8), rank=rank, world_size=world_size)
+    dataset = split_dataset_by_node(shuffle_shards(dataset, 3, 8), rank=rank, world_size=world_size)
     return PatchStream(
         dataset, column, DINOMultiCrop(TINY_CROPS), batch_size, seed=7, rank=rank,
         normalizer=MacenkoNormalizer() if normalizer else None, start=start,
@@ -123,10 +125,10 @@ def test_macenko_runs_before_the_crops():
     class Recorder:
         calls = 0
 
-        def normalize(self, images):
+        def normalize(self, images, then=None):
             Recorder.calls += 1
             assert images.dtype == torch.uint8 and images.shape == (1, 3, 20, 20)
-            return MacenkoNormalizer().normalize(torch.full_like(images, 128))
+            return MacenkoNormalizer().normalize(torch.full_like(images, 128), then=then)
 
     buffer = io.BytesIO()
     Image.new("RGB", (20, 20), (200, 50, 50)).save(buffer, format="PNG")
@@ -261,3 +263,37 @@ def test_a_tiling_output_yields_only_the_shards_its_manifest_completed(tiled_sli
         assert str(stray) not in resolved.files
     # An explicit glob is the user's choice and is taken as written.
     assert str(stray) in resolve_source(str(shards / "*.parquet")).files
+
+
+class _SleepRecorder:
+    """Stands in for the `time` module inside `datasets.iterable_dataset`: records `sleep` instead of sleeping."""
+
+    def __init__(self, real) -> None:
+        self.real, self.sleeps = real, []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+def test_passes_over_parquet_shards_never_reach_datasets_shutdown_sleep(tiled_slide, monkeypatch):
+    """Many passes over a small tiling output, built as training builds it: `datasets` must never sleep.
+
+    Interleaving shards in `datasets`' shuffle sleeps `SLEEP_TIME_ON_THREADS_SHUTDOWN` seconds at the end of
+    every pass over parquet shards, which left the cores idle most of the time on small corpora.
+    """
+    import datasets.iterable_dataset as iterable_dataset
+
+    from exaonepath_hf.train.dino.config import DataConfig
+
+    recorder = _SleepRecorder(iterable_dataset.time)
+    monkeypatch.setattr(iterable_dataset, "time", recorder)
+    config = DataConfig(source=str(tiled_slide), shuffle_buffer=8, num_workers=0)
+    batches, total = build_rank_loader(
+        config, DINOMultiCrop(TINY_CROPS), None, batch_size=8, seed=0, rank=0, world_size=1
+    )
+    epochs = {next(batches)["position"][0] for _ in range(3 * total // 8 + 1)}
+    assert len(epochs) >= 3  # several passes over the shards
+    assert recorder.sleeps == []

@@ -11,6 +11,11 @@ stream is endless (it starts its next epoch itself), so ranks never run out at d
 near an epoch boundary one worker may already show patches of the next epoch while another finishes the
 current one. Every example's augmentation is seeded from its position, so a run resumes exactly: the
 checkpoint stores each worker's position and the next worker in the loader's round-robin (`StreamState`).
+
+Shuffling (`shuffle_shards`): the shard order is reshuffled every epoch and a buffer shuffles the examples, fed
+by one shard at a time. Not by several interleaved shards (`datasets`' default): that path ends every pass over
+parquet shards with a sleep of `datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN` seconds, which a small corpus
+(a demo, a fine-tuning set) pays every few steps with the cores idle.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ __all__ = [
     "decode_image",
     "load_patch_dataset",
     "resolve_source",
+    "shuffle_shards",
 ]
 
 logger = logging.getLogger(__name__)
@@ -152,6 +158,17 @@ def load_patch_dataset(
     return dataset.cast_column(image_column, datasets.Image(decode=False)), image_column
 
 
+def shuffle_shards(dataset, seed: int, buffer_size: int):
+    """`dataset` in a seeded order: shards reshuffled every epoch (`set_epoch`), examples through a buffer.
+
+    The buffer takes one shard at a time (`max_buffer_input_shards=1`): `datasets` interleaves several shards
+    through `CyclingMultiSourcesExamplesIterable`, which sleeps at the end of every pass over parquet shards
+    (its guard for apache/arrow#45214, needed only for the reader threads of that interleaving). With a
+    buffer larger than a shard the buffer still mixes several shards (slides) once it is full.
+    """
+    return dataset.shuffle(seed=seed, buffer_size=buffer_size, max_buffer_input_shards=1)
+
+
 def count_samples(source: PatchSource) -> int | None:
     """Number of patches, read from file listings and parquet footers; None when unknown without a full pass."""
     if source.kind == "imagefolder":
@@ -177,6 +194,12 @@ def _example_id(example: dict[str, Any], image_column: str) -> str:
     if value.get("path"):
         return str(value["path"])
     return hashlib.blake2b(value["bytes"], digest_size=12).hexdigest()
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Normalized chunk (float 0..1, already clamped) → uint8, run by the normalizer on its kept chunk buffer:
+    in place there, so no fresh float image is allocated (and page-faulted) per example."""
+    return images.mul_(255).round_().to(torch.uint8)
 
 
 def _example_seed(*parts: int) -> int:
@@ -262,9 +285,9 @@ class PatchStream(torch.utils.data.IterableDataset):
             return None
         fallback = False
         if self.normalizer is not None:
-            output = self.normalizer.normalize(image.unsqueeze(0))
+            output = self.normalizer.normalize(image.unsqueeze(0), then=_to_uint8)
             fallback = not bool(output.normalized[0])
-            image = output.images[0].mul_(255).round_().to(torch.uint8)  # 0..1 already: no clamp
+            image = output.images[0]
         generator = torch.random.default_generator
         state = generator.get_state()
         generator.manual_seed(_example_seed(self.seed, self.rank, worker, *position))
@@ -362,7 +385,7 @@ def build_rank_loader(
     dataset, image_column = load_patch_dataset(
         source, config.split, config.image_column, shard_multiple=world_size * max(config.num_workers, 1)
     )
-    dataset = dataset.shuffle(seed=seed, buffer_size=config.shuffle_buffer)
+    dataset = shuffle_shards(dataset, seed, config.shuffle_buffer)
     shards = dataset.num_shards
     if shards % world_size:
         logger.warning(
