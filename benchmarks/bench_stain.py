@@ -432,7 +432,7 @@ def markdown(results: dict) -> str:
     )
     lines = [
         f"Stain normalization, {results['patches']}; mixed set: {results['mixed_tiles']}; {results['threads']} "
-        f"threads, median of {results['repeats']} interleaved passes, {results['machine']} ({cpu}), "
+        f"threads, median of {results['repeats']} interleaved passes, {cpu}, "
         f"torch {results['torch']}, {paths}; load average at start {results['load_average_at_start'][0]:.1f}, "
         f"at end {results['load_average_at_end'][0]:.1f}; {results['date']}.",
         "",
