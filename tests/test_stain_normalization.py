@@ -7,6 +7,7 @@ import math
 import multiprocessing
 import pickle
 import resource
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -34,9 +35,12 @@ HENORM_MAX = (1.9705, 1.0308)
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_stain", PROJECT_ROOT / "benchmarks" / "bench_stain.py"
-    )
+    """benchmarks/bench_stain.py, which builds the real patch sets, imported as running it would: with its folder
+    (for its sibling `machine`) on sys.path."""
+    benchmarks = str(PROJECT_ROOT / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.append(benchmarks)
+    spec = importlib.util.spec_from_file_location("bench_stain", Path(benchmarks) / "bench_stain.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
