@@ -47,7 +47,14 @@ from ..cli import run_command
 from ..images import image_files, open_rgb
 from ..tiling.shards import completed_shard_files, tiling_output_folder
 from .backbones import Pooling, Preprocessing, load_encoder
-from .features import ExtractionSettings, FeatureSet, cache_key, distributed_state
+from .features import (
+    ExtractionSettings,
+    FeatureSet,
+    add_extraction_arguments,
+    cache_key,
+    distributed_state,
+    extraction_settings,
+)
 from .report import environment
 from .tasks import local_fingerprint
 
@@ -534,11 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["raw", "macenko"])
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--pooling", choices=("auto", "pooler", "cls", "mean"), default="auto")
-    parser.add_argument("--cache_dir", type=Path, default=None)
     parser.add_argument("--output_dir", type=Path, default=Path("results/feature_collapse"))
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    add_extraction_arguments(parser, num_workers=2)
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -555,12 +559,7 @@ def settings_from_args(args: argparse.Namespace) -> CollapseSettings:
         pooling=args.pooling,
         output_dir=args.output_dir,
         seed=args.seed,
-        extraction=ExtractionSettings(
-            cache_dir=args.cache_dir,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            precision=args.precision,
-        ),
+        extraction=extraction_settings(args),
     )
 
 

@@ -18,6 +18,7 @@ out; one bad file never stops a job.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -307,6 +308,33 @@ class ExtractionSettings:
             precision=self.precision,
             state=state,
         )
+
+
+def add_extraction_arguments(parser: argparse.ArgumentParser, num_workers: int) -> None:
+    """The feature-extraction flags every evaluation command shares; `extraction_settings` reads them back."""
+    group = parser.add_argument_group("feature extraction")
+    group.add_argument(
+        "--cache_dir", type=Path, default=None, help="feature cache (default $EXAONEPATH_FEATURE_CACHE)"
+    )
+    group.add_argument("--batch_size", type=int, default=ExtractionSettings.batch_size)
+    group.add_argument("--num_workers", type=int, default=num_workers, help="DataLoader workers")
+    group.add_argument(
+        "--chunk_size", type=int, default=ExtractionSettings.chunk_size, help="rows per resumable cache chunk"
+    )
+    group.add_argument(
+        "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto = bf16 on GPU"
+    )
+
+
+def extraction_settings(args: argparse.Namespace) -> ExtractionSettings:
+    """The flags of `add_extraction_arguments` as typed settings (for a command's `main`)."""
+    return ExtractionSettings(
+        cache_dir=args.cache_dir,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        chunk_size=args.chunk_size,
+        precision=args.precision,
+    )
 
 
 class _ChunkWriter:

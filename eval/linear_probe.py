@@ -32,7 +32,14 @@ from ..atomic_io import atomic_save_tensors, write_json
 from ..cli import run_command
 from ..stain_normalization import StainReference
 from .backbones import Encoder, Pooling, Preprocessing, load_encoder
-from .features import ExtractionSettings, FeatureSet, cache_key, distributed_state
+from .features import (
+    ExtractionSettings,
+    FeatureSet,
+    add_extraction_arguments,
+    cache_key,
+    distributed_state,
+    extraction_settings,
+)
 from .probes import PRESETS, FeatureSplit, ProbeConfig, fit_linear_probe, predict, summarize_seeds
 from .report import RECORD_SUFFIX, environment, write_report
 from .tasks import PAPER_TASK_ORDER, SPLIT_NAMES, TaskData, TaskSpec, get_task, imagefolder_task, load_task
@@ -385,16 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iterations", type=int, default=None, help="override the protocol's iterations")
     parser.add_argument("--eval_every", type=int, default=None, help="override the validation interval")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the protocol's seeds")
-    parser.add_argument(
-        "--cache_dir", type=Path, default=None, help="feature cache (default $EXAONEPATH_FEATURE_CACHE)"
-    )
     parser.add_argument("--output_dir", type=Path, default=Path("results/linear_probe"))
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=4)
-    parser.add_argument("--chunk_size", type=int, default=4096, help="rows per resumable cache chunk")
-    parser.add_argument(
-        "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto = bf16 on GPU"
-    )
+    add_extraction_arguments(parser, num_workers=4)
     parser.add_argument(
         "--probe_device", default=None, help="device for probe training (default: cuda if available)"
     )
@@ -427,13 +426,7 @@ def settings_from_args(args: argparse.Namespace) -> LinearProbeSettings:
         seeds=tuple(args.seeds) if args.seeds is not None else None,
         output_dir=args.output_dir,
         probe_device=args.probe_device,
-        extraction=ExtractionSettings(
-            cache_dir=args.cache_dir,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            chunk_size=args.chunk_size,
-            precision=args.precision,
-        ),
+        extraction=extraction_settings(args),
     )
 
 
