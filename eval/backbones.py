@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..configuration_exaonepath import ExaonePathConfig
-from ..convert import WEIGHT_SUFFIXES
+from ..convert import WEIGHT_SUFFIXES, load_backbone
 from ..image_processing_exaonepath import ExaonePathImageProcessor
 from ..stain_normalization import DEFAULT_STAIN_REFERENCE, StainReference
 
@@ -204,8 +204,6 @@ def load_encoder(
     elif text.startswith("hf-hub:"):
         encoder = _load_timm(text, pooling)
     elif Path(text).is_file() and Path(text).suffix in WEIGHT_SUFFIXES:
-        from ..convert import load_backbone
-
         model = load_backbone(text)
         encoder = Encoder(
             model=model,

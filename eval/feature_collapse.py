@@ -45,7 +45,7 @@ from accelerate import PartialState
 from ..atomic_io import atomic_write_bytes, write_json
 from ..cli import run_command
 from ..images import image_files, open_rgb
-from ..tiling.shards import completed_shard_files, tiling_output_folder
+from ..tiling.shards import complete_shards_only, completed_shard_files, tiling_output_folder
 from .backbones import Pooling, Preprocessing, load_encoder
 from .features import (
     ExtractionSettings,
@@ -122,11 +122,7 @@ def parquet_files(data: str | os.PathLike) -> list[str] | None:
     if tiling_output_folder(text) is not None:
         return completed_shard_files(text)
     if glob.has_magic(text):
-        files = sorted(f for f in glob.glob(text) if f.endswith(".parquet"))
-        if tiling_output_folder(Path(text).parent) is not None:
-            complete = {os.path.abspath(f) for f in completed_shard_files(Path(text).parent)}
-            files = [f for f in files if os.path.abspath(f) in complete]
-        return files
+        return complete_shards_only(sorted(f for f in glob.glob(text) if f.endswith(".parquet")))
     if Path(text).suffix == ".parquet":
         return [text]
     return None

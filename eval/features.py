@@ -322,7 +322,10 @@ def add_extraction_arguments(parser: argparse.ArgumentParser, num_workers: int) 
         "--chunk_size", type=int, default=ExtractionSettings.chunk_size, help="rows per resumable cache chunk"
     )
     group.add_argument(
-        "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto = bf16 on GPU"
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default=ExtractionSettings.precision,
+        help="auto = bf16 on GPU",
     )
 
 

@@ -60,12 +60,15 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
-def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
-    """`safetensors` file of `tensors` (made contiguous), written atomically."""
+def atomic_save_tensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """`safetensors` file of `tensors` (made contiguous), with its string `metadata`, written atomically."""
     from safetensors.torch import save_file  # here, not at the top: tiling imports this module without torch
 
     with atomic_file(path) as temporary:
-        save_file({key: value.contiguous() for key, value in tensors.items()}, str(temporary))
+        contiguous = {key: value.contiguous() for key, value in tensors.items()}
+        save_file(contiguous, str(temporary), metadata=dict(metadata) if metadata is not None else None)
 
 
 def publish_directory(staging: str | os.PathLike, target: str | os.PathLike) -> Path:

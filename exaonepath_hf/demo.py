@@ -29,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_file, atomic_write_bytes, atomic_write_text
+from .atomic_io import atomic_save_tensors, atomic_write_bytes, atomic_write_text
 from .images import decode_rgb
 from .stain_normalization import DEFAULT_STAIN_REFERENCE, MacenkoNormalizer, StainReference
 from .tiling import TilingConfig, load_patch_dataset, tile_slides
@@ -207,17 +206,16 @@ def save_features(
 ) -> Path:
     """`features.safetensors`: raw and Macenko features, each row's coordinates and virtual slide."""
     path = out / "features.safetensors"
-    with atomic_file(path) as temporary:
-        save_file(
-            {
-                "raw": raw,
-                "macenko": normalized,
-                "coordinates": torch.from_numpy(coordinates),
-                "virtual_slide": torch.tensor([list(LAB_STAINS).index(lab) for lab in labs]),
-            },
-            str(temporary),
-            metadata={"model": model_name, "virtual_slides": json.dumps(list(LAB_STAINS))},
-        )
+    atomic_save_tensors(
+        path,
+        {
+            "raw": raw,
+            "macenko": normalized,
+            "coordinates": torch.from_numpy(coordinates),
+            "virtual_slide": torch.tensor([list(LAB_STAINS).index(lab) for lab in labs]),
+        },
+        metadata={"model": model_name, "virtual_slides": json.dumps(list(LAB_STAINS))},
+    )
     return path
 
 
@@ -244,8 +242,6 @@ def run_demo(settings: DemoSettings) -> dict:
     start = time.perf_counter()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    import exaonepath_hf  # noqa: F401  (registers the Auto classes for the exported folder)
-
     print(f"[1/4] tiling {SAMPLE_SLIDE} at 0.5 µm/px into 256 px tissue patches")
     tiles, thumbnail = tile_sample(out, settings.workers)
     images, coordinates = read_patches(tiles)

@@ -140,24 +140,6 @@ class ChunkEngine:
         self.max_cached_bytes = state["max_cached_bytes"]
         self._start_empty()
 
-    def run(
-        self,
-        images: torch.Tensor | Sequence[torch.Tensor],
-        per_chunk: int,
-        chunk_function: ChunkFunction,
-        then: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        output_per_chunk: bool = False,
-    ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
-        """Apply ``chunk_function`` to chunks of at most ``per_chunk`` images of ``images`` ([N, 3, H, W], or N
-        equally sized 3×H×W images, stacked chunk by chunk into kept memory, never all at once).
-
-        Returns (the float32 outputs [N, 3, H, W], or ``then``'s outputs of the chunks concatenated; valid [N]).
-        With ``output_per_chunk`` the outputs are a list of per-chunk tensors instead of one batch tensor: chunks
-        of a few MB are recycled by the C allocator once the caller frees them, where one batch-sized allocation
-        is new memory from the OS every call.
-        """
-        return self.run_many([(images, per_chunk)], chunk_function, then, output_per_chunk)[0]
-
     def run_many(
         self,
         groups: Sequence[tuple[torch.Tensor | Sequence[torch.Tensor], int]],
@@ -165,9 +147,16 @@ class ChunkEngine:
         then: Callable[[torch.Tensor], torch.Tensor] | None = None,
         output_per_chunk: bool = False,
     ) -> list[tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]]:
-        """:meth:`run` on several groups ``(images, per_chunk)`` (each of one size, all on one device) at once: the
-        chunks of every group share the workers, largest first, so that a few small groups of mixed-size inputs
-        do not leave a worker idle each. Returns :meth:`run`'s result per group."""
+        """Apply ``chunk_function`` to chunks of at most ``per_chunk`` images of each group ``(images, per_chunk)``:
+        [N, 3, H, W], or N equally sized 3×H×W images, stacked chunk by chunk into kept memory, never all at
+        once; the groups all on one device. The chunks of every group share the workers, largest first, so that
+        a few small groups of mixed-size inputs do not leave a worker idle each.
+
+        Returns per group (the float32 outputs [N, 3, H, W], or ``then``'s outputs of the chunks concatenated;
+        valid [N]). With ``output_per_chunk`` the outputs are a list of per-chunk tensors instead of one batch
+        tensor: chunks of a few MB are recycled by the C allocator once the caller frees them, where one
+        batch-sized allocation is new memory from the OS every call.
+        """
         jobs = [_Job(images, per_chunk, then, output_per_chunk) for images, per_chunk in groups]
         tasks = [(job, index) for job in jobs for index in range(len(job.chunks))]
         # the longest chunks first: the last ones to finish are then short, and the workers end together

@@ -768,9 +768,8 @@ def _validated_images(images: ImageBatch, name: str) -> list[torch.Tensor]:
         batch = list(images.unbind(0)) if images.dim() == 4 else [images]
         if not batch:
             raise ValueError(f"`{name}` is empty: pass at least one 3×H×W image")
-        if (
-            _check_image(images, f"`{name}`") is not None
-        ):  # one check of the whole batch, then name the culprit
+        # one check of the whole batch; only when it fails, the images one by one to name the culprit
+        if _check_image(images, f"`{name}`") is not None:
             for index, image in enumerate(batch):
                 _raise_if_invalid(image, f"`{name}[{index}]`")
             _raise_if_invalid(images, f"`{name}`")

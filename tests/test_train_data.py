@@ -261,8 +261,12 @@ def test_a_tiling_output_yields_only_the_shards_its_manifest_completed(tiled_sli
         resolved = resolve_source(str(source))
         assert resolved.kind == "parquet" and resolved.files == complete, source
         assert str(stray) not in resolved.files
-    # An explicit glob is the user's choice and is taken as written.
-    assert str(stray) in resolve_source(str(shards / "*.parquet")).files
+    # a glob over the shards is narrowed the same way; files outside a tiling output are taken as given
+    assert resolve_source(str(shards / "*.parquet")).files == complete
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copyfile(stray, loose / "a.parquet")
+    assert resolve_source(str(loose / "*.parquet")).files == (str(loose / "a.parquet"),)
 
 
 class _SleepRecorder:

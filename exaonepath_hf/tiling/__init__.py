@@ -20,7 +20,13 @@ from .pipeline import (
     tile_slide,
     tile_slides,
 )
-from .shards import PATCH_COLUMNS, completed_shard_files, load_patch_dataset, tiling_output_folder
+from .shards import (
+    PATCH_COLUMNS,
+    complete_shards_only,
+    completed_shard_files,
+    load_patch_dataset,
+    tiling_output_folder,
+)
 from .slide_io import (
     MissingMPPError,
     SlideReader,
@@ -42,6 +48,7 @@ __all__ = [
     "TilingSummary",
     "TissueDetectionConfig",
     "TissueMask",
+    "complete_shards_only",
     "completed_shard_files",
     "detect_tissue",
     "grid_coordinates",

@@ -34,6 +34,7 @@ __all__ = [
     "encode_patch",
     "patch_schema",
     "write_shard",
+    "complete_shards_only",
     "completed_shard_files",
     "load_patch_dataset",
     "tiling_output_folder",
@@ -160,6 +161,20 @@ def completed_shard_files(out_dir: str | Path) -> list[str]:
         str(out_dir / "shards" / name) for slide in manifest["slides"].values() for name in slide["shards"]
     ]
     return sorted(files)
+
+
+def complete_shards_only(files: Sequence[str]) -> list[str]:
+    """`files` (e.g. a glob's matches) without the shards of a tiling output that its manifest does not list as
+    complete; files elsewhere are kept as given. Order is kept."""
+    complete: dict[Path, set[str]] = {}
+    kept = []
+    for file in files:
+        folder = tiling_output_folder(Path(file).parent)
+        if folder is not None and folder not in complete:
+            complete[folder] = {str(Path(f).resolve()) for f in completed_shard_files(folder)}
+        if folder is None or str(Path(file).resolve()) in complete[folder]:
+            kept.append(file)
+    return kept
 
 
 def load_patch_dataset(

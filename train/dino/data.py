@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ...images import IMAGE_SUFFIXES, decode_rgb, image_files, source_name
-from ...tiling.shards import completed_shard_files, tiling_output_folder
+from ...tiling.shards import complete_shards_only, completed_shard_files, tiling_output_folder
 from .augmentations import DINOMultiCrop
 
 __all__ = [
@@ -105,7 +105,8 @@ def _files_source(files: list[str], source: str) -> PatchSource:
         raise ValueError(f"data.source {source} matches no file")
     suffixes = {Path(f).suffix.lower() for f in files}
     if suffixes == {".parquet"}:
-        return PatchSource("parquet", tuple(files))
+        # a glob over a tiling output's shards/ must not reach the shards of slides the tiler never completed
+        return PatchSource("parquet", tuple(complete_shards_only(files)))
     if suffixes == {".tar"}:
         return PatchSource("webdataset", tuple(files))
     if suffixes <= set(IMAGE_SUFFIXES):
