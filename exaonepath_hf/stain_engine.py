@@ -1,19 +1,21 @@
-"""Execution engine of the batched Macenko normalizer: chunking, worker threads and buffer reuse.
+"""Execution engine of the batched Macenko normalizer: chunking, worker threads and memory reuse.
 
 :class:`ChunkEngine` runs a chunk function (the algorithm, see ``stain_normalization.normalize_chunk``) over the
 chunks of a batch of equally sized images, on worker threads, and keeps the chunk function's scratch memory
-(:class:`Buffers`) for later calls. Everything it keeps belongs to the engine instance, i.e. to the
-``MacenkoNormalizer`` that owns it, and is freed with it: there is no process-wide state, no fork hook and no
-process-wide setting changed.
+(:class:`Buffers`) and the memory of outputs the caller has freed (:class:`_OutputMemory`) for later calls.
+Everything it keeps belongs to the engine instance, i.e. to the ``MacenkoNormalizer`` that owns it, and is freed
+with it: there is no process-wide state, no fork hook and no process-wide setting changed.
 
 This file is shipped with saved processors (``trust_remote_code``): it imports only the standard library and torch.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -84,9 +86,64 @@ class Buffers:
 ChunkFunction = Callable[[torch.Tensor, torch.Tensor, Buffers], torch.Tensor]
 
 
+class _OutputMemory:
+    """CPU memory for the tensors a call returns, taken back once the caller has freed every tensor that uses it.
+
+    An output of many MB is new memory from the OS on every call (the C allocator maps large blocks fresh and
+    unmaps them on free), and the kernel faults in and zeroes each page on first write: for a batch of patches
+    that costs about as much as normalizing it. Here an output is a window (a numpy view) on a kept block,
+    wrapped by ``torch.from_numpy``: the tensor's storage holds the window, and when the last tensor (view,
+    slice) using that storage dies, the window dies and a finalizer hands the block back. A block is never
+    reused while anything can still read it.
+
+    Finalizers run in whichever thread frees the last tensor, possibly inside this class's own calls: they only
+    append to a deque (atomic), which the engine drains under its lock.
+    """
+
+    def __init__(self) -> None:
+        self._free: list[torch.Tensor] = []  # uint8 blocks, the least recently returned first
+        self._returned: collections.deque[torch.Tensor] = collections.deque()
+
+    def tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised CPU tensor of ``shape`` and ``dtype`` on a returned block of its size, or a new one."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        size = _size_class(max(nbytes, 1))
+        sizes = [block.numel() for block in self._free]
+        if size in sizes:
+            block = self._free.pop(len(sizes) - 1 - sizes[::-1].index(size))  # the most recently returned
+        else:
+            # torch's allocator, not numpy's: numpy asks for transparent huge pages, whose first touch costs
+            # more where the kernel compacts memory for them
+            with torch.inference_mode(False):
+                block = torch.empty(size, dtype=torch.uint8)
+        window = block.numpy()[:nbytes]
+        weakref.finalize(window, self._returned.append, block).atexit = False
+        return torch.from_numpy(window).view(dtype).view(shape)
+
+    def take_returned(self) -> None:
+        while self._returned:
+            self._free.append(self._returned.popleft())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(block.numel() for block in self._free)
+
+    def drop_oldest(self) -> bool:
+        """Free the least recently returned block; False when none is kept."""
+        if not self._free:
+            return False
+        del self._free[0]
+        return True
+
+    def clear(self) -> None:
+        self.take_returned()
+        self._free.clear()
+
+
 class ChunkEngine:
     """Runs ``chunk_function(images, out, buffers) -> valid [n]`` over the chunks of a batch, on CPU on worker
-    threads, and keeps each worker's :class:`Buffers` for the next call (at most ``max_cached_bytes`` in all).
+    threads, and keeps each worker's :class:`Buffers` and the memory of the outputs the caller has freed for the
+    next call (at most ``max_cached_bytes`` in all; returned outputs are dropped first).
 
     Thread-safe: concurrent calls never share a set of buffers (each takes its own from the engine, or a new
     one). Fork-safe: a process forked while another thread held the engine's lock starts over with an empty
@@ -101,6 +158,7 @@ class ChunkEngine:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._free: list[Buffers] = []  # sets no call is using, the most recently returned last
+        self._outputs = _OutputMemory()
 
     def _locked(self) -> threading.Lock:
         if self._pid != os.getpid():
@@ -118,18 +176,38 @@ class ChunkEngine:
             return
         with self._locked():
             self._free.append(buffers)
-            while sum(kept.nbytes for kept in self._free) > self.max_cached_bytes:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop returned outputs, then the oldest scratch sets, until what is kept fits the budget (locked)."""
+        self._outputs.take_returned()
+        while self._kept_bytes() > self.max_cached_bytes:
+            if not self._outputs.drop_oldest():
                 self._free.pop(0)
 
-    def cached_bytes(self) -> int:
-        """Bytes of scratch memory kept for later calls."""
+    def _kept_bytes(self) -> int:
+        return sum(buffers.nbytes for buffers in self._free) + self._outputs.nbytes
+
+    def output(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A new uninitialised output tensor; on CPU from the memory of outputs the caller has freed (see
+        :class:`_OutputMemory`), elsewhere from torch's allocator (a GPU's caching allocator recycles already)."""
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
         with self._locked():
-            return sum(buffers.nbytes for buffers in self._free)
+            self._trim()
+            return self._outputs.tensor(shape, dtype)
+
+    def cached_bytes(self) -> int:
+        """Bytes of scratch and freed output memory kept for later calls."""
+        with self._locked():
+            self._outputs.take_returned()
+            return self._kept_bytes()
 
     def empty_cache(self) -> None:
-        """Hand the scratch memory kept for later calls back to the allocator."""
+        """Hand the memory kept for later calls back to the allocator."""
         with self._locked():
             self._free.clear()
+            self._outputs.clear()
 
     def __getstate__(self) -> dict:
         # pickled with its normalizer (e.g. into DataLoader workers) or deep-copied with a processor: buffers and
@@ -154,10 +232,9 @@ class ChunkEngine:
 
         Returns per group (the float32 outputs [N, 3, H, W], or ``then``'s outputs of the chunks concatenated;
         valid [N]). With ``output_per_chunk`` the outputs are a list of per-chunk tensors instead of one batch
-        tensor: chunks of a few MB are recycled by the C allocator once the caller frees them, where one
-        batch-sized allocation is new memory from the OS every call.
+        tensor, so that the caller can free them one by one.
         """
-        jobs = [_Job(images, per_chunk, then, output_per_chunk) for images, per_chunk in groups]
+        jobs = [_Job(images, per_chunk, then, output_per_chunk, self.output) for images, per_chunk in groups]
         tasks = [(job, index) for job in jobs for index in range(len(job.chunks))]
         # the longest chunks first: the last ones to finish are then short, and the workers end together
         tasks.sort(key=lambda task: -task[0].chunk_pixels(task[1]))
@@ -224,8 +301,9 @@ class _Job:
         per_chunk: int,
         then: Callable[[torch.Tensor], torch.Tensor] | None,
         output_per_chunk: bool,
+        new_output: Callable[[Sequence[int], torch.dtype, torch.device], torch.Tensor],
     ) -> None:
-        self.images, self.then = images, then
+        self.images, self.then, self.new_output = images, then, new_output
         count, self.shape = len(images), tuple(images[0].shape)
         self.device = images[0].device
         self.chunks = [slice(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
@@ -234,7 +312,7 @@ class _Job:
         if output_per_chunk and then is None:
             self.outputs = [None] * len(self.chunks)
         elif then is None:
-            self.outputs = torch.empty((count, *self.shape), device=self.device)
+            self.outputs = new_output((count, *self.shape), torch.float32, self.device)
         self._lock = threading.Lock()
 
     def chunk_pixels(self, index: int) -> int:
@@ -251,7 +329,7 @@ class _Job:
             part = torch.stack(images[chunk], out=stacked)
         if self.then is None:
             if isinstance(self.outputs, list):
-                out = self.outputs[index] = torch.empty(shape, device=self.device)
+                out = self.outputs[index] = self.new_output(shape, torch.float32, self.device)
             else:
                 out = self.outputs[chunk]
             self.valid[chunk] = chunk_function(part, out, buffers)
@@ -261,7 +339,7 @@ class _Job:
         result = self.then(normalized)
         with self._lock:
             if self.outputs is None:  # `then`'s output shape is known once its first chunk is done
-                self.outputs = torch.empty(
-                    (len(self.valid), *result.shape[1:]), dtype=result.dtype, device=result.device
+                self.outputs = self.new_output(
+                    (len(self.valid), *result.shape[1:]), result.dtype, result.device
                 )
         self.outputs[chunk] = result

@@ -557,12 +557,14 @@ class MacenkoNormalizer:
             per-pixel intermediates; a single larger image is processed whole). The default, eight 224x224
             images, is the fastest measured on CPU: larger chunks spill the per-pixel buffers out of cache.
 
-    Memory: the normalizer keeps the per-pixel scratch buffers of its worker threads (about 1.5 MB per 224x224
-    image of a chunk and thread) for its later calls, at most ``ChunkEngine.max_cached_bytes`` (256 MB): fresh
-    memory costs page faults on first touch. They belong to this instance and go with it; :meth:`cached_bytes`
-    tells how much is kept and :meth:`empty_cache` frees it. Outputs are always new tensors. One normalizer may
-    be used from several threads at once (each call takes its own buffers), and pickled or copied (without its
-    buffers).
+    Memory: fresh memory costs a page fault per page on first touch, about as much as the arithmetic on it, so
+    the normalizer keeps, for its later calls, the per-pixel scratch buffers of its worker threads (about 1.5 MB
+    per 224x224 image of a chunk and thread) and, on CPU, the memory of outputs once the caller has freed every
+    tensor (and view) using it; at most ``ChunkEngine.max_cached_bytes`` (256 MB) in all. Outputs are tensors the
+    caller owns: never written again while any of it is alive (CPU outputs are not resizable in place). What is
+    kept belongs to this instance and goes with it; :meth:`cached_bytes` tells how much and :meth:`empty_cache`
+    frees it. One normalizer may be used from several threads at once (each call takes its own buffers), and
+    pickled or copied (without its buffers).
 
     An image comes back unchanged (float 0..1) with ``normalized=False`` when:
 
