@@ -32,7 +32,7 @@ from ..convert import WEIGHT_SUFFIXES, load_backbone
 from ..image_processing_exaonepath import ExaonePathImageProcessor
 from ..stain_normalization import DEFAULT_STAIN_REFERENCE, StainReference
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "Encoder", "load_encoder"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "Encoder", "Tokens", "load_encoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ IMAGENET_STD = tuple(ExaonePathImageProcessor.image_std)
 _RESAMPLE = ExaonePathImageProcessor.resample.name.lower()
 _RESCALE = f"1/{round(1 / ExaonePathImageProcessor.rescale_factor)}"
 Pooling = Literal["auto", "pooler", "cls", "mean"]
+#: Which tokens make a patch's feature: the encoder's feature (CLS), or it concatenated with the patch-token mean.
+Tokens = Literal["cls", "cls+mean"]
 
 
 @dataclass(frozen=True)
@@ -104,22 +106,36 @@ class Encoder:
     image_std: tuple[float, float, float] = IMAGENET_STD
 
     @torch.no_grad()
-    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def features(self, pixel_values: torch.Tensor, tokens: Tokens = "cls") -> torch.Tensor:
+        """The encoder's feature [N, feature_dim] (`tokens="cls"`: the CLS token for the default pooling), or
+        it concatenated with the mean of the patch tokens (`"cls+mean"`, [N, 2 * feature_dim]) from the same
+        forward pass."""
+        if tokens not in ("cls", "cls+mean"):
+            raise ValueError(f"tokens must be 'cls' or 'cls+mean', got {tokens!r}")
+        if tokens == "cls+mean" and self.pooling == "mean":
+            raise ValueError(f"{self.source}: tokens 'cls+mean' need a CLS feature, but pooling is 'mean'")
         if self.kind == "timm":
-            tokens = self.model.forward_features(pixel_values)
-            if self.pooling == "mean":
-                return tokens[:, getattr(self.model, "num_prefix_tokens", 1) :].mean(dim=1)
-            return self.model.forward_head(tokens, pre_logits=True)
-        outputs = self.model(pixel_values=pixel_values)
-        if self.pooling == "pooler":
-            if getattr(outputs, "pooler_output", None) is None:
-                raise ValueError(
-                    f"{self.source} returns no pooler_output; use pooling 'cls' or 'mean' (--pooling)"
-                )
-            return outputs.pooler_output
-        if self.pooling == "mean":
-            return outputs.last_hidden_state[:, 1:].mean(dim=1)
-        return outputs.last_hidden_state[:, 0]
+            hidden = self.model.forward_features(pixel_values)
+            patch_tokens = hidden[:, getattr(self.model, "num_prefix_tokens", 1) :]
+            feature = (
+                patch_tokens.mean(dim=1)
+                if self.pooling == "mean"
+                else self.model.forward_head(hidden, pre_logits=True)
+            )
+        else:
+            outputs = self.model(pixel_values=pixel_values)
+            patch_tokens = outputs.last_hidden_state[:, 1:]
+            if self.pooling == "pooler":
+                if getattr(outputs, "pooler_output", None) is None:
+                    raise ValueError(
+                        f"{self.source} returns no pooler_output; use pooling 'cls' or 'mean' (--pooling)"
+                    )
+                feature = outputs.pooler_output
+            elif self.pooling == "mean":
+                feature = patch_tokens.mean(dim=1)
+            else:
+                feature = outputs.last_hidden_state[:, 0]
+        return torch.cat([feature, patch_tokens.mean(dim=1)], dim=1) if tokens == "cls+mean" else feature
 
     def identity(self) -> dict[str, Any]:
         """What the feature cache key and the run record need to tell this encoder apart from others."""

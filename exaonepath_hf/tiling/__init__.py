@@ -5,7 +5,8 @@
     summary = tile_slides(["a.svs", "b.svs"], "tiles", TilingConfig(), num_workers=8)
     dataset = load_patch_dataset("tiles", rank=0, world_size=2)  # streaming, this rank's shards
 
-The command line is `exaonepath-tile SLIDES... --out DIR` (see `exaonepath_hf.tiling.cli`).
+The command line is `exaonepath-tile SLIDES... --out DIR` (see `exaonepath_hf.tiling.cli`). Several processes
+tile one slide list into one folder with `tile_slides(..., rank=r, world_size=n)` (see `ranks`).
 """
 
 from .grid import grid_coordinates, level0_patch_size, tissue_fractions
@@ -16,15 +17,18 @@ from .pipeline import (
     TilingSummary,
     plan_patches,
     read_patch,
+    read_patch_at,
     slide_id_from_path,
     tile_slide,
     tile_slides,
 )
+from .ranks import RankInfo, resolve_rank, split_for_rank
 from .shards import (
     PATCH_COLUMNS,
     complete_shards_only,
     completed_shard_files,
     load_patch_dataset,
+    read_manifest,
     tiling_output_folder,
 )
 from .slide_io import (
@@ -41,6 +45,7 @@ __all__ = [
     "PATCH_COLUMNS",
     "MissingMPPError",
     "PatchPlan",
+    "RankInfo",
     "SlideFailure",
     "SlideReadError",
     "SlideReader",
@@ -58,8 +63,12 @@ __all__ = [
     "plan_patches",
     "read_downsampled",
     "read_downsampled_views",
+    "read_manifest",
     "read_patch",
+    "read_patch_at",
+    "resolve_rank",
     "slide_id_from_path",
+    "split_for_rank",
     "tile_slide",
     "tile_slides",
     "tissue_fractions",

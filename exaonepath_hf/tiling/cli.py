@@ -9,10 +9,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .pipeline import TilingConfig, tile_slides
+from .ranks import add_rank_arguments, resolve_rank
 from .slide_io import SLIDE_BACKENDS
 from .tissue import TissueDetectionConfig
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = [
+    "add_patch_arguments",
+    "add_tissue_arguments",
+    "build_parser",
+    "config_from_args",
+    "main",
+    "tissue_config_from_args",
+]
 
 _DEFAULTS = TilingConfig()
 _TISSUE_DEFAULTS = TissueDetectionConfig()
@@ -33,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Cut non-overlapping tissue patches of a fixed physical size (default 256 px at 0.5 µm/px, CLAM-style "
             "as in EXAONEPath pretraining) from whole-slide images, into parquet shards that `datasets` streams. "
-            "Reruns resume: complete slides are skipped; failed slides are listed in DIR/failures.json."
+            "Reruns resume: complete slides are skipped; failed slides are listed in DIR/failures.json. Several "
+            "processes (torchrun, accelerate launch, srun, or --rank/--world_size) split the slides between them "
+            "and tile into one DIR."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -48,14 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--workers", type=int, default=1, help="slides tiled in parallel (processes)")
-    _add_patch_arguments(parser.add_argument_group("patches"))
+    add_patch_arguments(parser.add_argument_group("patches"))
     _add_output_arguments(parser.add_argument_group("output"))
-    _add_tissue_arguments(parser.add_argument_group("tissue detection"))
+    add_tissue_arguments(parser.add_argument_group("tissue detection"))
+    add_rank_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return parser
 
 
-def _add_patch_arguments(grid: argparse._ArgumentGroup) -> None:
+def add_patch_arguments(grid: argparse._ArgumentGroup) -> None:
+    """Where patches are cut: size, MPP, tissue share, resizing, fallback MPP, reader (`config_from_args`)."""
     grid.add_argument(
         "--patch_size",
         "--patch-size",
@@ -114,7 +126,8 @@ def _add_output_arguments(out: argparse._ArgumentGroup) -> None:
     )
 
 
-def _add_tissue_arguments(tissue: argparse._ArgumentGroup) -> None:
+def add_tissue_arguments(tissue: argparse._ArgumentGroup) -> None:
+    """Tissue detection flags (`tissue_config_from_args`)."""
     tissue.add_argument(
         "--detection_mpp", "--detection-mpp", type=float, default=_TISSUE_DEFAULTS.detection_mpp
     )
@@ -147,8 +160,8 @@ def _add_tissue_arguments(tissue: argparse._ArgumentGroup) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> TilingConfig:
-    tissue = TissueDetectionConfig(
+def tissue_config_from_args(args: argparse.Namespace) -> TissueDetectionConfig:
+    return TissueDetectionConfig(
         detection_mpp=args.detection_mpp,
         median_blur=args.median_blur,
         threshold=args.threshold,
@@ -158,6 +171,10 @@ def config_from_args(args: argparse.Namespace) -> TilingConfig:
         min_hole_area_mm2=args.min_hole_area,
         max_holes_per_region=args.max_holes,
     )
+
+
+def config_from_args(args: argparse.Namespace) -> TilingConfig:
+    tissue = tissue_config_from_args(args)
     return TilingConfig(
         patch_size=args.patch_size,
         target_mpp=args.target_mpp,
@@ -196,18 +213,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         slides = _slide_paths(args)
+        rank = resolve_rank(args.rank, args.world_size)
     except (ValueError, OSError) as error:
         parser.error(str(error))
     try:
-        summary = tile_slides(slides, args.out, config, num_workers=args.workers, progress=not args.quiet)
+        summary = tile_slides(
+            slides,
+            args.out,
+            config,
+            num_workers=args.workers,
+            progress=not args.quiet,
+            rank=rank.rank,
+            world_size=rank.world_size,
+        )
     except ValueError as error:  # raised before any slide is touched: duplicate ids, mismatched settings
         parser.error(str(error))
+    share = f"{rank}: " if rank.is_distributed else ""
     print(
-        f"{len(summary.tiled)} slides tiled, {len(summary.skipped)} already complete, {len(summary.failures)} failed; "
-        f"{summary.num_patches} patches in {args.out / 'shards'} ({summary.seconds:.1f} s)"
+        f"{share}{len(summary.tiled)} slides tiled, {len(summary.skipped)} already complete, "
+        f"{len(summary.failures)} failed; {summary.num_patches} patches in {args.out / 'shards'} "
+        f"({summary.seconds:.1f} s)"
     )
     if summary.failures:
-        print(f"failed slides are listed in {args.out / 'failures.json'}:", file=sys.stderr)
+        print(f"failed slides are listed in {summary.failures_path}:", file=sys.stderr)
         for failure in summary.failures:
             print(f"  {failure.path}: {failure.error}: {failure.message}", file=sys.stderr)
         return 1

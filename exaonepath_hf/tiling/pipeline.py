@@ -10,9 +10,13 @@ Output folder layout (`out_dir`):
     failures.json                      slides the latest run could not tile, with the reason
     tiling_config.json                 the settings the folder was tiled with (a rerun must match them)
 
+Several processes may tile one slide list into one folder (`rank`/`world_size`, see `ranks.py`): each tiles its
+share and writes `manifest.rank-00003.json` / `failures.rank-00003.json` (rank 3) instead of the shared files,
+so no two processes write one file; readers merge them (`shards.read_manifest`).
+
 Every file is written to a temporary name and renamed into place. A slide's shards are written to
 `.staging/<slide_id>/` and published only once all of them are complete, then its record is written; a rerun
-skips slides with a record and redoes any other slide from scratch, so a killed run resumes with no
+skips slides with a record and redoes any other slide from scratch, so a killed run (or rank) resumes with no
 duplicated and no missing patch.
 """
 
@@ -38,6 +42,7 @@ from PIL import Image
 
 from ..atomic_io import atomic_write_bytes, move_files_into, write_json
 from .grid import grid_coordinates, level0_patch_size, tissue_fractions
+from .ranks import record_name, split_for_rank
 from .shards import ImageFormat, PatchRecord, encode_patch, write_shard
 from .slide_io import SLIDE_BACKENDS, SlideReader, open_slide, read_downsampled, read_downsampled_views
 from .thumbnail import render_thumbnail
@@ -50,6 +55,7 @@ __all__ = [
     "TilingSummary",
     "plan_patches",
     "read_patch",
+    "read_patch_at",
     "slide_id_from_path",
     "tile_slide",
     "tile_slides",
@@ -169,6 +175,16 @@ class TilingSummary:
     failures: list[SlideFailure] = field(default_factory=list)
     num_patches: int = 0  # patches of the slides tiled or skipped by this run
     seconds: float = 0.0
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.out_dir / record_name("manifest", self.rank, self.world_size)
+
+    @property
+    def failures_path(self) -> Path:
+        return self.out_dir / record_name("failures", self.rank, self.world_size)
 
     @property
     def ok(self) -> bool:
@@ -227,15 +243,23 @@ def plan_patches(reader: SlideReader, config: TilingConfig) -> PatchPlan:
 
 
 def read_patch(reader: SlideReader, x: int, y: int, plan: PatchPlan) -> np.ndarray:
-    """Pixels of the patch whose level-0 top-left is (x, y), as they are stored (RGB uint8).
+    """Pixels of the patch whose level-0 top-left is (x, y), as they are stored (RGB uint8)."""
+    return read_patch_at(reader, x, y, plan.patch_size_level0, plan.read_level, plan.stored_size)
 
-    Native size reads `patch_size_level0` pixels of level 0; otherwise the plan's level is read and resized
+
+def read_patch_at(
+    reader: SlideReader, x: int, y: int, patch_size_level0: int, read_level: int, stored_size: int
+) -> np.ndarray:
+    """Pixels of the patch whose level-0 top-left is (x, y), as the tiler stores them (RGB uint8); the geometry
+    is a slide record's (`patch_size_level0`, `read_level`, `stored_patch_size`).
+
+    Native size reads `patch_size_level0` pixels of level 0; otherwise `read_level` is read and resized
     (bicubic, antialiased) to `stored_size`.
     """
-    side = max(1, round(plan.patch_size_level0 / reader.level_downsamples[plan.read_level]))
-    pixels = reader.read_region((x, y), plan.read_level, (side, side))
-    if side != plan.stored_size:
-        resized = Image.fromarray(pixels).resize((plan.stored_size,) * 2, Image.Resampling.BICUBIC)
+    side = max(1, round(patch_size_level0 / reader.level_downsamples[read_level]))
+    pixels = reader.read_region((x, y), read_level, (side, side))
+    if side != stored_size:
+        resized = Image.fromarray(pixels).resize((stored_size,) * 2, Image.Resampling.BICUBIC)
         pixels = np.asarray(resized)
     return pixels
 
@@ -492,11 +516,16 @@ def _run_in_processes(
             on_done(task, _run_isolated(task, context, run))
 
 
-def _write_manifest(out_dir: Path, config: TilingConfig, failures: Sequence[SlideFailure]) -> dict[str, Any]:
-    """Summarise every complete slide in `out_dir` (not only this run's) into manifest.json."""
+def _write_manifest(summary: TilingSummary, config: TilingConfig, slide_ids: Sequence[str]) -> dict[str, Any]:
+    """Summarise complete slides into the run's manifest: a single process lists every complete slide in the
+    folder (not only this run's) in manifest.json; a rank lists the complete slides of its share (`slide_ids`)
+    in its own manifest.rank-NNNNN.json, which no other rank writes."""
+    out_dir = summary.out_dir
+    if summary.world_size == 1:
+        slide_ids = [path.stem for path in sorted((out_dir / "slides").glob("*.json"))]
     slides = {}
-    for record_path in sorted((out_dir / "slides").glob("*.json")):
-        record = _complete_record(out_dir, record_path.stem)
+    for slide_id in sorted(slide_ids):
+        record = _complete_record(out_dir, slide_id)
         if record is not None:
             slides[record["slide_id"]] = record
     manifest = {
@@ -506,9 +535,11 @@ def _write_manifest(out_dir: Path, config: TilingConfig, failures: Sequence[Slid
         "num_patches": sum(r["num_patches"] for r in slides.values()),
         "num_shards": sum(len(r["shards"]) for r in slides.values()),
         "slides": slides,
-        "failures": [asdict(f) for f in failures],
+        "failures": [asdict(f) for f in summary.failures],
+        "rank": summary.rank,
+        "world_size": summary.world_size,
     }
-    write_json(out_dir / "manifest.json", manifest)
+    write_json(summary.manifest_path, manifest)
     return manifest
 
 
@@ -518,6 +549,8 @@ def tile_slides(
     config: TilingConfig | None = None,
     num_workers: int = 1,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TilingSummary:
     """Tile many slides into `out_dir`, in parallel processes, resuming a previous run.
 
@@ -525,6 +558,10 @@ def tile_slides(
     others go on. Writes manifest.json at the end. `num_workers=1` tiles in this process; with more, workers
     are started by forkserver (spawn where unavailable), so a calling script needs the usual
     `if __name__ == "__main__":` guard.
+
+    With `world_size` > 1 this process tiles only its share of `slides` (`ranks.split_for_rank`: round robin on
+    the sorted slide ids; every rank must get the same list) and writes manifest.rank-NNNNN.json and
+    failures.rank-NNNNN.json instead of the shared files.
     """
     from tqdm.auto import tqdm
 
@@ -540,9 +577,15 @@ def tile_slides(
                 "into separate folders"
             )
         ids[task.slide_id] = task.path
+    all_slides = len(tasks)
+    tasks = split_for_rank(tasks, rank, world_size, key=lambda task: task.slide_id)
+    if world_size > 1:
+        logger.info(
+            "rank %d of %d: %d of %d slides are this rank's", rank, world_size, len(tasks), all_slides
+        )
     _check_folder_config(out_dir, config)
 
-    summary = TilingSummary(out_dir=out_dir)
+    summary = TilingSummary(out_dir=out_dir, rank=rank, world_size=world_size)
     start = time.perf_counter()
     todo = []
     for task in tasks:
@@ -563,7 +606,7 @@ def tile_slides(
         if isinstance(outcome, SlideFailure):
             summary.failures.append(outcome)
             logger.warning("slide %s failed: %s: %s", task.slide_id, outcome.error, outcome.message)
-            write_json(out_dir / "failures.json", [asdict(f) for f in summary.failures])
+            write_json(summary.failures_path, [asdict(f) for f in summary.failures])
         else:
             summary.tiled.append(task.slide_id)
             summary.num_patches += outcome["num_patches"]
@@ -581,7 +624,7 @@ def tile_slides(
             _run_in_processes(todo, num_workers, on_done)
     finally:
         bar.close()
-        write_json(out_dir / "failures.json", [asdict(f) for f in summary.failures])
-        _write_manifest(out_dir, config, summary.failures)
+        write_json(summary.failures_path, [asdict(f) for f in summary.failures])
+        _write_manifest(summary, config, [task.slide_id for task in tasks])
     summary.seconds = time.perf_counter() - start
     return summary

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ..atomic_io import atomic_file
+from .ranks import record_files
 
 __all__ = [
     "PATCH_COLUMNS",
@@ -37,6 +38,7 @@ __all__ = [
     "complete_shards_only",
     "completed_shard_files",
     "load_patch_dataset",
+    "read_manifest",
     "tiling_output_folder",
 ]
 
@@ -139,24 +141,54 @@ def tiling_output_folder(path: str | Path) -> Path | None:
     """The `exaonepath-tile` output folder that `path` is, or whose `shards/` folder it is; else None."""
     path = Path(path)
     for folder in (path, path.parent) if path.name == "shards" else (path,):
-        if (folder / "manifest.json").is_file() and (folder / "shards").is_dir():
+        if record_files(folder, "manifest") and (folder / "shards").is_dir():
             return folder
     return None
 
 
+def read_manifest(out_dir: str | Path) -> dict:
+    """The tiling manifest of `out_dir` (or of the folder whose `shards/` it is): manifest.json merged with the
+    manifest.rank-NNNNN.json of every rank that tiled into the folder.
+
+    `slides` is the union of the complete slides the files list; `failures` the failed slides none of them
+    lists as complete. Every reader of tiling output goes through this, so each sees the slides of all ranks.
+    """
+    out_dir = tiling_output_folder(out_dir) or Path(out_dir)
+    paths = record_files(out_dir, "manifest")
+    if not paths:
+        raise FileNotFoundError(
+            f"{out_dir / 'manifest.json'} not found: run exaonepath-tile with --out {out_dir} first"
+        )
+    slides: dict[str, dict] = {}
+    failures: dict[str, dict] = {}
+    config = None
+    for path in paths:
+        manifest = json.loads(path.read_text())
+        slides.update(manifest["slides"])
+        failures.update({failure["slide_id"]: failure for failure in manifest.get("failures", [])})
+        config = config or manifest.get("config")
+    slides = dict(sorted(slides.items()))
+    return {
+        "config": config,
+        "num_slides": len(slides),
+        "num_patches": sum(r.get("num_patches", 0) for r in slides.values()),
+        "num_shards": sum(len(r["shards"]) for r in slides.values()),
+        "slides": slides,
+        "failures": [failures[k] for k in sorted(failures) if k not in slides],
+        "manifest_files": [path.name for path in paths],
+    }
+
+
 def completed_shard_files(out_dir: str | Path) -> list[str]:
-    """The shard files of every slide a tiling run completed, from its `manifest.json`, in a stable order.
+    """The shard files of every slide a tiling run completed, from its manifests, in a stable order.
 
     Every reader of tiling output (training, evaluation, feature collapse) lists shards with this, never with
     a glob over `shards/*.parquet`: a run killed while publishing a slide's shards can leave some of them in
-    place until the slide is re-tiled, and only the manifest's shards are complete. `out_dir` may also be the
-    run's `shards/` folder.
+    place until the slide is re-tiled, and only the manifests' shards are complete. `out_dir` may also be the
+    run's `shards/` folder. The manifests of all ranks that tiled into the folder count (`read_manifest`).
     """
     out_dir = tiling_output_folder(out_dir) or Path(out_dir)
-    manifest_path = out_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found: run exaonepath-tile with --out {out_dir} first")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(out_dir)
     files = [
         str(out_dir / "shards" / name) for slide in manifest["slides"].values() for name in slide["shards"]
     ]

@@ -25,6 +25,7 @@ from PIL import Image
 
 __all__ = [
     "SLIDE_BACKENDS",
+    "SLIDE_SUFFIXES",
     "MissingMPPError",
     "SlideReadError",
     "SlideReader",
@@ -37,6 +38,9 @@ __all__ = [
 ]
 
 SLIDE_BACKENDS = ("auto", "tiffslide", "openslide", "wsidicom")
+#: Suffixes (lower case) of single-file whole-slide images, for listing the slides of a folder. A DICOM slide
+#: is a folder of .dcm files instead.
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".svslide", ".bif", ".vms", ".vmu", ".mrxs")
 
 # Relative disagreement tolerated between the x and y pixel sizes before a slide is refused.
 _MPP_ANISOTROPY_TOLERANCE = 0.02

@@ -1,0 +1,336 @@
+"""The field's robustness metrics against hand-worked examples, brute-force loops and scikit-learn."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, silhouette_score
+from sklearn.neighbors import NearestNeighbors
+
+from exaonepath_hf.eval.robustness_metrics import (
+    between_group_variance_share,
+    clustering_score,
+    nearest_neighbours,
+    paired_retrieval,
+    robustness_index,
+    slide_identity_knn,
+    within_cross_gap,
+)
+
+
+def _angles(degrees):
+    radians = np.deg2rad(np.asarray(degrees, dtype=np.float64))
+    return np.stack([np.cos(radians), np.sin(radians)], axis=1)
+
+
+def _brute_neighbours(features, k, groups=None):
+    """Double loop: every other sample (outside the query's group), sorted by (cosine desc, index asc)."""
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    result = []
+    for i in range(len(unit)):
+        candidates = [
+            (-float(unit[i] @ unit[j]), j)
+            for j in range(len(unit))
+            if j != i and (groups is None or groups[j] != groups[i])
+        ]
+        result.append([j for _, j in sorted(candidates)[:k]])
+    return np.array(result)
+
+
+def _brute_robustness_index(features, labels, centers, cases, k):
+    neighbours = _brute_neighbours(features, k, cases)
+    so = os_ = 0
+    for i, row in enumerate(neighbours):
+        for j in row:
+            so += labels[j] == labels[i] and centers[j] != centers[i]
+            os_ += labels[j] != labels[i] and centers[j] == centers[i]
+    return so / (so + os_), so, os_
+
+
+# ------------------------------------------------------------------------------------------ neighbours
+
+
+@pytest.mark.parametrize("block", [1, 7, 4096])
+def test_nearest_neighbours_match_brute_force(block):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(40, 5))
+    groups = rng.integers(0, 6, size=40)
+    assert np.array_equal(nearest_neighbours(features, 4, block=block), _brute_neighbours(features, 4))
+    assert np.array_equal(
+        nearest_neighbours(features, 4, exclude_same=groups, block=block),
+        _brute_neighbours(features, 4, groups),
+    )
+
+
+def test_nearest_neighbours_break_ties_by_index():
+    # basis vectors: every similarity is exactly 0 or 1
+    e = np.eye(3)
+    features = np.stack([e[0], e[1], e[0], e[0], e[1], e[2], e[0]])
+    # sample 0 (e0): similarity 1 to samples 2, 3, 6 and 0 to samples 1, 4, 5
+    assert nearest_neighbours(features, 2)[0].tolist() == [2, 3]
+    assert nearest_neighbours(features, 4)[0].tolist() == [2, 3, 6, 1]
+    # sample 5 (e2) is orthogonal to everything: the lowest indices first
+    assert nearest_neighbours(features, 3, block=2)[5].tolist() == [0, 1, 2]
+    # leaving out group "a" = samples 0, 2: sample 0 keeps 3 and 6, then the lowest orthogonal one, 1
+    groups = np.array(["a", "b", "a", "c", "b", "d", "c"])
+    assert nearest_neighbours(features, 3, exclude_same=groups)[0].tolist() == [3, 6, 1]
+    assert np.array_equal(
+        nearest_neighbours(features, 3, exclude_same=groups, block=3), _brute_neighbours(features, 3, groups)
+    )
+    # all equal: every query's neighbours are the lowest other indices, whatever the block
+    same = np.ones((9, 4))
+    expected = np.array([[j for j in range(9) if j != i][:3] for i in range(9)])
+    for block in (1, 4, 9):
+        assert np.array_equal(nearest_neighbours(same, 3, block=block), expected)
+
+
+def test_nearest_neighbours_accept_torch_and_reject_bad_input():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(12, 3)).astype(np.float32)
+    assert np.array_equal(nearest_neighbours(torch.from_numpy(features), 3), nearest_neighbours(features, 3))
+    with pytest.raises(ValueError, match="only 1"):
+        nearest_neighbours(features, 2, exclude_same=np.array([0] * 11 + [1]))
+    with pytest.raises(ValueError, match="one value per sample"):
+        nearest_neighbours(features, 2, exclude_same=np.zeros(5))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        nearest_neighbours(features[:1], 1)
+    features[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        nearest_neighbours(features, 2)
+
+
+# ------------------------------------------------------------------------------------- robustness index
+
+
+def test_robustness_index_by_hand():
+    # sample: label, centre, case, angle       (centre A near 0 degrees, centre B near 90: features follow the site)
+    # 0: x A c0 0 | 1: y A c1 5 | 2: x B c2 90 | 3: y B c3 95 | 4: x A c0 2 (same case as 0) | 5: x B c4 60
+    # k = 2 nearest outside the query's case:
+    #   q0 -> 1 (y A: OS), 5 (x B: SO)           q4 -> 1 (OS), 5 (SO)
+    #   q1 -> 4 (x A: OS), 0 (x A: OS)           q2 -> 3 (y B: OS), 5 (x B: neither)
+    #   q3 -> 2 (x B: OS), 5 (x B: OS)           q5 -> 2 (x B: neither), 3 (y B: OS)
+    # SO = 2, OS = 8: RI = 0.2
+    features = _angles([0, 5, 90, 95, 2, 60])
+    labels = np.array(list("xyxyxx"))
+    centers = np.array(list("AABBAB"))
+    cases = np.array(["c0", "c1", "c2", "c3", "c0", "c4"])
+    result = robustness_index(features, labels, centers, cases, k=2, bootstrap=0)
+    assert (result.value, result.so, result.os, result.k) == (pytest.approx(0.2), 2, 8, 2)
+    assert result.ci_low is None and result.reason is None
+    # the near-duplicate 4 in the query's own case must not count: as its own case it is 0's nearest
+    # (x A: neither) and 0 is 4's, which removes both SO: RI = 0 / 8
+    cases[4] = "c5"
+    assert robustness_index(features, labels, centers, cases, k=2, bootstrap=0).value == 0.0
+
+
+def test_robustness_index_matches_explicit_loops():
+    rng = np.random.default_rng(2)
+    for n, k in ((10, 3), (60, 7)):
+        features = rng.normal(size=(n, 6))
+        labels, centers = rng.integers(0, 3, n), rng.choice(["A", "B", "C"], n)
+        cases = rng.integers(0, n // 3, n)
+        expected, so, os_ = _brute_robustness_index(features, labels, centers, cases, k)
+        result = robustness_index(features, labels, centers, cases, k=k, bootstrap=0)
+        assert (result.value, result.so, result.os) == (pytest.approx(expected), so, os_)
+
+
+def test_robustness_index_boundaries():
+    labels = np.repeat([0, 1, 2], 8)
+    centers = np.tile(["A", "A", "B", "B"], 6)
+    cases = np.arange(24) // 2  # pairs of samples share a case (and a centre)
+    # features = the class one-hot: every neighbour is of the query's class, so no OS at all
+    by_class = np.eye(3)[labels]
+    assert robustness_index(by_class, labels, centers, cases, k=5, bootstrap=0).value == 1.0
+    # features = the centre one-hot: every neighbour is of the query's centre, so no SO at all
+    by_center = np.eye(2)[(centers == "B").astype(int)]
+    assert robustness_index(by_center, labels, centers, cases, k=5, bootstrap=0).value == 0.0
+
+
+def test_robustness_index_bootstrap_interval():
+    rng = np.random.default_rng(3)
+    n = 200
+    labels, centers, cases = rng.integers(0, 2, n), rng.integers(0, 3, n), rng.integers(0, 40, n)
+    features = np.eye(2)[labels] + 1.2 * rng.normal(size=(n, 2))
+    first = robustness_index(features, labels, centers, cases, bootstrap=300, seed=5)
+    assert first.ci_low < first.value < first.ci_high
+    assert first.ci_high - first.ci_low < 0.2
+    assert first == robustness_index(features, labels, centers, cases, bootstrap=300, seed=5)
+    assert first.ci_low != robustness_index(features, labels, centers, cases, bootstrap=300, seed=6).ci_low
+    assert json.loads(json.dumps(first.to_dict(), allow_nan=False)) == first.to_dict()
+
+
+def test_robustness_index_undefined_and_clipped():
+    features = _angles(np.arange(8) * 10)
+    labels, centers = np.array([0, 1] * 4), np.array(list("AABBAABB"))
+    cases = np.arange(8)
+    single_centre = robustness_index(features, labels, np.zeros(8), cases)
+    assert single_centre.value is None and "single centre" in single_centre.reason
+    assert "single class" in robustness_index(features, np.zeros(8), centers, cases).reason
+    assert "single case" in robustness_index(features, labels, centers, np.zeros(8)).reason
+    # each class lives in one centre: no neighbour can be SO or OS
+    confounded = robustness_index(features, labels, labels, cases)
+    assert confounded.value is None and "no neighbour" in confounded.reason
+    # 6 of 8 samples in one case: its queries have only 2 candidates, so k = 11 becomes 2
+    clipped = robustness_index(features, labels, centers, np.array([0] * 6 + [1, 2]), bootstrap=0)
+    assert clipped.k == 2 and clipped.value is not None
+    with pytest.raises(ValueError, match="centers"):
+        robustness_index(features, labels, centers[:5], cases)
+
+
+# ------------------------------------------------------------------------------------- clustering score
+
+
+def _planted(by, seed=0, n_per=12):
+    """3 classes x 2 centres; features = the centroid of the class (or centre) plus small noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1, 2], 2 * n_per)
+    centers = np.tile(np.repeat(["A", "B"], n_per), 3)
+    groups = labels if by == "label" else (centers == "B").astype(int)
+    centroids = rng.normal(size=(3, 8)) * 4
+    return centroids[groups] + 0.3 * rng.normal(size=(len(labels), 8)), labels, centers
+
+
+def test_clustering_score_follows_what_the_features_carry():
+    features, labels, centers = _planted("label")
+    result = clustering_score(features, labels, centers, max_clusters=6, restarts=3)
+    assert result.num_clusters == 3 and result.value > 0.95
+    features, labels, centers = _planted("center")
+    result = clustering_score(features, labels, centers, max_clusters=6, restarts=3)
+    assert result.num_clusters == 2 and result.value < -0.95
+
+
+def test_clustering_score_matches_sklearn():
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(40, 4))
+    labels, centers = rng.integers(0, 3, 40), rng.integers(0, 2, 40)
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    assignments = {c: KMeans(n_clusters=c, n_init=2, random_state=1).fit_predict(unit) for c in range(2, 6)}
+    best = max(assignments, key=lambda c: silhouette_score(unit, assignments[c], metric="cosine"))
+    result = clustering_score(features, labels, centers, max_clusters=5, restarts=2, seed=1)
+    assert result.num_clusters == best
+    assert result.ari_label == pytest.approx(adjusted_rand_score(labels, assignments[best]))
+    assert result.ari_center == pytest.approx(adjusted_rand_score(centers, assignments[best]))
+    assert result.value == pytest.approx(result.ari_label - result.ari_center)
+
+
+def test_clustering_score_undefined():
+    features = np.random.default_rng(5).normal(size=(10, 3))
+    assert "single centre" in clustering_score(features, np.arange(10) % 2, np.zeros(10)).reason
+    equal = clustering_score(np.ones((10, 3)), np.arange(10) % 2, np.arange(10) % 3, max_clusters=4)
+    assert equal.value is None and "fewer than 2" in equal.reason
+
+
+# ------------------------------------------------------------------------------------- paired retrieval
+
+
+def test_paired_retrieval_perfect_and_swapped():
+    e = np.eye(4)
+    # A and B hold the same four tiles; C swaps the features of tiles 0 and 1
+    features = np.concatenate([e, e, e[[1, 0, 2, 3]]])
+    conditions = np.repeat(["A", "B", "C"], 4)
+    pairs = np.tile(["t0", "t1", "t2", "t3"], 3)
+    result = paired_retrieval(features, pairs, conditions)
+    by_pair = {(p["condition_a"], p["condition_b"]): p for p in result.per_condition_pair}
+    assert by_pair["A", "B"]["cosine"] == 1.0 and by_pair["A", "B"]["top1"] == 1.0
+    # A vs C: tiles 0 and 1 have cosine 0 with their counterparts, 2 and 3 cosine 1: mean 0.5; in the pool
+    # A0's nearest is C1 (identical features), not C0, and so on: 4 of the 8 tiles find their counterpart
+    assert by_pair["A", "C"]["cosine"] == 0.5 and by_pair["A", "C"]["top1"] == 0.5
+    # top-10 is clipped to the 7 other tiles of the pool: everyone succeeds
+    assert by_pair["A", "C"]["top10"] == 1.0 and by_pair["A", "C"]["n"] == 4
+    assert (result.cosine, result.top1, result.top10) == (0.5, 0.5, 1.0)  # medians over AB, AC, BC
+    assert (result.num_pairs, result.num_condition_pairs, result.reason) == (4, 3, None)
+
+
+def test_paired_retrieval_identical_features_give_top1_one_and_skip_unpaired():
+    rng = np.random.default_rng(6)
+    tiles = rng.normal(size=(5, 8))
+    features = np.concatenate([tiles, tiles, rng.normal(size=(2, 8))])
+    conditions = ["lab1"] * 5 + ["lab2"] * 5 + ["lab1", "lab2"]
+    pairs = [f"p{i}" for i in range(5)] * 2 + ["", None]
+    result = paired_retrieval(torch.tensor(features), pairs, conditions, ks=(1,))
+    assert result.top1 == 1.0 and result.cosine == pytest.approx(1.0) and result.top10 is None
+    assert result.per_condition_pair[0]["n"] == 5
+
+
+def test_paired_retrieval_undefined_and_invalid():
+    features = np.random.default_rng(7).normal(size=(4, 3))
+    assert "no pair ids" in paired_retrieval(features, None, list("ABAB")).reason
+    assert "empty" in paired_retrieval(features, [""] * 4, list("ABAB")).reason
+    lonely = paired_retrieval(features, ["a", "b", "c", "d"], list("ABAB"))
+    assert lonely.top1 is None and "two conditions" in lonely.reason
+    with pytest.raises(ValueError, match="occurs twice"):
+        paired_retrieval(features, ["a", "a", "a", "b"], list("AABB"))
+    assert json.dumps(lonely.to_dict(), allow_nan=False)
+
+
+# ------------------------------------------------------------------------------------ within / cross gap
+
+
+def test_within_cross_gap_by_hand():
+    # slide s1: a (label 0, 0 deg), b (0, 11), c (1, 50); slide s2: d (1, 5), e (1, 15), f (0, 55)
+    # within (k=1): a->b ok, b->a ok, c->b wrong; d->e ok, e->d ok, f->e wrong: 4/6
+    # cross (k=1): a->d, b->e, c->f, d->a, e->b, f->c: all wrong: 0
+    # 2 nearest overall: a->d,b (1 own); b->e,d (0); c->f,e (0); d->a,b (0); e->b,d (1); f->c,e (1): share 3/12
+    features = _angles([0, 11, 50, 5, 15, 55])
+    labels, slides = [0, 0, 1, 1, 1, 0], ["s1"] * 3 + ["s2"] * 3
+    result = within_cross_gap(features, labels, slides, k=1, neighbours_for_share=2)
+    assert result.within_slide_accuracy == pytest.approx(4 / 6) and result.cross_slide_accuracy == 0.0
+    assert result.gap == pytest.approx(4 / 6) and result.same_slide_share == pytest.approx(0.25)
+
+
+def _slides_and_classes(carry_slide, num_slides=6, per_class=10, seed=8):
+    rng = np.random.default_rng(seed)
+    slides = np.repeat(np.arange(num_slides), 2 * per_class)
+    labels = np.tile(np.repeat([0, 1], per_class), num_slides)
+    # each slide draws its own class directions (features carry the slide) or all share them (the class)
+    directions = rng.normal(size=(num_slides if carry_slide else 1, 2, 32))
+    base = directions[slides if carry_slide else np.zeros_like(slides), labels]
+    return base + 0.2 * rng.normal(size=base.shape), labels, slides
+
+
+def test_within_cross_gap_large_when_features_carry_the_slide():
+    features, labels, slides = _slides_and_classes(carry_slide=True)
+    result = within_cross_gap(features, labels, slides)
+    assert result.within_slide_accuracy == 1.0 and result.gap > 0.3
+    # of the 50 nearest, the 9 own-slide twins, then about 41 * 10 / 110 own-slide tiles of the other class
+    assert result.same_slide_share == pytest.approx((9 + 41 * 10 / 110) / 50, abs=0.03)
+    features, labels, slides = _slides_and_classes(carry_slide=False)
+    result = within_cross_gap(features, labels, slides)
+    assert result.within_slide_accuracy == 1.0 and result.cross_slide_accuracy == 1.0 and result.gap == 0.0
+    # the 50 nearest are 50 of the 59 same-class tiles in random order, 9 of them from the query's slide
+    assert result.same_slide_share == pytest.approx(9 / 59, abs=0.03)
+
+
+def test_within_cross_gap_undefined():
+    features = _angles([0, 10, 20, 30])
+    single = within_cross_gap(features, [0, 1, 0, 1], ["s"] * 4)
+    assert single.gap is None and single.within_slide_accuracy is not None and "single slide" in single.reason
+    singletons = within_cross_gap(features, [0, 1, 0, 1], ["a", "b", "c", "d"])
+    assert singletons.within_slide_accuracy is None and "single tile" in singletons.reason
+    assert singletons.same_slide_share == 0.0
+
+
+# ---------------------------------------------------------------------------- the earlier collapse measures
+
+
+def test_slide_identity_knn_matches_sklearn_and_breaks_vote_ties_to_the_nearest():
+    rng = np.random.default_rng(9)
+    groups = np.repeat(np.arange(5), 30)
+    features = rng.normal(size=(5, 16))[groups] + 1.5 * rng.normal(size=(150, 16))
+    nearest = NearestNeighbors(n_neighbors=2, metric="cosine").fit(features).kneighbors(features)[1][:, 1]
+    assert slide_identity_knn(features, groups, k=1) == pytest.approx(np.mean(groups[nearest] == groups))
+    # k = 2 with one neighbour of each slide: the vote ties, the nearest decides
+    features = _angles([0, 10, 25])
+    assert slide_identity_knn(features, ["a", "a", "b"], k=2) == pytest.approx(2 / 3)  # 0->a, 1->a, 2->a
+
+
+def test_between_group_variance_share_matches_numpy():
+    rng = np.random.default_rng(10)
+    groups = rng.integers(0, 4, 50)
+    features = rng.normal(size=(50, 6)) + groups[:, None]
+    total = ((features - features.mean(0)) ** 2).sum()
+    within = sum(((features[groups == g] - features[groups == g].mean(0)) ** 2).sum() for g in range(4))
+    assert between_group_variance_share(torch.tensor(features), groups) == pytest.approx(1 - within / total)
+    assert between_group_variance_share(np.ones((4, 2)), [0, 0, 1, 1]) == 0.0
