@@ -16,6 +16,7 @@ from exaonepath_hf.train.dino.data import (
     OrderedBatches,
     PatchStream,
     StreamState,
+    _to_uint8,
     build_rank_loader,
     count_samples,
     load_patch_dataset,
@@ -301,3 +302,14 @@ def test_passes_over_parquet_shards_never_reach_datasets_shutdown_sleep(tiled_sl
     epochs = {next(batches)["position"][0] for _ in range(3 * total // 8 + 1)}
     assert len(epochs) >= 3  # several passes over the shards
     assert recorder.sleeps == []
+
+
+def test_uint8_conversion_of_normalized_chunks_rounds_half_to_even_like_torch():
+    # every 1/510 step: exact halves after scaling by 255, and both ends
+    values = torch.arange(0, 511, dtype=torch.float32) / 510
+    chunk = values.repeat(2, 3, 1).reshape(2, 3, 7, 73)
+    expected = (chunk * 255).round().to(torch.uint8)
+    converted = _to_uint8(chunk.clone())
+    assert converted.dtype == torch.uint8 and converted.shape == chunk.shape
+    assert torch.equal(converted, expected)
+    assert converted[0, 0, 0, :3].tolist() == [0, 0, 1]  # 0, 0.5 -> 0 (half to even), 1.0
