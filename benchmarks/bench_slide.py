@@ -1,0 +1,153 @@
+"""Slide-head training time on CPU: mean pooling and gated attention MIL, 1,000 slides x 2,000 x 768-d.
+
+    python benchmarks/bench_slide.py [--threads 1 2] [--rounds 5] [--steps 3] [--quick]
+
+The training set is 1,000 synthetic bags of 2,000 patches of 768 features, each bag a reference into a pool of
+`--pool` bags generated once in float16 (the 1,000 distinct bags would take 3 GB in float16, 6 GB in float32;
+the collate reads and pads the same amount either way). Each timed call is `eval.slide_probe.fit_head`, the
+code `exaonepath-slide-probe` runs, for `--steps` optimizer steps at eva's batch of 32 bags under Accelerate
+on the CPU; timed is its training loop (`HeadFit.train_seconds`: collate, i.e. pad and cast to float32;
+forward; backward; AdamW; cosine schedule), not its set-up nor its validation. Heads: `mean` and `abmil`
+(hidden 128, dropout 0.25), each on all 2,000 patches of a bag and on 1,000 sampled per bag (the CLI's
+default `--max_patches`, as eva does), with 1 and with 2 intra-op threads (the CLI's `--cpu_threads`).
+
+Rounds interleave the configurations, so a change of load on the machine hits all alike; reported: the
+median over `--rounds` (at least 5) of seconds per step, times the 32 steps of one epoch (1,000 / 32 bags,
+rounded up), and the 100 epochs (3,200 steps, eva's cap; below its 12,500 steps) of one seed. The CPU (vendor,
+family, model, SIMD flags), the versions and the load average are recorded. Writes
+benchmarks/results/slide.json and slide.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import accelerate
+import torch
+from accelerate import Accelerator
+from machine import cpu_description, cpu_summary
+
+from exaonepath_hf.atomic_io import atomic_write_text
+from exaonepath_hf.eval.slide_data import Bag
+from exaonepath_hf.eval.slide_probe import HeadTrainingConfig, fit_head
+
+RESULTS = Path(__file__).parent / "results"
+SLIDES, PATCHES, DIM, BATCH, EPOCHS = 1_000, 2_000, 768, 32, 100
+HEADS = ("mean", "abmil")
+
+
+def synthetic_bags(count: int, pool: int, patches: int, dim: int) -> list[Bag]:
+    """`count` bags with alternating labels whose features cycle through `pool` float16 tensors."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(patches, dim, generator=generator).half() for _ in range(pool)]
+    return [Bag(f"slide-{i:04d}", i % 2, tensors[i % pool]) for i in range(count)]
+
+
+def time_steps(
+    head: str, max_patches: int | None, steps: int, train: list[Bag], val: list[Bag], accelerator: Accelerator
+) -> float:
+    """Seconds per optimizer step of `fit_head`'s training loop (its set-up and validation excluded)."""
+    config = HeadTrainingConfig(
+        head=head, max_patches=max_patches, max_steps=steps, batch_size=BATCH, seeds=(0,)
+    )
+    fit = fit_head(train, val, config, num_classes=2, seed=0, accelerator=accelerator)
+    assert fit.steps == steps, (fit.steps, steps)
+    return fit.train_seconds / steps
+
+
+def label(head: str, max_patches: int | None, threads: int, patches: int) -> str:
+    kept = f"all {patches:,}" if max_patches is None else f"{max_patches:,} sampled"
+    return f"{head}, {kept} patches per bag, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts to compare"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median; at least 5)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration and round")
+    parser.add_argument("--pool", type=int, default=64, help="distinct float16 bags the 1,000 cycle through")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 100 slides of 200 patches, printed, not saved"
+    )
+    args = parser.parse_args()
+    if args.rounds < 5:
+        parser.error("--rounds must be at least 5: the figures are medians over rounds")
+    slides, patches = (100, 200) if args.quick else (SLIDES, PATCHES)
+    train = synthetic_bags(slides, min(args.pool, slides), patches, DIM)
+    val = train[:2]
+    accelerator = Accelerator(cpu=True)
+    steps_per_epoch = math.ceil(slides / BATCH)
+
+    configs = [
+        (head, max_patches, threads)
+        for threads in args.threads
+        for max_patches in (None, patches // 2)
+        for head in HEADS
+    ]
+    time_steps("abmil", None, 1, train, val, accelerator)  # warm-up: allocator, kernels
+    seconds = {label(*config, patches): [] for config in configs}
+    started = time.perf_counter()
+    for round_index in range(args.rounds):
+        for head, max_patches, threads in configs:
+            torch.set_num_threads(threads)
+            seconds[label(head, max_patches, threads, patches)].append(
+                time_steps(head, max_patches, args.steps, train, val, accelerator)
+            )
+        print(f"round {round_index + 1}/{args.rounds}: {time.perf_counter() - started:.0f} s", flush=True)
+    per_step = {name: statistics.median(values) for name, values in seconds.items()}
+
+    cpu = cpu_description()
+    record = {
+        "slides": slides,
+        "patches_per_slide": patches,
+        "feature_dim": DIM,
+        "batch_size": BATCH,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs_for_full_run": EPOCHS,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "pool": args.pool,
+        "quick": args.quick,
+        "statistic": "median over interleaved rounds of seconds per step of fit_head's training loop "
+        "(HeadFit.train_seconds: collate, forward, backward, AdamW, schedule; no set-up, no validation)",
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "cpu": cpu,
+        "load_average": os.getloadavg(),
+        "seconds_per_step": per_step,
+        "seconds_per_epoch": {name: s * steps_per_epoch for name, s in per_step.items()},
+        "seconds_per_step_by_round": seconds,
+        "total_seconds": time.perf_counter() - started,
+    }
+    load = ", ".join(f"{value:.1f}" for value in record["load_average"])
+    lines = [
+        f"{cpu_summary(cpu)}; torch {torch.__version__}, accelerate {accelerate.__version__}; load average "
+        f"{load} (1, 5, 15 min, at the end); median of {args.rounds} interleaved rounds of {args.steps} "
+        "steps.",
+        "",
+        f"| head ({slides:,} slides × {patches:,} patches × {DIM}-d, batch {BATCH}, fp32 on CPU) "
+        f"| s / step | s / epoch ({steps_per_epoch} steps) | {EPOCHS} epochs, one seed |",
+        "|---|---:|---:|---:|",
+    ]
+    for config, step in per_step.items():
+        epoch = step * steps_per_epoch
+        lines.append(f"| {config} | {step:.2f} | {epoch:.1f} | {epoch * EPOCHS / 60:.1f} min |")
+    table = "\n".join(lines) + "\n"
+    if not args.quick:
+        RESULTS.mkdir(exist_ok=True)
+        atomic_write_text(RESULTS / "slide.json", json.dumps(record, indent=2) + "\n")
+        atomic_write_text(RESULTS / "slide.md", table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

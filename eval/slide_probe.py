@@ -1,0 +1,733 @@
+"""Slide-level prediction: a MIL head trained on per-slide feature bags, over several seeds, with Accelerate.
+
+    exaonepath-slide-probe --features DIR --labels slides.csv --head abmil --output_dir OUT
+    exaonepath-slide-probe ... --heatmaps --slides SLIDES_DIR   # attention over each test slide, top patches
+    accelerate launch -m exaonepath_hf.eval.slide_probe ...     # data-parallel across processes / GPUs
+
+`--features` is a folder of `<slide_id>.h5` feature bags (exaonepath-extract or TRIDENT); `--labels` a CSV
+with slide_id, patient_id, label[, split] (see `eval.slide_data`: patient-level splits, `--level patient`
+pools a patient's slides). Heads (`eval.mil`): `abmil`, gated attention MIL, or `mean`, mean pooling plus a
+linear layer. Training follows eva's slide protocol: AdamW (lr 1e-3), batch 32, at most 12,500 steps and
+100 epochs, a fixed number of patches sampled per training bag (`--max_patches`; all of them at evaluation),
+a cosine schedule with linear warmup, and the head that scores the best validation balanced accuracy
+(evaluated every epoch; between equal scores the lower validation loss wins) restored before testing;
+training stops after `--patience` evaluations without improvement. Every seed trains its own head.
+
+Writes to OUT: `<head>.slide_record.json` (settings, splits, metrics per seed, and under `test` the
+balanced accuracy, AUROC, macro-F1 and top-1 as mean and sd over seeds), `<head>.predictions.safetensors`
+(test probabilities per seed), `<head>.heads.safetensors` (each seed's selected head), `report.md` (every
+slide record in OUT) and with `--heatmaps` `heatmaps/<slide_id>.png` plus `heatmaps/<slide_id>/top*.png`.
+In Python: `run_slide_probe(SlideProbeSettings(...))`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from ..atomic_io import atomic_save_tensors, atomic_write_bytes, write_json
+from ..cli import run_command
+from ..tiling import open_slide, read_downsampled, slide_id_from_path
+from ..tiling.slide_io import SLIDE_BACKENDS
+from ..tiling.thumbnail import render_thumbnail
+from .linear_probe import METRIC_KEYS, METRIC_PATH, load_metric
+from .metrics.pathology_metrics import classification_metrics
+from .mil import HEADS, BagCollator, build_head
+from .probes import _intra_op_threads, summarize_seeds
+from .report import _cell, environment
+from .slide_data import Bag, SlideDataset, SlideDataSettings, load_bags, load_slide_dataset
+
+__all__ = [
+    "SLIDE_RECORD_SUFFIX",
+    "HeadTrainingConfig",
+    "HeatmapSettings",
+    "SlideProbeSettings",
+    "HeadFit",
+    "fit_head",
+    "predict_bags",
+    "attention_heatmap",
+    "write_heatmaps",
+    "write_slide_report",
+    "run_slide_probe",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+SLIDE_RECORD_SUFFIX = ".slide_record.json"
+_HEATMAP_ALPHA = 0.55
+_HEATMAP_COLORMAP = "inferno"
+_COLORBAR_HEIGHT = 12
+
+
+@dataclass(frozen=True)
+class HeadTrainingConfig:
+    """The head and how it is trained (see the module docstring): eva's optimizer, learning rate, batch and
+    step budget for slide tasks; dropout, weight decay and warmup as the MIL heads commonly use them."""
+
+    head: Literal["abmil", "mean"] = "abmil"
+    hidden_dim: int = 128  # attention head: size of V and U
+    dropout: float = 0.25
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 32  # per process
+    max_steps: int = 12_500
+    max_epochs: int = 100
+    warmup_fraction: float = 0.05  # of the steps, linear from 0
+    patience: int | None = 10  # evaluations without improvement before stopping; None trains to the end
+    eval_every_epochs: int = 1
+    max_patches: int | None = 1000  # patches sampled per training bag; None keeps all
+    eval_batch_size: int = 8
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; choose one of {sorted(HEADS)}")
+        positive = {
+            "hidden_dim": self.hidden_dim,
+            "batch_size": self.batch_size,
+            "max_steps": self.max_steps,
+            "max_epochs": self.max_epochs,
+            "eval_every_epochs": self.eval_every_epochs,
+            "eval_batch_size": self.eval_batch_size,
+        }
+        bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {list(self.seeds)}")
+        if bad or not self.seeds or not 0 <= self.warmup_fraction < 1 or not 0 <= self.dropout < 1:
+            raise ValueError(
+                f"training settings out of range ({', '.join(bad) or 'seeds, warmup_fraction or dropout'}): "
+                "counts must be >= 1, at least one seed, warmup_fraction and dropout in [0, 1)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class HeatmapSettings:
+    """Attention heatmaps of the test slides: where the slides are, how many top patches, thumbnail size."""
+
+    slides_dir: Path
+    top_k: int = 8
+    thumbnail_size: int = 1024
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.top_k < 0 or self.thumbnail_size < 16:
+            raise ValueError("top_k must be >= 0 and thumbnail_size >= 16")
+        if self.backend not in SLIDE_BACKENDS:
+            raise ValueError(f"unknown slide backend {self.backend!r}; choose one of {SLIDE_BACKENDS}")
+
+
+@dataclass(frozen=True)
+class SlideProbeSettings:
+    """One `exaonepath-slide-probe` run: the bags and labels, the head and its training, the outputs."""
+
+    features: Path
+    labels: Path
+    output_dir: Path = Path("results/slide_probe")
+    name: str | None = None  # the task in the report; default: the labels CSV's file name
+    data: SlideDataSettings = field(default_factory=SlideDataSettings)
+    training: HeadTrainingConfig = field(default_factory=HeadTrainingConfig)
+    heatmaps: HeatmapSettings | None = None
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    cpu: bool = False
+    # intra-op threads when training on the CPU (None: torch's default); on a busy machine one thread can be
+    # faster, as no thread waits for another that was descheduled (benchmarks/bench_slide.py)
+    cpu_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
+        if self.heatmaps is not None and self.training.head != "abmil":
+            raise ValueError("heatmaps need an attention head: use --head abmil")
+
+
+class _BagItems(Dataset):
+    """Bags as the items `BagCollator` pads: features, label, and the bag's position (`index`)."""
+
+    def __init__(self, bags: Sequence[Bag]):
+        self.bags = bags
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        bag = self.bags[index]
+        return {"features": bag.features, "label": bag.label, "index": index}
+
+
+@dataclass
+class HeadFit:
+    """A trained head (the selected state, unwrapped, in eval mode) and how it was selected."""
+
+    head: nn.Module
+    seed: int
+    selected_step: int
+    selected_val_score: float
+    steps: int
+    stopped_early: bool
+    history: list[dict[str, float]]
+    # wall time of the training steps (collate, forward, backward, update), validation excluded
+    train_seconds: float
+
+
+@torch.no_grad()
+def predict_bags(
+    head: nn.Module, loader: DataLoader, accelerator: Accelerator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities [N, C] (float32, CPU) and labels [N] of every bag of `loader`'s dataset, in
+    dataset order (gathered across processes)."""
+    head.eval()
+    probabilities, labels, indices = [], [], []
+    for batch in loader:
+        logits = head(batch["features"], batch["mask"]).logits.float()
+        gathered = accelerator.gather_for_metrics(
+            (F.softmax(logits, dim=-1), batch["labels"], batch["indices"])
+        )
+        probabilities.append(gathered[0].cpu())
+        labels.append(gathered[1].cpu())
+        indices.append(gathered[2].cpu())
+    order = torch.cat(indices).argsort()
+    return torch.cat(probabilities)[order], torch.cat(labels)[order]
+
+
+def _loader(
+    bags: Sequence[Bag], batch_size: int, collate: BagCollator, generator: torch.Generator | None
+) -> DataLoader:
+    return DataLoader(
+        _BagItems(bags),
+        batch_size=batch_size,
+        shuffle=generator is not None,
+        generator=generator,
+        collate_fn=collate,
+    )
+
+
+def fit_head(
+    train: Sequence[Bag],
+    val: Sequence[Bag],
+    config: HeadTrainingConfig,
+    num_classes: int,
+    seed: int,
+    accelerator: Accelerator,
+) -> HeadFit:
+    """Train one head of `config` with `seed`; select it on `val` balanced accuracy (module docstring)."""
+    if not train or not val:
+        raise ValueError(f"training needs bags in train and val; got {len(train)} and {len(val)}")
+    set_seed(seed)
+    in_dim = train[0].features.shape[1]
+    head = build_head(config.head, in_dim, num_classes, hidden_dim=config.hidden_dim, dropout=config.dropout)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    patch_sampler = torch.Generator().manual_seed(seed * 1_000_003 + accelerator.process_index)
+    train_loader = _loader(
+        train,
+        config.batch_size,
+        BagCollator(config.max_patches, patch_sampler),
+        torch.Generator().manual_seed(seed),
+    )
+    val_loader = _loader(val, config.eval_batch_size, BagCollator(), None)
+    head, optimizer, train_loader, val_loader = accelerator.prepare(head, optimizer, train_loader, val_loader)
+    total = min(config.max_steps, config.max_epochs * len(train_loader))
+    # built on the prepared optimizer and stepped by hand: one step per optimizer step of this process
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_fraction * total), total)
+
+    best_score, best_loss, best_step, best_state = -math.inf, math.inf, 0, None
+    history, step, epoch, stale, stopped_early, train_seconds = [], 0, 0, 0, False, 0.0
+    with tqdm(
+        total=total,
+        desc=f"{config.head} seed {seed}",
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+    ) as bar:
+        while step < total and not stopped_early:
+            head.train()
+            losses, epoch_started = [], time.perf_counter()
+            for batch in train_loader:
+                loss = F.cross_entropy(head(batch["features"], batch["mask"]).logits.float(), batch["labels"])
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                step += 1
+                bar.update()
+                if step == total:
+                    break
+            train_seconds += time.perf_counter() - epoch_started
+            epoch += 1
+            if epoch % config.eval_every_epochs and step < total:
+                continue
+            probabilities, labels = predict_bags(head, val_loader, accelerator)
+            score = classification_metrics(
+                probabilities.argmax(dim=1).numpy(), labels.numpy(), num_classes=num_classes
+            )["balanced_accuracy"]
+            val_loss = F.nll_loss(probabilities.clamp_min(1e-12).log(), labels).item()
+            history.append(
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "train_loss": float(np.mean(losses)),
+                    "val_balanced_accuracy": score,
+                    "val_loss": val_loss,
+                }
+            )
+            bar.set_postfix(val_bacc=f"{score:.3f}", val_loss=f"{val_loss:.3f}")
+            # balanced accuracy moves in steps of 1 / (class size) on a small validation set; between equal
+            # scores the lower loss is the better-trained head
+            if score > best_score or (score == best_score and val_loss < best_loss):
+                best_score, best_loss, best_step, stale = score, val_loss, step, 0
+                best_state = copy.deepcopy(accelerator.unwrap_model(head).state_dict())
+            else:
+                stale += 1
+                stopped_early = config.patience is not None and stale >= config.patience
+    trained = accelerator.unwrap_model(head)
+    trained.load_state_dict(best_state)
+    trained.eval()
+    accelerator.free_memory()
+    return HeadFit(trained, seed, best_step, best_score, step, stopped_early, history, train_seconds)
+
+
+def _patch_stats(bags: Sequence[Bag]) -> dict[str, Any]:
+    counts = np.array([len(b) for b in bags])
+    return {
+        "bags": len(bags),
+        "patches_min": int(counts.min()),
+        "patches_median": float(np.median(counts)),
+        "patches_max": int(counts.max()),
+        "patches_total": int(counts.sum()),
+    }
+
+
+def attention_heatmap(
+    view: np.ndarray,
+    view_scale: float,
+    coords: np.ndarray,
+    patch_size_level0: int,
+    attention: np.ndarray,
+    max_side: int,
+) -> Image.Image:
+    """The slide's thumbnail (`view`, `view_scale` level-0 pixels per pixel) with each patch (level-0
+    top-left `coords`, side `patch_size_level0`) filled by the colour of its attention rank within the slide
+    (inferno: dark = lowest, yellow = highest), and a colour bar from low to high beneath."""
+    import matplotlib
+
+    base = render_thumbnail(
+        view, view_scale, np.zeros(view.shape[:2], dtype=bool), np.empty((0, 2)), 1, max_side
+    )
+    scale = view_scale * view.shape[1] / base.width  # level-0 pixels per thumbnail pixel
+    rgb = np.asarray(base, dtype=np.float32).copy()
+    ranks = np.argsort(np.argsort(attention, kind="stable"), kind="stable") / max(1, len(attention) - 1)
+    colormap = matplotlib.colormaps[_HEATMAP_COLORMAP]
+    colours = colormap(ranks)[:, :3].astype(np.float32) * 255
+    overlay, covered = np.zeros_like(rgb), np.zeros(rgb.shape[:2], dtype=bool)
+    # lowest first, so where patches overlap the higher attention shows
+    for index in np.argsort(attention, kind="stable"):
+        x, y = coords[index]
+        left, top = max(0, round(x / scale)), max(0, round(y / scale))
+        right, bottom = (
+            max(left + 1, round((x + patch_size_level0) / scale)),
+            max(top + 1, round((y + patch_size_level0) / scale)),
+        )
+        overlay[top:bottom, left:right] = colours[index]
+        covered[top:bottom, left:right] = True
+    rgb[covered] = rgb[covered] * (1 - _HEATMAP_ALPHA) + overlay[covered] * _HEATMAP_ALPHA
+    bar = colormap(np.linspace(0, 1, rgb.shape[1]))[:, :3].astype(np.float32) * 255
+    bar = np.broadcast_to(bar, (_COLORBAR_HEIGHT, *bar.shape))
+    return Image.fromarray(np.rint(np.concatenate([rgb, bar])).astype(np.uint8))
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@torch.no_grad()
+def _attention(head: nn.Module, bag: Bag) -> np.ndarray:
+    device = next(head.parameters()).device
+    features = bag.features[None].to(device, torch.float32)
+    return (
+        head(features, torch.ones(features.shape[:2], dtype=torch.bool, device=device))
+        .attention[0]
+        .float()
+        .cpu()
+        .numpy()
+    )
+
+
+def write_heatmaps(
+    head: nn.Module, bags: Sequence[Bag], settings: HeatmapSettings, out_dir: Path
+) -> dict[str, Any]:
+    """For each slide of `bags`: `out_dir/<slide_id>.png` (attention over the thumbnail) and its `top_k`
+    patches by attention, read from the slide, as `out_dir/<slide_id>/top<rank>.png`.
+
+    A bag pooled over a patient's slides has one attention distribution over all of them; each slide's
+    heatmap shows its part (ranked within the slide). Slides not found in `settings.slides_dir` are listed
+    in the returned summary and skipped."""
+    slides_dir = Path(settings.slides_dir)
+    if not slides_dir.is_dir():
+        raise FileNotFoundError(f"slides folder not found: {slides_dir} (--slides)")
+    paths = {slide_id_from_path(p): p for p in sorted(slides_dir.iterdir()) if not p.name.startswith(".")}
+    written, missing, attention_of = [], [], {}
+    segments = [(bag, segment) for bag in bags for segment in bag.segments]
+    for bag, segment in tqdm(segments, desc="heatmaps", unit="slide", disable=len(segments) < 2):
+        if segment.slide_id not in paths:
+            missing.append(segment.slide_id)
+            continue
+        if bag.bag_id not in attention_of:
+            attention_of = {bag.bag_id: _attention(head, bag)}  # a bag's slides are consecutive
+        side = segment.attributes.get("patch_size_level0")
+        if not side:
+            raise ValueError(
+                f"{segment.slide_id}: its feature file has no patch_size_level0 attribute on coords; "
+                "heatmaps need the patch size in level-0 pixels (exaonepath-extract and TRIDENT write it)"
+            )
+        side = int(side)
+        attention = attention_of[bag.bag_id][segment.start : segment.stop]
+        with open_slide(paths[segment.slide_id], settings.backend) as reader:
+            view, view_scale = read_downsampled(
+                reader, max(1.0, max(reader.dimensions) / settings.thumbnail_size)
+            )
+            image = attention_heatmap(
+                view, view_scale, segment.coords, side, attention, settings.thumbnail_size
+            )
+            atomic_write_bytes(out_dir / f"{segment.slide_id}.png", _png(image))
+            top = []
+            stored = int(segment.attributes.get("patch_size") or side)
+            for rank, index in enumerate(np.argsort(-attention, kind="stable")[: settings.top_k], start=1):
+                x, y = (int(v) for v in segment.coords[index])
+                patch = Image.fromarray(reader.read_region((x, y), 0, (side, side)))
+                if stored != side:
+                    patch = patch.resize((stored, stored), Image.Resampling.BICUBIC)
+                name = f"{segment.slide_id}/top{rank:02d}.png"
+                atomic_write_bytes(out_dir / name, _png(patch))
+                top.append({"rank": rank, "file": name, "x": x, "y": y, "attention": float(attention[index])})
+        written.append(
+            {
+                "slide_id": segment.slide_id,
+                "bag_id": bag.bag_id,
+                "heatmap": f"{segment.slide_id}.png",
+                "top_patches": top,
+            }
+        )
+    if missing:
+        logger.warning(
+            "no slide file in %s for %d test slide(s): %s", slides_dir, len(missing), ", ".join(missing[:10])
+        )
+    return {"slides_dir": str(slides_dir.resolve()), "written": written, "missing_slides": missing}
+
+
+def load_slide_records(root: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(Path(root).rglob(f"*{SLIDE_RECORD_SUFFIX}"))]
+
+
+def write_slide_report(root: str | Path) -> Path:
+    """`root/report.md`: every slide record under `root`, one summary row each, then each run's seeds."""
+    records = load_slide_records(root)
+    if not records:
+        raise FileNotFoundError(f"no slide records (*{SLIDE_RECORD_SUFFIX}) under {root}")
+    lines = [
+        "# Slide-level prediction",
+        "",
+        "Test metrics, mean ± sd over seeds; bags selected on validation balanced accuracy.",
+        "",
+        "| Task | Head | Level | Seeds | Bags train / val / test | Balanced acc. | Macro-F1 | AUROC | Top-1 "
+        "|",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        test, sizes = record["test"], record["data"]["sizes"]
+        lines.append(
+            f"| {record['task']['name']} | {record['head']['head']} | {record['task']['level']} | "
+            f"{len(record['per_seed'])} | "
+            f"{sizes['train']['bags']} / {sizes['val']['bags']} / {sizes['test']['bags']} | "
+            f"{_cell(test['balanced_accuracy'])} | {_cell(test['macro_f1'])} | {_cell(test['auroc'])} | "
+            f"{_cell(test['top1'])} |"
+        )
+    for record in records:
+        lines += [
+            "",
+            f"## {record['task']['name']}, {record['head']['head']}",
+            "",
+            f"Classes: {', '.join(record['task']['class_names'])}. "
+            f"Features: {record['data']['feature_dim']}-d, "
+            f"test bags of {record['data']['patches']['test']['patches_median']:.0f} patches (median).",
+            "",
+            "| Seed | Steps | Selected step | Val balanced acc. | Test balanced acc. | Macro-F1 | AUROC |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for run in record["per_seed"]:
+            auroc = "–" if run["auroc"] is None else f"{run['auroc']:.3f}"
+            lines.append(
+                f"| {run['seed']} | {run['steps']}{' (early stop)' if run['stopped_early'] else ''} | "
+                f"{run['selected_step']} | {run['selected_val_balanced_accuracy']:.3f} | "
+                f"{run['balanced_accuracy']:.3f} | {run['macro_f1']:.3f} | {auroc} |"
+            )
+        heatmaps = record.get("heatmaps")
+        if heatmaps:
+            lines += [
+                "",
+                f"Attention heatmaps (seed {heatmaps['seed']}) of {len(heatmaps['written'])} test slides:",
+                "",
+            ]
+            lines += [f"![{h['slide_id']}](heatmaps/{h['heatmap']})" for h in heatmaps["written"][:4]]
+            if heatmaps["missing_slides"]:
+                lines.append(f"\nNo slide file for: {', '.join(heatmaps['missing_slides'])}.")
+    target = Path(root) / "report.md"
+    atomic_write_bytes(target, ("\n".join(lines) + "\n").encode())
+    return target
+
+
+def _test_metrics(fit: HeadFit, test_loader: DataLoader, accelerator: Accelerator, metric, num_classes: int):
+    test_loader = accelerator.prepare(test_loader)
+    probabilities, labels = predict_bags(fit.head, test_loader, accelerator)
+    accelerator.free_memory()
+    scores = probabilities[:, 1] if num_classes == 2 else probabilities
+    result = metric.compute(
+        predictions=probabilities.argmax(dim=1).tolist(),
+        references=labels.tolist(),
+        scores=scores.tolist(),
+        num_classes=num_classes,
+    )
+    return result, probabilities, labels
+
+
+def run_slide_probe(settings: SlideProbeSettings, accelerator: Accelerator | None = None) -> Path | None:
+    """Load the bags, train the head for every seed, test, write the record, predictions, heads, report and
+    heatmaps. Returns the record path (None on processes other than the main one)."""
+    accelerator = accelerator or Accelerator(cpu=settings.cpu, mixed_precision=settings.mixed_precision)
+    config = settings.training
+    dataset: SlideDataset = load_slide_dataset(settings.features, settings.labels, settings.data)
+    bags = {name: load_bags(dataset.split(name), desc=f"{name} bags") for name in ("train", "val", "test")}
+    if not all(bags.values()):
+        raise ValueError(
+            f"a split has no bags ({ {k: len(v) for k, v in bags.items()} }); label more patients"
+        )
+    num_classes = len(dataset.class_names)
+    metric = load_metric()
+    per_seed, probabilities, heads = [], [], {}
+    on_cpu = accelerator.device.type == "cpu" and settings.cpu_threads is not None
+    for seed in config.seeds:
+        with _intra_op_threads(settings.cpu_threads if on_cpu else torch.get_num_threads()):
+            fit = fit_head(bags["train"], bags["val"], config, num_classes, seed, accelerator)
+            test_loader = _loader(bags["test"], config.eval_batch_size, BagCollator(), None)
+            result, probs, labels = _test_metrics(fit, test_loader, accelerator, metric, num_classes)
+        result.update(
+            seed=seed,
+            selected_step=fit.selected_step,
+            selected_val_balanced_accuracy=fit.selected_val_score,
+            steps=fit.steps,
+            stopped_early=fit.stopped_early,
+            train_seconds=fit.train_seconds,
+            history=fit.history,
+        )
+        per_seed.append(result)
+        probabilities.append(probs)
+        heads[seed] = fit.head
+        logger.info("%s seed %d: test balanced accuracy %.4f", config.head, seed, result["balanced_accuracy"])
+    if not accelerator.is_main_process:
+        return None
+
+    out_dir = Path(settings.output_dir)
+    first = heads[config.seeds[0]]
+    name = settings.name or settings.labels.stem
+    metadata = {
+        "head": config.head,
+        "in_dim": str(bags["train"][0].features.shape[1]),
+        "num_classes": str(num_classes),
+        "class_names": json.dumps(list(dataset.class_names)),
+        "config": json.dumps(config.to_dict()),
+    }
+    atomic_save_tensors(
+        out_dir / f"{config.head}.heads.safetensors",
+        {
+            f"seed{seed}.{key}": value.detach().cpu()
+            for seed, head in heads.items()
+            for key, value in head.state_dict().items()
+        },
+        metadata=metadata,
+    )
+    atomic_save_tensors(
+        out_dir / f"{config.head}.predictions.safetensors",
+        {"probabilities": torch.stack(probabilities), "labels": labels},
+        metadata={
+            "bag_ids": json.dumps([b.bag_id for b in bags["test"]]),
+            "seeds": json.dumps(list(config.seeds)),
+        },
+    )
+    record = {
+        "task": {"name": name, "class_names": list(dataset.class_names), "level": settings.data.level},
+        "data": {
+            **dataset.provenance(),
+            "feature_dim": int(bags["train"][0].features.shape[1]),
+            "patches": {split: _patch_stats(b) for split, b in bags.items()},
+        },
+        "head": {
+            **config.to_dict(),
+            "parameters": sum(p.numel() for p in first.parameters()),
+            "optimizer": "AdamW",
+            "schedule": "cosine with linear warmup (transformers.get_cosine_schedule_with_warmup)",
+            "model_selection": f"best validation balanced accuracy every {config.eval_every_epochs} epoch(s) "
+            "(equal scores: the lower validation loss), restored before testing; stop after "
+            f"{config.patience} evaluations without improvement",
+            "metric_module": str(METRIC_PATH),
+        },
+        "accelerate": {
+            "num_processes": accelerator.num_processes,
+            "device": str(accelerator.device),
+            "mixed_precision": settings.mixed_precision,
+        },
+        "test": summarize_seeds(per_seed, METRIC_KEYS),
+        "per_seed": per_seed,
+        "heatmaps": None,
+        "outputs": {
+            "predictions": f"{config.head}.predictions.safetensors",
+            "heads": f"{config.head}.heads.safetensors",
+        },
+        "environment": environment(),
+    }
+    record_path = out_dir / f"{config.head}{SLIDE_RECORD_SUFFIX}"
+    write_json(record_path, record)  # before the heatmaps: a slide that cannot be drawn loses no training
+    if settings.heatmaps is not None:
+        drawn = write_heatmaps(first, bags["test"], settings.heatmaps, out_dir / "heatmaps")
+        record["heatmaps"] = {"seed": config.seeds[0], **drawn}
+        write_json(record_path, record)
+    report = write_slide_report(out_dir)
+    summary = record["test"]
+    print(
+        f"{name} [{config.head}] "
+        + ", ".join(
+            f"{k} {summary[k]['mean']:.4f}±{summary[k]['sd']:.4f}"
+            for k in ("balanced_accuracy", "macro_f1", "auroc")
+            if summary[k]["mean"] is not None
+        )
+        + f"\nrecord: {record_path}\nreport: {report}"
+    )
+    return record_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="exaonepath-slide-probe",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults, data_defaults = HeadTrainingConfig(), SlideDataSettings()
+    parser.add_argument("--features", type=Path, required=True, help="folder of <slide_id>.h5 feature bags")
+    parser.add_argument(
+        "--labels", type=Path, required=True, help="CSV: slide_id, patient_id, label[, split]"
+    )
+    parser.add_argument("--head", choices=sorted(HEADS), default=defaults.head)
+    parser.add_argument("--output_dir", type=Path, default=Path("results/slide_probe"))
+    parser.add_argument("--name", default=None, help="task name in the report (default: the CSV's file name)")
+    parser.add_argument("--class_names", default=None, help="comma-separated label order to pin")
+    parser.add_argument(
+        "--level",
+        choices=("slide", "patient"),
+        default=data_defaults.level,
+        help="patient: one bag per patient (its slides' patches concatenated)",
+    )
+    parser.add_argument("--val_fraction", type=float, default=data_defaults.val_fraction)
+    parser.add_argument("--test_fraction", type=float, default=data_defaults.test_fraction)
+    parser.add_argument("--split_seed", type=int, default=data_defaults.split_seed)
+    parser.add_argument(
+        "--allow_extra_features", action="store_true", help="ignore feature files without a CSV row"
+    )
+    parser.add_argument("--hidden_dim", type=int, default=defaults.hidden_dim)
+    parser.add_argument("--dropout", type=float, default=defaults.dropout)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--weight_decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--max_steps", type=int, default=defaults.max_steps)
+    parser.add_argument("--max_epochs", type=int, default=defaults.max_epochs)
+    parser.add_argument("--warmup_fraction", type=float, default=defaults.warmup_fraction)
+    parser.add_argument("--patience", type=int, default=defaults.patience, help="0: no early stopping")
+    parser.add_argument("--eval_every_epochs", type=int, default=defaults.eval_every_epochs)
+    parser.add_argument("--max_patches", type=int, default=defaults.max_patches, help="0: all patches")
+    parser.add_argument("--eval_batch_size", type=int, default=defaults.eval_batch_size)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
+    parser.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default="no")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
+    parser.add_argument("--cpu_threads", type=int, default=None, help="intra-op threads on the CPU")
+    parser.add_argument(
+        "--heatmaps", action="store_true", help="attention heatmaps of the test slides (abmil)"
+    )
+    parser.add_argument("--slides", type=Path, default=None, help="folder of the slide files, for --heatmaps")
+    parser.add_argument("--top_k", type=int, default=8, help="top-attention patches exported per slide")
+    parser.add_argument("--thumbnail_size", type=int, default=1024, help="longest side of a heatmap")
+    parser.add_argument(
+        "--backend", choices=SLIDE_BACKENDS, default="auto", help="slide reader for --heatmaps"
+    )
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> SlideProbeSettings:
+    if args.heatmaps and args.slides is None:
+        raise ValueError("--heatmaps needs --slides, the folder holding the slide files")
+    return SlideProbeSettings(
+        features=args.features,
+        labels=args.labels,
+        output_dir=args.output_dir,
+        name=args.name,
+        data=SlideDataSettings(
+            class_names=tuple(args.class_names.split(",")) if args.class_names else None,
+            level=args.level,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            split_seed=args.split_seed,
+            allow_extra_features=args.allow_extra_features,
+        ),
+        training=HeadTrainingConfig(
+            head=args.head,
+            hidden_dim=args.hidden_dim,
+            dropout=args.dropout,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            batch_size=args.batch_size,
+            max_steps=args.max_steps,
+            max_epochs=args.max_epochs,
+            warmup_fraction=args.warmup_fraction,
+            patience=args.patience or None,
+            eval_every_epochs=args.eval_every_epochs,
+            max_patches=args.max_patches or None,
+            eval_batch_size=args.eval_batch_size,
+            seeds=tuple(args.seeds),
+        ),
+        heatmaps=HeatmapSettings(args.slides, args.top_k, args.thumbnail_size, args.backend)
+        if args.heatmaps
+        else None,
+        mixed_precision=args.mixed_precision,
+        cpu=args.cpu,
+        cpu_threads=args.cpu_threads,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command("exaonepath-slide-probe", lambda: run_slide_probe(settings_from_args(args)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
