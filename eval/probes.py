@@ -28,7 +28,15 @@ from torch import nn
 
 from .metrics.pathology_metrics import classification_metrics
 
-__all__ = ["ProbeConfig", "PRESETS", "FeatureSplit", "ProbeFit", "fit_linear_probe", "predict"]
+__all__ = [
+    "ProbeConfig",
+    "PRESETS",
+    "FeatureSplit",
+    "ProbeFit",
+    "fit_linear_probe",
+    "predict",
+    "intra_op_threads",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +167,7 @@ def _new_linear(dim: int, num_classes: int, generator: torch.Generator, device: 
 
 
 @contextlib.contextmanager
-def _intra_op_threads(count: int) -> Iterator[None]:
+def intra_op_threads(count: int) -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -279,7 +287,7 @@ def fit_linear_probe(
         raise ValueError(f"{config.name}: iterations, eval_every and batch_size must be positive")
     if device.type != "cpu":
         return _fit_minibatch(train, val, config, seed, num_classes, device)
-    with _intra_op_threads(config.cpu_threads):
+    with intra_op_threads(config.cpu_threads):
         return _fit_minibatch(train, val, config, seed, num_classes, device)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from ..atomic_io import atomic_write_bytes
 from .tasks import PAPER_MEAN_TOP1, PAPER_TASK_ORDER, TASKS
 
-__all__ = ["environment", "load_records", "render_table1", "render_details", "write_report"]
+__all__ = ["environment", "load_records", "summary_cell", "render_table1", "render_details", "write_report"]
 
 RECORD_SUFFIX = ".record.json"
 _PACKAGES = (
@@ -59,7 +59,7 @@ def load_records(root: str | Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(Path(root).rglob(f"*{RECORD_SUFFIX}"))]
 
 
-def _cell(summary: dict[str, Any] | None) -> str:
+def summary_cell(summary: dict[str, Any] | None) -> str:
     if not summary or summary.get("mean") is None:
         return "–"
     if summary.get("n", 1) > 1:
@@ -95,7 +95,7 @@ def render_table1(records: Iterable[dict[str, Any]], protocol: str = "paper", me
         mean_cell = f"{sum(means) / len(means):.3f}" if complete else "–"
         lines.append(
             f"| {label} | "
-            + " | ".join(_cell(results.get(t)) for t in PAPER_TASK_ORDER)
+            + " | ".join(summary_cell(results.get(t)) for t in PAPER_TASK_ORDER)
             + f" | {mean_cell} |"
         )
         if metric == "top1":
@@ -117,8 +117,9 @@ def render_details(records: Iterable[dict[str, Any]]) -> str:
         cached = "cached" if all(s["cache_hit"] for s in record["extraction"].values()) else "extracted"
         lines.append(
             f"| {record['model']['label']} | {record['task']['display_name']} | {record['probe']['name']} | "
-            f"{len(record['probe']['seeds'])} | {_cell(summary['top1'])} | {_cell(summary['balanced_accuracy'])} | "
-            f"{_cell(summary['macro_f1'])} | {_cell(summary['auroc'])} | {stain} | {cached} |"
+            f"{len(record['probe']['seeds'])} | "
+            + " | ".join(summary_cell(summary[k]) for k in ("top1", "balanced_accuracy", "macro_f1", "auroc"))
+            + f" | {stain} | {cached} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -39,7 +39,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from tqdm.auto import tqdm
 
 from .slide_features import load_slide_features
-from .tasks import _SPLIT_ALIASES, SPLIT_NAMES
+from .tasks import SPLIT_ALIASES, SPLIT_NAMES
 
 __all__ = [
     "FEATURE_SUFFIX",
@@ -268,7 +268,7 @@ def patient_splits(
 def _given_splits(rows: list[dict[str, str]], source: Path) -> list[str] | None:
     if not any(row.get("split") for row in rows):
         return None
-    names = [_SPLIT_ALIASES.get(row.get("split", "").lower(), "") for row in rows]
+    names = [SPLIT_ALIASES.get(row.get("split", "").lower(), "") for row in rows]
     unknown = [
         f"{row['slide_id']}={row.get('split', '')!r}"
         for row, name in zip(rows, names, strict=True)

@@ -43,7 +43,6 @@ import csv
 import dataclasses
 import json
 import logging
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -57,7 +56,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..atomic_io import atomic_file, write_json
+from ..atomic_io import atomic_file, record_folder_settings, write_json
 from ..cli import run_command
 from ..images import open_rgb
 from ..stain_normalization import StainReference
@@ -73,7 +72,13 @@ from ..tiling import (
     tile_slides,
     tiling_output_folder,
 )
-from ..tiling.cli import add_patch_arguments, add_tissue_arguments, tissue_config_from_args
+from ..tiling.cli import (
+    add_patch_arguments,
+    add_tissue_arguments,
+    print_failures,
+    slide_paths,
+    tissue_config_from_args,
+)
 from ..tiling.ranks import add_rank_arguments, record_name
 from ..tiling.slide_io import SLIDE_SUFFIXES
 from .backbones import Encoder, Pooling, Preprocessing, Tokens, load_encoder
@@ -588,22 +593,6 @@ def _slide_attributes(slide: _TiledSlide) -> dict[str, Any]:
     }
 
 
-def _check_folder_settings(output_dir: Path, wanted: dict[str, Any]) -> None:
-    """Record what decides the features on first use of `output_dir`; refuse to mix features made otherwise."""
-    path = output_dir / "extraction_config.json"
-    wanted = json.loads(json.dumps(wanted))  # as it reads back (tuples become lists)
-    if path.is_file():
-        existing = json.loads(path.read_text())
-        if existing != wanted:
-            changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
-            raise ValueError(
-                f"{output_dir} holds features made with other settings ({', '.join(changed)} differ; see {path}); "
-                "rerun with the same model and settings to resume, or choose a new --output_dir"
-            )
-        return
-    write_json(path, wanted)
-
-
 def _device(settings: SlideExtractionSettings, rank: RankInfo) -> torch.device:
     if settings.device is not None:
         return torch.device(settings.device)
@@ -639,8 +628,12 @@ def extract_slide_features(settings: SlideExtractionSettings) -> SlideExtraction
         "preprocessing": preprocessing.to_dict(),
         "precision": "bf16" if use_bf16 else "fp32",
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _check_folder_settings(output_dir, produced_by)
+    record_folder_settings(  # what decides the features: a rerun into output_dir must match it
+        output_dir / "extraction_config.json",
+        produced_by,
+        "holds features made with other settings",
+        "rerun with the same model and settings to resume, or choose a new --output_dir",
+    )
 
     summary = SlideExtractionSummary(output_dir=output_dir, rank=rank)
     if rank.is_distributed:
@@ -761,17 +754,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _input_paths(args: argparse.Namespace) -> tuple[Path, ...]:
-    if not args.slide_list:
-        return tuple(args.inputs)
-    paths = []
-    for listing in args.inputs:
-        for line in listing.read_text().splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                paths.append(Path(line.strip()))
-    return tuple(paths)
-
-
 def settings_from_args(args: argparse.Namespace) -> SlideExtractionSettings:
     """The parsed command line as typed settings (reads `--slide_list` files and the `--stain_reference` JSON)."""
     reference = None
@@ -788,7 +770,7 @@ def settings_from_args(args: argparse.Namespace) -> SlideExtractionSettings:
         tissue=tissue_config_from_args(args),
     )
     return SlideExtractionSettings(
-        inputs=_input_paths(args),
+        inputs=tuple(slide_paths(args.inputs, args.slide_list)),
         model=args.model,
         output_dir=args.output_dir,
         tokens=args.tokens,
@@ -824,9 +806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"-> {summary.output_dir}"
         )
         if summary.failures:
-            print(f"failed slides are listed in {summary.report_path}:", file=sys.stderr)
-            for failure in summary.failures:
-                print(f"  {failure['path']}: {failure['error']}: {failure['message']}", file=sys.stderr)
+            print_failures(summary.report_path, summary.failures)
 
     code = run_command("exaonepath-extract", command)
     if code:

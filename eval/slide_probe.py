@@ -53,8 +53,8 @@ from ..tiling.thumbnail import render_thumbnail
 from .linear_probe import METRIC_KEYS, METRIC_PATH, load_metric
 from .metrics.pathology_metrics import classification_metrics
 from .mil import HEADS, BagCollator, build_head
-from .probes import _intra_op_threads, summarize_seeds
-from .report import _cell, environment
+from .probes import intra_op_threads, summarize_seeds
+from .report import environment, summary_cell
 from .slide_data import Bag, SlideDataset, SlideDataSettings, load_bags, load_slide_dataset
 
 __all__ = [
@@ -463,8 +463,8 @@ def write_slide_report(root: str | Path) -> Path:
             f"| {record['task']['name']} | {record['head']['head']} | {record['task']['level']} | "
             f"{len(record['per_seed'])} | "
             f"{sizes['train']['bags']} / {sizes['val']['bags']} / {sizes['test']['bags']} | "
-            f"{_cell(test['balanced_accuracy'])} | {_cell(test['macro_f1'])} | {_cell(test['auroc'])} | "
-            f"{_cell(test['top1'])} |"
+            + " | ".join(summary_cell(test[k]) for k in ("balanced_accuracy", "macro_f1", "auroc", "top1"))
+            + " |"
         )
     for record in records:
         lines += [
@@ -530,7 +530,7 @@ def run_slide_probe(settings: SlideProbeSettings, accelerator: Accelerator | Non
     per_seed, probabilities, heads = [], [], {}
     on_cpu = accelerator.device.type == "cpu" and settings.cpu_threads is not None
     for seed in config.seeds:
-        with _intra_op_threads(settings.cpu_threads if on_cpu else torch.get_num_threads()):
+        with intra_op_threads(settings.cpu_threads if on_cpu else torch.get_num_threads()):
             fit = fit_head(bags["train"], bags["val"], config, num_classes, seed, accelerator)
             test_loader = _loader(bags["test"], config.eval_batch_size, BagCollator(), None)
             result, probs, labels = _test_metrics(fit, test_loader, accelerator, metric, num_classes)

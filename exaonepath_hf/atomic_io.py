@@ -27,6 +27,7 @@ __all__ = [
     "atomic_write_text",
     "move_files_into",
     "publish_directory",
+    "record_folder_settings",
     "write_json",
 ]
 
@@ -58,6 +59,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def record_folder_settings(
+    path: str | os.PathLike, settings: Mapping[str, Any], what: str, remedy: str
+) -> None:
+    """Write `settings` (JSON) to `path` on the first use of its folder; later, refuse other settings.
+
+    A resumed run adds outputs to a folder filled earlier, and outputs made with other settings must not mix
+    with them: when the recorded settings differ, raises ValueError
+    `"<folder> <what> (<keys> differ; see <path>); <remedy>"`.
+    """
+    path = Path(path)
+    wanted = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing != wanted:
+            changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
+            raise ValueError(f"{path.parent} {what} ({', '.join(changed)} differ; see {path}); {remedy}")
+        return
+    write_json(path, wanted)
 
 
 def atomic_save_tensors(

@@ -2,28 +2,31 @@
 
 1. Tile the bundled CC0 slide CMU-1-Small-Region.svs at 0.5 µm/px into 256 px tissue patches (thumbnail with
    the tissue grid).
-2. Re-stain every patch with four different stain references, as four labs would: four "virtual slides" of
-   the same tissue in four colourings.
+2. Re-stain every patch as virtual labs would (`exaonepath_hf.eval.virtual_labs`): the patch as scanned, two
+   fixed stain perturbations in Ruifrok-Johnston HED space and two Reinhard colour transfers toward real
+   images of other labs. Not Macenko: Macenko input would undo a Macenko re-staining by construction. With `--data`, labelled tiles (class subfolders or a metadata.csv) are re-stained instead of
+   the slide's patches, which gives the robustness index the tissue classes it needs.
 3. Get an EXAONEPath-architecture model: the released weights when `--model` points at a converted folder or
    hub repo; otherwise a small ViT pretrained here for a few minutes with the package's own DINO loop on the
    Macenko-normalized patches (clearly a demo model, not EXAONEPath).
-4. Extract features from raw and from Macenko-normalized input, and measure how much they cluster by virtual
-   slide (kNN slide accuracy, silhouette, variance between slides), with a t-SNE per setting.
+4. Extract features from raw and from Macenko-normalized input and measure them the field's way
+   (`exaonepath_hf.eval.robustness`): paired cosine and top-10 retrieval of a patch's re-stainings, the
+   robustness index when there are classes, how much the features cluster by lab; t-SNE coloured by lab.
 
     exaonepath-demo --out exaonepath-demo                      # demo model, a few minutes on a CPU
     exaonepath-demo --out exaonepath-demo --model path/to/exaonepath-vitb16
+    exaonepath-demo --out exaonepath-demo --data labelled-tiles   # tiles in class subfolders: defines the RI
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -31,22 +34,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_save_tensors, atomic_write_bytes, atomic_write_text
+from .atomic_io import atomic_write_bytes
 from .images import decode_rgb
-from .stain_normalization import DEFAULT_STAIN_REFERENCE, MacenkoNormalizer, StainReference
 from .tiling import TilingConfig, load_patch_dataset, tile_slides
 
 logger = logging.getLogger("exaonepath-demo")
 
 SAMPLE_SLIDE = "CMU-1-Small-Region.svs"
-# Four stain references a lab could have: hematoxylin from blue-violet to grey-purple, eosin from pink to
-# orange-red, and different stain amounts. Unit columns, hematoxylin first, as Macenko produces them.
-LAB_STAINS = {
-    "lab-A": DEFAULT_STAIN_REFERENCE,
-    "lab-B": StainReference(((0.45, 0.10), (0.80, 0.85), (0.40, 0.52)), (2.4, 0.7)),
-    "lab-C": StainReference(((0.68, 0.30), (0.62, 0.70), (0.39, 0.65)), (1.4, 1.5)),
-    "lab-D": StainReference(((0.55, 0.05), (0.75, 0.60), (0.37, 0.80)), (2.0, 1.2)),
-}
+SETTING_NAMES = {"raw": "raw input", "macenko": "Macenko input"}
+DEMO_CAVEAT = (
+    "What a demo ViT can and cannot show: it shows the protocol end to end and how Macenko input moves the "
+    "numbers for this tiny model trained for seconds; it says nothing about EXAONEPath or any real encoder, "
+    "and virtual labs differ in stain only (not scanner or tissue processing): run the released weights "
+    "(--model) on real multi-centre data (exaonepath-robustness --task pathorob-camelyon) for that."
+)
 DEMO_TRAINING = [
     "model.hidden_size=192",
     "model.num_hidden_layers=4",
@@ -95,25 +96,34 @@ def tile_sample(out: Path, num_workers: int) -> tuple[Path, Path]:
     return tiles, thumbnail
 
 
-def read_patches(tiles: Path) -> tuple[list[torch.Tensor], np.ndarray]:
-    """All patches as uint8 CHW tensors, with their level-0 (x, y)."""
-    images, coordinates = [], []
+def read_patches(tiles: Path) -> list[tuple[str, np.ndarray, None, str]]:
+    """Every patch as a virtual-labs source: (name from its level-0 x, y; uint8 RGB; no class; its own case)."""
+    sources = []
     for row in load_patch_dataset(tiles, streaming=False):
-        images.append(torch.from_numpy(decode_rgb(row["image"])).permute(2, 0, 1).contiguous())
-        coordinates.append((row["x"], row["y"]))
-    return images, np.asarray(coordinates, dtype=np.int64)
+        name = f"x{row['x']}_y{row['y']}"
+        sources.append((name, decode_rgb(row["image"]), None, name))
+    return sources
 
 
-def restain_as_labs(images: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[str], list[int]]:
-    """Every patch in the colours of each of four labs: (images, lab of each, source patch index of each)."""
-    batch = torch.stack(images)
-    restained, labs, sources = [], [], []
-    for lab, reference in LAB_STAINS.items():
-        output = MacenkoNormalizer(reference=reference).normalize(batch)
-        restained += list((output.images * 255).round().clamp(0, 255).to(torch.uint8))
-        labs += [lab] * len(images)
-        sources += list(range(len(images)))
-    return restained, labs, sources
+def restain_as_labs(sources, out: Path, lab_data: Path | None) -> tuple[Path, list[str]]:
+    """Every source image re-stained by every virtual lab into `out/virtual-labs` (images and metadata.csv);
+    returns the folder and the labs' names."""
+    from .eval.robustness import virtual_labs_for
+    from .eval.virtual_labs import make_virtual_lab_dataset
+
+    labs = virtual_labs_for(lab_data)
+    folder = make_virtual_lab_dataset(sources, labs, out / "virtual-labs", overwrite=True)
+    return folder, [lab.name for lab in labs]
+
+
+def read_virtual_labs(folder: Path, has_labels: bool):
+    """The re-stained images (uint8 CHW tensors) and their sample table, each lab's copy one virtual slide."""
+    from .eval.robustness import as_virtual_slides, load_robustness_samples
+
+    samples = load_robustness_samples(folder)
+    images = [torch.from_numpy(decode_rgb(image)).permute(2, 0, 1) for image in samples.dataset["image"]]
+    table = samples.table if has_labels else replace(samples.table, label=None)
+    return images, as_virtual_slides(table)
 
 
 def pretrain_demo_model(tiles: Path, out: Path, steps: int) -> Path:
@@ -148,23 +158,21 @@ def extract(model, processor, images: list[torch.Tensor], stain_normalize: bool,
     return torch.cat(features), fallbacks
 
 
-def measure_collapse(
-    out: Path, model_name: str, features: dict[str, torch.Tensor], groups: list[str]
-) -> dict:
-    """Slide-clustering metrics and t-SNE for each input setting; writes the markdown, JSON and PNG."""
-    from .eval.feature_collapse import CollapseInput, assess_collapse, render_markdown
+def measure_robustness(out: Path, model_name: str, features: dict[str, torch.Tensor], table, restarts: int):
+    """The field's robustness measures per input setting; writes robustness.md/.json, the t-SNE PNG(s),
+    features.safetensors and samples.csv. Returns the metrics per setting."""
+    from .eval.robustness import VIRTUAL_LABS_NOTE, MetricOptions, RobustnessInput, assess_robustness
 
-    inputs = [CollapseInput(model_name, setting, values, groups) for setting, values in features.items()]
-    results, _ = assess_collapse(inputs, out / "tsne.png")
-    atomic_write_text(
-        out / "feature_collapse.md",
-        "# Feature collapse by virtual slide (each patch in 4 lab stainings)\n\n"
-        "kNN slide accuracy near 1: features encode the stain, not the tissue (WSI-specific feature collapse); "
-        "below chance: the 4 stainings of a patch are each other's neighbours.\n\n"
-        + render_markdown(results),
+    inputs = [RobustnessInput(model_name, setting, values, table) for setting, values in features.items()]
+    outputs = assess_robustness(
+        inputs,
+        out,
+        MetricOptions(restarts=restarts),
+        save_features=True,
+        data={"source": f"{out / 'virtual-labs'} ({SAMPLE_SLIDE} or --data, re-stained per virtual lab)"},
+        notes=[VIRTUAL_LABS_NOTE, DEMO_CAVEAT],
     )
-    atomic_write_text(out / "feature_collapse.json", json.dumps(results, indent=2))
-    return {result["setting"]: result["by_group"] for result in results}
+    return {record["setting"]: (record["metrics"], record["reasons"]) for record in outputs.records}
 
 
 def load_model(source: str | Path, device: str):
@@ -180,6 +188,8 @@ class DemoSettings:
 
     out: Path = Path("exaonepath-demo")
     model: str | None = None
+    data: Path | None = None
+    lab_data: Path | None = None
     train_steps: int = 40
     workers: int = 1
     device: str = "cpu"
@@ -194,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", help="converted EXAONEPath folder or hub repo; default: pretrain a demo model"
     )
     parser.add_argument(
+        "--data",
+        type=Path,
+        help="labelled tiles to re-stain instead of the slide's patches (class subfolders "
+        "or a metadata.csv with file_name,label): defines the robustness index",
+    )
+    parser.add_argument(
+        "--lab_data",
+        type=Path,
+        help="fit the Reinhard labs on DIR/stain-templates/ (default: the packaged fit on the shared data)",
+    )
+    parser.add_argument(
         "--train_steps", "--train-steps", type=int, default=40, help="DINO steps of the demo model"
     )
     parser.add_argument("--workers", type=int, default=1, help="tiling processes")
@@ -201,54 +222,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def save_features(
-    out: Path, model_name: str, raw: torch.Tensor, normalized: torch.Tensor, coordinates, labs: list[str]
-) -> Path:
-    """`features.safetensors`: raw and Macenko features, each row's coordinates and virtual slide."""
-    path = out / "features.safetensors"
-    atomic_save_tensors(
-        path,
-        {
-            "raw": raw,
-            "macenko": normalized,
-            "coordinates": torch.from_numpy(coordinates),
-            "virtual_slide": torch.tensor([list(LAB_STAINS).index(lab) for lab in labs]),
-        },
-        metadata={"model": model_name, "virtual_slides": json.dumps(list(LAB_STAINS))},
-    )
-    return path
-
-
 def print_summary(
-    minutes: float, model_name: str, num_patches: int, fallbacks: int, metrics: dict, out: Path
+    minutes: float, model_name: str, what: str, labs: list[str], fallbacks: int, metrics: dict, out: Path
 ):
     print(f"\nDone in {minutes:.1f} min. Model: {model_name}")
-    print(
-        f"Patches: {num_patches} from {SAMPLE_SLIDE} x {len(LAB_STAINS)} stainings; Macenko fallbacks: {fallbacks}"
-    )
-    for setting, values in metrics.items():
+    print(f"{what} x {len(labs)} virtual labs ({', '.join(labs)}); Macenko fallbacks: {fallbacks}")
+    undefined = {}
+    for setting, (values, reasons) in metrics.items():
+        shown = {}
+        for name, digits in (
+            ("paired_top10", 2),
+            ("paired_cosine", 3),
+            ("slide_identity_knn", 2),
+            ("robustness_index", 2),
+        ):
+            shown[name] = "–" if values[name] is None else f"{values[name]:.{digits}f}"
+            if values[name] is None:
+                undefined[name] = reasons[name]
         print(
-            f"  {setting:>13}: kNN slide accuracy {values['knn_accuracy']:.2f} (chance {values['knn_chance']:.2f}), "
-            f"silhouette {values['silhouette']:.2f}, variance between slides {values['variance_between']:.2f}"
+            f"  {SETTING_NAMES[setting]:>13}: paired top-10 {shown['paired_top10']}, paired cosine "
+            f"{shown['paired_cosine']}, lab-ID kNN {shown['slide_identity_knn']} (chance "
+            f"{values['slide_identity_chance']:.2f}), robustness index {shown['robustness_index']}"
         )
+    for name, reason in undefined.items():
+        hint = " (re-stain labelled tiles with --data)" if name == "robustness_index" else ""
+        print(f"  {name} undefined: {reason}{hint}")
+    print(DEMO_CAVEAT)
     print(
-        f"Outputs in {out}/: features.safetensors, feature_collapse.md/.json, tsne.png, thumbnail.png, tiles/"
+        f"Outputs in {out}/: robustness.md/.json, tsne_by_center.png, features.safetensors + samples.csv, "
+        "thumbnail.png, virtual-labs/, tiles/"
     )
 
 
 def run_demo(settings: DemoSettings) -> dict:
-    """Tile, re-stain, get a model, measure feature collapse (see the module docstring); returns the metrics
-    per input setting."""
+    """Tile, re-stain as virtual labs, get a model, measure robustness (see the module docstring); returns
+    `{setting: (metrics, reasons)}` for the raw and Macenko input."""
+    from .eval.robustness import labelled_images
+
     start = time.perf_counter()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"[1/4] tiling {SAMPLE_SLIDE} at 0.5 µm/px into 256 px tissue patches")
     tiles, thumbnail = tile_sample(out, settings.workers)
-    images, coordinates = read_patches(tiles)
-    print(f"      {len(images)} tissue patches; grid drawn on {thumbnail}")
+    sources = read_patches(tiles)
+    print(f"      {len(sources)} tissue patches; grid drawn on {thumbnail}")
+    what = f"Patches: {len(sources)} from {SAMPLE_SLIDE} (no tissue classes)"
+    if settings.data is not None:
+        sources = labelled_images(settings.data)
+        classes = sorted({label for _, _, label, _ in sources})
+        what = f"Labelled tiles: {len(sources)} from {settings.data} ({len(classes)} classes)"
 
-    print("[2/4] re-staining the patches as four labs would (virtual slides lab-A..lab-D)")
-    restained, labs, sources = restain_as_labs(images)
+    print("[2/4] re-staining every image as virtual labs would (HED stain perturbations, Reinhard transfers)")
+    folder, labs = restain_as_labs(sources, out, settings.lab_data)
+    images, table = read_virtual_labs(folder, has_labels=settings.data is not None)
 
     if settings.model:
         model_name, model_folder = f"EXAONEPath ({settings.model})", settings.model
@@ -262,12 +288,13 @@ def run_demo(settings: DemoSettings) -> dict:
         model_folder = pretrain_demo_model(tiles, out, settings.train_steps)
     model, processor = load_model(model_folder, settings.device)
 
-    print("[4/4] extracting features from raw and Macenko input; measuring clustering by virtual slide")
-    raw, _ = extract(model, processor, restained, stain_normalize=False)
-    normalized, fallbacks = extract(model, processor, restained, stain_normalize=True)
-    save_features(out, model_name, raw, normalized, coordinates[sources], labs)
-    metrics = measure_collapse(out, model_name, {"raw input": raw, "Macenko input": normalized}, labs)
-    print_summary((time.perf_counter() - start) / 60, model_name, len(images), fallbacks, metrics, out)
+    print(
+        "[4/4] extracting features from raw and Macenko input; measuring robustness across the virtual labs"
+    )
+    raw, _ = extract(model, processor, images, stain_normalize=False)
+    normalized, fallbacks = extract(model, processor, images, stain_normalize=True)
+    metrics = measure_robustness(out, model_name, {"raw": raw, "macenko": normalized}, table, restarts=3)
+    print_summary((time.perf_counter() - start) / 60, model_name, what, labs, fallbacks, metrics, out)
     return metrics
 
 
@@ -281,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = DemoSettings(
         out=Path(args.out),
         model=args.model,
+        data=args.data,
+        lab_data=args.lab_data,
         train_steps=args.train_steps,
         workers=args.workers,
         device=args.device,

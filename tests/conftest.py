@@ -7,6 +7,8 @@ import pytest
 import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_SLIDE = PROJECT_ROOT / "exaonepath_hf" / "data" / "CMU-1-Small-Region.svs"
+SAMPLE_SLIDE_PATCHES = 28  # tissue patches of the sample slide at the default 256 px / 0.5 µm/px
 
 
 def shared_data_dir() -> Path:
@@ -33,3 +35,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         ExaonePathConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2)
     ).save_pretrained(path)
     return path
+
+
+def extraction_settings(inputs, model, output_dir, **overrides):
+    """`SlideExtractionSettings` for a test: in-process loading, batches of 16, no progress bars."""
+    from exaonepath_hf.eval.slide_features import SlideExtractionSettings
+
+    values = dict(num_workers=0, batch_size=16, progress=False)
+    values.update(overrides)
+    return SlideExtractionSettings(inputs=tuple(inputs), model=str(model), output_dir=output_dir, **values)
+
+
+def extraction_argv(inputs, model, output_dir) -> list[str]:
+    """`exaonepath-extract` arguments for a test: in-process loading, no progress bars."""
+    return [
+        *map(str, inputs),
+        "--model",
+        str(model),
+        "--output_dir",
+        str(output_dir),
+        "--num_workers",
+        "0",
+        "--quiet",
+    ]

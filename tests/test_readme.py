@@ -3,7 +3,7 @@
 A block is preceded by `<!-- readme-test: run -->` or `<!-- readme-test: skip (reason) -->` (or is the test
 command itself). The workspace gets small stand-ins for the user's files: a tiny ViT saved in the release
 checkpoint layout as `EXAONEPath.ckpt`, real H&E images as `patch.png` / `target.png`, the bundled slide in
-`slides/`, CRC-VAL-HE-7K samples as an imagefolder, and TCGA tiles grouped by slide.
+`slides/`, and CRC-VAL-HE-7K samples as an imagefolder (class subfolders).
 """
 
 import os
@@ -58,9 +58,6 @@ def workspace(shared_data, tmp_path_factory) -> Path:
         class_folder = root / "crc-samples" / image.name.split("-")[0]
         class_folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(image, class_folder / image.name)
-    shutil.copytree(
-        shared_data / "tcga-tiles", root / "tcga-tiles", ignore=shutil.ignore_patterns("*.txt", "*.tif")
-    )
     return root
 
 
@@ -93,7 +90,10 @@ def test_readme_blocks_run_as_written(workspace, tmp_path):
         "my-stain-reference/preprocessor_config.json",
         "tiles/manifest.json",
         "runs/cpu_smoke/export/config.json",
-        "results/collapse/tsne.png",
+        "results/robustness/tsne_by_center.png",
+        "results/robustness/features.safetensors",
+        "walkthrough/results/heatmaps/case-7.png",
+        "walkthrough/results/heatmaps/case-7/top04.png",
     ):
         assert (workspace / expected).is_file(), expected
     assert list((workspace / "results" / "linear_probe").rglob("*.record.json"))

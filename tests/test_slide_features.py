@@ -10,12 +10,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import PROJECT_ROOT
+from conftest import SAMPLE_SLIDE, SAMPLE_SLIDE_PATCHES, extraction_argv, extraction_settings
 
 from exaonepath_hf import ExaonePathModel
 from exaonepath_hf.eval.backbones import Preprocessing
 from exaonepath_hf.eval.slide_features import (
-    SlideExtractionSettings,
     extract_slide_features,
     load_slide_features,
     main,
@@ -25,14 +24,21 @@ from exaonepath_hf.eval.slide_features import (
 from exaonepath_hf.images import open_rgb
 from exaonepath_hf.tiling import TilingConfig, tile_slides
 
-SAMPLE_SLIDE = PROJECT_ROOT / "exaonepath_hf" / "data" / "CMU-1-Small-Region.svs"
-NUM_PATCHES = 28  # the sample slide at the default 256 px / 0.5 µm/px
 
-
-def _settings(inputs, model, output_dir, **overrides) -> SlideExtractionSettings:
-    values = dict(num_workers=0, batch_size=16, progress=False)
-    values.update(overrides)
-    return SlideExtractionSettings(inputs=tuple(inputs), model=str(model), output_dir=output_dir, **values)
+def _direct_forward(tiles: Path, model_dir: Path, stain_normalize: bool):
+    """The independent path: the shards' images (in shard order) through the processor and the model, without
+    the extraction code; returns their (x, y) and the model's output."""
+    rows = [
+        row
+        for shard in sorted((tiles / "shards").glob("*.parquet"))
+        for row in pq.read_table(shard).to_pylist()
+    ]
+    inputs = Preprocessing(stain_normalize=stain_normalize).processor()(
+        [open_rgb(row["image"]) for row in rows], return_tensors="pt"
+    )
+    with torch.no_grad():
+        output = ExaonePathModel.from_pretrained(model_dir).eval()(inputs["pixel_values"])
+    return [[row["x"], row["y"]] for row in rows], output
 
 
 def _tiler_coords(tiles: Path, slide_id: str) -> np.ndarray:
@@ -132,39 +138,31 @@ def tiles(tmp_path_factory) -> Path:
     """The bundled slide tiled with image shards (8 patches each: 4 shards)."""
     out = tmp_path_factory.mktemp("tiles")
     summary = tile_slides([SAMPLE_SLIDE], out, TilingConfig(patches_per_shard=8), progress=False)
-    assert summary.ok and summary.num_patches == NUM_PATCHES
+    assert summary.ok and summary.num_patches == SAMPLE_SLIDE_PATCHES
     return out
 
 
 @pytest.fixture(scope="module")
 def extracted(tiles, tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("features")
-    summary = extract_slide_features(_settings([tiles], tiny_model_dir, out))
+    summary = extract_slide_features(extraction_settings([tiles], tiny_model_dir, out))
     return out, summary
 
 
 def test_features_of_a_tiling_folder_equal_a_direct_forward_pass(tiles, extracted, tiny_model_dir):
     out, summary = extracted
-    assert summary.ok and summary.extracted == ["CMU-1-Small-Region"] and summary.num_patches == NUM_PATCHES
+    assert (
+        summary.ok
+        and summary.extracted == ["CMU-1-Small-Region"]
+        and summary.num_patches == SAMPLE_SLIDE_PATCHES
+    )
     bag = load_slide_features(out / "CMU-1-Small-Region.h5")
-    assert bag.slide_id == "CMU-1-Small-Region" and bag.features.shape == (NUM_PATCHES, 64)
+    assert bag.slide_id == "CMU-1-Small-Region" and bag.features.shape == (SAMPLE_SLIDE_PATCHES, 64)
     assert np.array_equal(bag.coords, _tiler_coords(tiles, "CMU-1-Small-Region"))
 
-    # independent path: the shards' images through the processor and the model's pooler_output
-    rows = [
-        row
-        for shard in sorted((tiles / "shards").glob("*.parquet"))
-        for row in pq.read_table(shard).to_pylist()
-    ]
-    assert np.array_equal(bag.coords, [[row["x"], row["y"]] for row in rows])
-    inputs = Preprocessing(stain_normalize=True).processor()(
-        [open_rgb(row["image"]) for row in rows], return_tensors="pt"
-    )
-    with torch.no_grad():
-        expected = (
-            ExaonePathModel.from_pretrained(tiny_model_dir).eval()(inputs["pixel_values"]).pooler_output
-        )
-    np.testing.assert_allclose(bag.features, expected.numpy(), rtol=1e-4, atol=1e-5)
+    coords, output = _direct_forward(tiles, tiny_model_dir, stain_normalize=True)
+    assert np.array_equal(bag.coords, coords)
+    np.testing.assert_allclose(bag.features, output.pooler_output.numpy(), rtol=1e-4, atol=1e-5)
 
     record = json.loads((out / "extraction_report.json").read_text())
     assert record["extracted"] == ["CMU-1-Small-Region"] and record["failures"] == []
@@ -182,7 +180,7 @@ def test_a_rerun_skips_the_complete_slide(tiles, extracted, tiny_model_dir):
     out, _ = extracted
     path = out / "CMU-1-Small-Region.h5"
     before = path.stat().st_mtime_ns
-    summary = extract_slide_features(_settings([tiles], tiny_model_dir, out))
+    summary = extract_slide_features(extraction_settings([tiles], tiny_model_dir, out))
     assert summary.skipped == ["CMU-1-Small-Region"] and summary.extracted == [] and summary.num_patches == 0
     assert summary.forward_seconds == 0 and path.stat().st_mtime_ns == before
 
@@ -202,16 +200,7 @@ def test_a_corrupt_slide_is_reported_and_the_good_one_written(extracted, tiny_mo
     (slides / "good.svs").symlink_to(SAMPLE_SLIDE)
     (slides / "corrupt.svs").write_bytes(SAMPLE_SLIDE.read_bytes()[:20000])
     out = tmp_path / "features"
-    argv = [
-        str(slides),
-        "--model",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(out),
-        "--num_workers",
-        "0",
-        "--quiet",
-    ]
+    argv = extraction_argv([slides], tiny_model_dir, out)
     assert main(argv) == 1
     assert "corrupt.svs" in capsys.readouterr().err
 
@@ -234,24 +223,16 @@ def test_a_corrupt_slide_is_reported_and_the_good_one_written(extracted, tiny_mo
 
 def test_cls_plus_mean_doubles_the_feature(tiles, extracted, tiny_model_dir, tmp_path):
     summary = extract_slide_features(
-        _settings([tiles], tiny_model_dir, tmp_path, tokens="cls+mean", stain_normalize=False)
+        extraction_settings([tiles], tiny_model_dir, tmp_path, tokens="cls+mean", stain_normalize=False)
     )
     assert summary.ok
     bag = load_slide_features(tmp_path / "CMU-1-Small-Region.h5")
-    assert bag.features.shape == (NUM_PATCHES, 128) and bag.feature_attributes["tokens"] == "cls+mean"
-
-    rows = [
-        row
-        for shard in sorted((tiles / "shards").glob("*.parquet"))
-        for row in pq.read_table(shard).to_pylist()
-    ]
-    inputs = Preprocessing(stain_normalize=False).processor()(
-        [open_rgb(r["image"]) for r in rows], return_tensors="pt"
+    assert (
+        bag.features.shape == (SAMPLE_SLIDE_PATCHES, 128) and bag.feature_attributes["tokens"] == "cls+mean"
     )
-    with torch.no_grad():
-        hidden = (
-            ExaonePathModel.from_pretrained(tiny_model_dir).eval()(inputs["pixel_values"]).last_hidden_state
-        )
+
+    _, output = _direct_forward(tiles, tiny_model_dir, stain_normalize=False)
+    hidden = output.last_hidden_state
     np.testing.assert_allclose(bag.features[:, :64], hidden[:, 0].numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(bag.features[:, 64:], hidden[:, 1:].mean(1).numpy(), rtol=1e-4, atol=1e-5)
 
@@ -263,11 +244,11 @@ def test_bad_input_is_named(tiny_model_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="neither an exaonepath-tile output folder nor a folder of slides"):
-        extract_slide_features(_settings([empty], tiny_model_dir, tmp_path / "o"))
+        extract_slide_features(extraction_settings([empty], tiny_model_dir, tmp_path / "o"))
     os.symlink(SAMPLE_SLIDE, tmp_path / "CMU-1-Small-Region.svs")
     with pytest.raises(ValueError, match="slide id 'CMU-1-Small-Region'"):
         extract_slide_features(
-            _settings([SAMPLE_SLIDE, tmp_path / "CMU-1-Small-Region.svs"], tiny_model_dir, tmp_path)
+            extraction_settings([SAMPLE_SLIDE, tmp_path / "CMU-1-Small-Region.svs"], tiny_model_dir, tmp_path)
         )
 
 

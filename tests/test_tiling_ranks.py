@@ -6,12 +6,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT
+from conftest import SAMPLE_SLIDE, SAMPLE_SLIDE_PATCHES, extraction_argv, extraction_settings
 
 from exaonepath_hf.tiling import (
     RankInfo,
@@ -26,8 +25,6 @@ from exaonepath_hf.tiling import (
 )
 from exaonepath_hf.tiling.ranks import record_files, record_name
 
-SAMPLE_SLIDE = PROJECT_ROOT / "exaonepath_hf" / "data" / "CMU-1-Small-Region.svs"
-NUM_PATCHES = 28  # per copy of the sample slide at the default 256 px / 0.5 µm/px
 SLIDE_NAMES = ["s0", "s1", "s2", "s3"]  # round robin on sorted ids: rank 0 gets s0, s2; rank 1 s1, s3
 
 
@@ -109,46 +106,35 @@ def test_read_manifest_merges_ranks_and_drops_failures_a_later_run_completed(tmp
 # ----------------------------------------------------------------------------------------------------------
 # Two processes into one folder
 
-KILL_AFTER_FIRST_SLIDE = {
-    "tiling": """
-        from exaonepath_hf.tiling import pipeline
-        real = pipeline.tile_slide
-        done = []
-
-        def tile_slide(*args, **kwargs):
-            if done:
-                os._exit(9)
-            done.append(real(*args, **kwargs))
-            return done[-1]
-
-        pipeline.tile_slide = tile_slide
-        from exaonepath_hf.tiling.cli import main
-    """,
-    "extraction": """
-        from exaonepath_hf.eval import slide_features
-        real = slide_features.write_slide_features
-        done = []
-
-        def write_slide_features(*args, **kwargs):
-            if done:
-                os._exit(9)
-            done.append(real(*args, **kwargs))
-            return done[-1]
-
-        slide_features.write_slide_features = write_slide_features
-        from exaonepath_hf.eval.slide_features import main
-    """,
+# the command each stage runs, and the function a killed rank dies in on its second call (module, name)
+STAGES = {
+    "tiling": ("exaonepath_hf.tiling.cli", ("exaonepath_hf.tiling.pipeline", "tile_slide")),
+    "extraction": (
+        "exaonepath_hf.eval.slide_features",
+        ("exaonepath_hf.eval.slide_features", "write_slide_features"),
+    ),
 }
-NORMAL = {
-    "tiling": "from exaonepath_hf.tiling.cli import main",
-    "extraction": "from exaonepath_hf.eval.slide_features import main",
-}
+KILL_ON_SECOND_CALL = """
+import importlib
+module = importlib.import_module({module!r})
+real = getattr(module, {name!r})
+done = []
+
+def first_call_only(*args, **kwargs):
+    if done:
+        os._exit(9)
+    done.append(real(*args, **kwargs))
+    return done[-1]
+
+setattr(module, {name!r}, first_call_only)
+"""
 
 
 def _start(stage: str, argv: list[str], rank: int, kill: bool = False) -> subprocess.Popen:
     """A rank of a 2-process run, as torchrun starts it (RANK / WORLD_SIZE in the environment)."""
-    code = textwrap.dedent(KILL_AFTER_FIRST_SLIDE[stage] if kill else NORMAL[stage])
-    script = f"import os, sys\n{code}\nsys.exit(main({argv!r}))\n"
+    command, (module, name) = STAGES[stage]
+    kill_code = KILL_ON_SECOND_CALL.format(module=module, name=name) if kill else ""
+    script = f"import os, sys\n{kill_code}\nfrom {command} import main\nsys.exit(main({argv!r}))\n"
     env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
         [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -188,9 +174,9 @@ def test_two_ranks_tile_into_one_folder_with_no_overlap_and_no_loss(slides, tmp_
     assert sorted(shares[0]) == ["s0", "s2"] and sorted(shares[1]) == ["s1", "s3"]
     assert tiling_output_folder(out) == out and list(read_manifest(out)["slides"]) == SLIDE_NAMES
     rows = list(load_patch_dataset(out, streaming=False))  # the reader training and evaluation use
-    assert len(rows) == 4 * NUM_PATCHES
+    assert len(rows) == 4 * SAMPLE_SLIDE_PATCHES
     assert {name: sum(r["slide_id"] == name for r in rows) for name in SLIDE_NAMES} == dict.fromkeys(
-        SLIDE_NAMES, NUM_PATCHES
+        SLIDE_NAMES, SAMPLE_SLIDE_PATCHES
     )
     assert len({(r["slide_id"], r["x"], r["y"]) for r in rows}) == len(rows)
 
@@ -215,29 +201,15 @@ def test_a_killed_tiling_rank_is_completed_by_a_rerun_and_nothing_else_is_redone
     assert list(read_manifest(out)["slides"]) == SLIDE_NAMES
     shards = completed_shard_files(out)
     assert sorted(Path(f).name for f in shards) == sorted(p.name for p in (out / "shards").glob("*.parquet"))
-    assert len(list(load_patch_dataset(out, streaming=False))) == 4 * NUM_PATCHES
+    assert len(list(load_patch_dataset(out, streaming=False))) == 4 * SAMPLE_SLIDE_PATCHES
 
 
 @pytest.mark.slow
 def test_two_ranks_extract_and_a_killed_rank_is_completed_by_a_rerun(slides, tiny_model_dir, tmp_path):
-    from exaonepath_hf.eval.slide_features import (
-        SlideExtractionSettings,
-        extract_slide_features,
-        load_slide_features,
-    )
+    from exaonepath_hf.eval.slide_features import extract_slide_features, load_slide_features
 
     out = tmp_path / "features"
-    argv = [
-        str(slides),
-        "--model",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(out),
-        "--num_workers",
-        "0",
-        "--quiet",
-    ]
-    assert _run_ranks("extraction", argv, kill_rank=1) == [0, 9]
+    assert _run_ranks("extraction", extraction_argv([slides], tiny_model_dir, out), kill_rank=1) == [0, 9]
     # rank 0 tiled and extracted s0 and s2; rank 1 extracted s1 and died writing s3
     assert sorted(p.stem for p in out.glob("*.h5")) == ["s0", "s1", "s2"]
     assert not list(out.glob(".*.tmp"))  # the killed write left no partial file behind
@@ -246,9 +218,7 @@ def test_two_ranks_extract_and_a_killed_rank_is_completed_by_a_rerun(slides, tin
     assert not (out / "extraction_report.rank-00001.json").exists()
     done = {name: (out / f"{name}.h5").stat().st_mtime_ns for name in ("s0", "s1", "s2")}
 
-    settings = SlideExtractionSettings(
-        inputs=(slides,), model=str(tiny_model_dir), output_dir=out, num_workers=0, progress=False
-    )
+    settings = extraction_settings([slides], tiny_model_dir, out)
     reruns = [extract_slide_features(replace(settings, rank=r, world_size=2)) for r in (0, 1)]
     assert (reruns[0].extracted, reruns[0].skipped) == ([], ["s0", "s2"])
     assert (reruns[1].extracted, reruns[1].skipped) == (["s3"], ["s1"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from .pipeline import TilingConfig, tile_slides
@@ -19,6 +20,8 @@ __all__ = [
     "build_parser",
     "config_from_args",
     "main",
+    "print_failures",
+    "slide_paths",
     "tissue_config_from_args",
 ]
 
@@ -192,15 +195,24 @@ def config_from_args(args: argparse.Namespace) -> TilingConfig:
     )
 
 
-def _slide_paths(args: argparse.Namespace) -> list[Path]:
-    if not args.slide_list:
-        return list(args.slides)
+def slide_paths(arguments: Sequence[Path], slide_list: bool) -> list[Path]:
+    """The slides a command line names: its arguments, or with `--slide_list` the lines of the text files they
+    are (blank lines and `#` comments skipped)."""
+    if not slide_list:
+        return list(arguments)
     paths = []
-    for listing in args.slides:
-        for line in listing.read_text().splitlines():
+    for listing in arguments:
+        for line in Path(listing).read_text().splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
                 paths.append(Path(line.strip()))
     return paths
+
+
+def print_failures(listing: Path, failures: Iterable[Mapping[str, str]]) -> None:
+    """On stderr: where the failed slides are listed, then each one's path, error type and message."""
+    print(f"failed slides are listed in {listing}:", file=sys.stderr)
+    for failure in failures:
+        print(f"  {failure['path']}: {failure['error']}: {failure['message']}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         config = config_from_args(args)
-        slides = _slide_paths(args)
+        slides = slide_paths(args.slides, args.slide_list)
         rank = resolve_rank(args.rank, args.world_size)
     except (ValueError, OSError) as error:
         parser.error(str(error))
@@ -235,9 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({summary.seconds:.1f} s)"
     )
     if summary.failures:
-        print(f"failed slides are listed in {summary.failures_path}:", file=sys.stderr)
-        for failure in summary.failures:
-            print(f"  {failure.path}: {failure.error}: {failure.message}", file=sys.stderr)
+        print_failures(summary.failures_path, [asdict(failure) for failure in summary.failures])
         return 1
     return 0
 

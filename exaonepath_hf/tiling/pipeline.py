@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..atomic_io import atomic_write_bytes, move_files_into, write_json
+from ..atomic_io import atomic_write_bytes, move_files_into, record_folder_settings, write_json
 from .grid import grid_coordinates, level0_patch_size, tissue_fractions
 from .ranks import record_name, split_for_rank
 from .shards import ImageFormat, PatchRecord, encode_patch, write_shard
@@ -328,21 +328,14 @@ def _complete_record(out_dir: Path, slide_id: str) -> dict[str, Any] | None:
     return record if all(p.is_file() for p in outputs) else None
 
 
-def _check_folder_config(out_dir: Path, config: TilingConfig) -> None:
+def _record_folder_config(out_dir: Path, config: TilingConfig) -> None:
     """Record the settings on first use of `out_dir`; refuse to mix patches cut with other settings."""
-    path = out_dir / "tiling_config.json"
-    wanted = config.output_settings()
-    if path.is_file():
-        existing = json.loads(path.read_text())
-        if existing != wanted:
-            changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
-            raise ValueError(
-                f"{out_dir} was tiled with other settings ({', '.join(changed)} differ; see {path}); "
-                "rerun with the same settings to resume, or choose a new --out folder"
-            )
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, wanted)
+    record_folder_settings(
+        out_dir / "tiling_config.json",
+        config.output_settings(),
+        "was tiled with other settings",
+        "rerun with the same settings to resume, or choose a new --out folder",
+    )
 
 
 def tile_slide(
@@ -357,7 +350,7 @@ def tile_slide(
     out_dir = Path(out_dir)
     slide_id = slide_id or slide_id_from_path(path)
     start = time.perf_counter()
-    _check_folder_config(out_dir, config)
+    _record_folder_config(out_dir, config)
     for sub in ("shards", "coords", "thumbnails", "slides"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     _remove_partial_outputs(out_dir, slide_id)
@@ -583,7 +576,7 @@ def tile_slides(
         logger.info(
             "rank %d of %d: %d of %d slides are this rank's", rank, world_size, len(tasks), all_slides
         )
-    _check_folder_config(out_dir, config)
+    _record_folder_config(out_dir, config)
 
     summary = TilingSummary(out_dir=out_dir, rank=rank, world_size=world_size)
     start = time.perf_counter()
