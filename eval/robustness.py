@@ -38,6 +38,7 @@ model and setting, named `<model>/<setting>`) with `OUT/samples.csv` (its rows' 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -408,8 +409,9 @@ class MetricOptions:
     replicates, `neighbours` of the within/cross-slide gap and slide-identity kNN, `share_neighbours` of the
     same-slide share, k-means `max_clusters` and `restarts` of the clustering score, the `seed`, and at most
     `tsne_samples` samples per t-SNE panel (a seeded subset above that). `threads` caps the OpenMP threads of
-    the measures (k-means, t-SNE): their spin-waiting threads slow down tenfold on shared, busy cores, and one
-    thread loses little on the sizes measured here; None leaves the libraries' default."""
+    scikit-learn's k-means and t-SNE: their spin-waiting threads slow down tenfold on shared, busy cores, and
+    one thread loses little on the sizes measured here; None leaves the libraries' default. The neighbour
+    searches keep torch's threads."""
 
     k: int = 11
     bootstrap: int = 1000
@@ -476,14 +478,15 @@ def measure(
     if labels is None or centers is None:
         undefined(cs_names, NO_LABELS if labels is None else NO_CENTERS)
     else:
-        cs = clustering_score(
-            features,
-            labels,
-            centers,
-            max_clusters=options.max_clusters,
-            restarts=options.restarts,
-            seed=options.seed,
-        )
+        with _scikit_learn_threads(options.threads):
+            cs = clustering_score(
+                features,
+                labels,
+                centers,
+                max_clusters=options.max_clusters,
+                restarts=options.restarts,
+                seed=options.seed,
+            )
         results["clustering_score"] = cs.to_dict()
         metrics["clustering_score"], metrics["clustering_num_clusters"] = cs.value, cs.num_clusters
         if cs.value is None:
@@ -594,12 +597,21 @@ class RobustnessOutputs:
     samples: Path | None = None
 
 
-def _tsne(features: torch.Tensor, rows: np.ndarray, seed: int) -> np.ndarray:
+def _tsne(features: torch.Tensor, rows: np.ndarray, seed: int, threads: int | None) -> np.ndarray:
     from sklearn.manifold import TSNE
 
     unit = torch.nn.functional.normalize(features[torch.as_tensor(rows)].float(), dim=1).cpu().numpy()
     perplexity = float(max(2.0, min(30.0, (len(unit) - 1) / 3)))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(unit)
+    with _scikit_learn_threads(threads):
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(unit)
+
+
+def _scikit_learn_threads(threads: int | None):
+    """Caps the OpenMP threads around scikit-learn's k-means and t-SNE only: the cap is process-wide while it
+    lasts and would also hold torch's own OpenMP pool, which the neighbour searches use."""
+    return (
+        contextlib.nullcontext() if threads is None else threadpool_limits(limits=threads, user_api="openmp")
+    )
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -777,7 +789,7 @@ def _panel(
     return {
         "model": item.model,
         "setting": item.setting,
-        "embedding": _tsne(item.features, rows, options.seed),
+        "embedding": _tsne(item.features, rows, options.seed, options.threads),
         "center": [samples.center[r] for r in rows] if samples.center is not None else ["?"] * len(rows),
         "label": [samples.label[r] for r in rows] if samples.label is not None else None,
         "title": _panel_title(record),
@@ -804,10 +816,9 @@ def assess_robustness(
         raise ValueError(f"each (model, setting) may occur once; got {names}")
     out = Path(output_dir)
     records, panels, subsets = [], [], {}
-    with threadpool_limits(limits=options.threads, user_api="openmp"):
-        for item in inputs:
-            records.append(_record(item, options))
-            panels.append(_panel(item, records[-1], subsets, options))
+    for item in inputs:
+        records.append(_record(item, options))
+        panels.append(_panel(item, records[-1], subsets, options))
     data = {"counts": inputs[0].samples.summary(), **(data or {})}
     write_json(out / "robustness.json", records)
     markdown = render_markdown(records, data, notes)
