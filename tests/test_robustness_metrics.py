@@ -1,6 +1,8 @@
 """The field's robustness metrics against hand-worked examples, brute-force loops and scikit-learn."""
 
+import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.neighbors import NearestNeighbors
 
+from exaonepath_hf.eval import robustness_metrics
 from exaonepath_hf.eval.robustness_metrics import (
     between_group_variance_share,
     clustering_score,
@@ -334,3 +337,161 @@ def test_between_group_variance_share_matches_numpy():
     within = sum(((features[groups == g] - features[groups == g].mean(0)) ** 2).sum() for g in range(4))
     assert between_group_variance_share(torch.tensor(features), groups) == pytest.approx(1 - within / total)
     assert between_group_variance_share(np.ones((4, 2)), [0, 0, 1, 1]) == 0.0
+
+
+# ------------------------------------------------------------------------------ the fast exact search
+# On the CPU from _FAST_SEARCH_MIN_SAMPLES samples the search runs on approximate (bfloat16 where the CPU has
+# native bfloat16 products, float32 elsewhere) products with a proven candidate set; these tests lower the
+# threshold so that small sets take that path, with blocks of 64 so that every block-pair case occurs.
+
+
+@pytest.fixture(params=[torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+def fast_search(request, monkeypatch):
+    """The fast path on any size, with the approximate dtype of the parameter. Counts the calls of its parts
+    (searches, recomputed candidates, plain searches) and fails on the warning of a broken error bound."""
+    monkeypatch.setattr(robustness_metrics, "_FAST_SEARCH_MIN_SAMPLES", 0)
+    monkeypatch.setattr(robustness_metrics, "_fast_search_dtype", lambda device: request.param)
+    calls = {"search": 0, "recomputed": 0, "plain": 0}
+
+    def count(name, function, amount=lambda result: 1):
+        def counted(*args, **kwargs):
+            result = function(*args, **kwargs)
+            calls[name] += amount(result)
+            return result
+
+        monkeypatch.setattr(robustness_metrics, function.__name__, counted)
+
+    count("search", robustness_metrics._approximate_search)
+    count("recomputed", robustness_metrics._recompute, lambda found: 0 if found is None else len(found[0]))
+    count("plain", robustness_metrics._plain_nearest)
+    robustness_metrics._SHARED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        yield calls
+    robustness_metrics._SHARED.clear()
+
+
+def _with_ties(seed, n=300, dim=12):
+    """Features full of exact ties: a few vectors repeated many times, basis vectors, and random ones."""
+    rng = np.random.default_rng(seed)
+    distinct = rng.normal(size=(8, dim))
+    features = np.concatenate(
+        [
+            distinct[rng.integers(0, 8, n // 2)],
+            np.eye(dim)[rng.integers(0, dim, n // 4)],
+            rng.normal(size=(n - n // 2 - n // 4, dim)),
+        ]
+    )
+    return features[rng.permutation(n)]
+
+
+@pytest.mark.parametrize("margin", [16, 0])
+def test_fast_search_matches_brute_force_with_ties(fast_search, monkeypatch, margin):
+    # margin 0: lists of k + 1 values, too short for most proofs, so that many rows are recomputed
+    monkeypatch.setattr(robustness_metrics, "_MARGIN", margin)
+    for seed, features in enumerate([_with_ties(11), np.random.default_rng(12).normal(size=(333, 20))]):
+        groups = np.random.default_rng(seed).integers(0, 25, len(features))
+        for k in (1, 7):
+            assert np.array_equal(nearest_neighbours(features, k, block=64), _brute_neighbours(features, k))
+            assert np.array_equal(
+                nearest_neighbours(features, k, exclude_same=groups, block=64),
+                _brute_neighbours(features, k, groups),
+            )
+    assert fast_search["search"] == 8 and fast_search["plain"] == 0
+    # ties at the k-th place defeat the proof of a list: those rows were recomputed against their group
+    assert fast_search["recomputed"] > 0
+
+
+def test_fast_search_takes_the_same_neighbours_as_the_plain_one(fast_search):
+    rng = np.random.default_rng(13)
+    features = torch.from_numpy(rng.normal(size=(700, 32)).astype(np.float32))
+    cases = rng.integers(0, 60, 700)
+    fast = nearest_neighbours(features, 11, exclude_same=cases, block=128)
+    assert fast_search["search"] == 1
+    robustness_metrics._FAST_SEARCH_MIN_SAMPLES = 10**9
+    # float32 products can only misorder similarities closer than float32 rounding; none are here
+    assert np.array_equal(fast, nearest_neighbours(features, 11, exclude_same=cases))
+
+
+def test_fast_search_falls_back_where_its_bound_fails_or_ties_overflow(fast_search, monkeypatch):
+    features = _with_ties(14)
+    expected = _brute_neighbours(features, 5)
+    real_bound = robustness_metrics._error_bound
+    # a bound that ignores rounding: the exact similarities fall outside it, the plain search answers
+    monkeypatch.setattr(
+        robustness_metrics,
+        "_error_bound",
+        lambda unit, dtype, shift: dataclasses.replace(
+            real_bound(unit, dtype, shift), base=0.0, relative=0.0
+        ),
+    )
+    with pytest.warns(RuntimeWarning, match="outside their error bound"):
+        assert np.array_equal(nearest_neighbours(features, 5, block=64), expected)
+    assert fast_search["plain"] == 1
+    monkeypatch.setattr(robustness_metrics, "_error_bound", real_bound)
+    # identical features: every sample ties with every other; past the candidate limit the plain search runs
+    monkeypatch.setattr(robustness_metrics, "_RECOMPUTED_CANDIDATES", 1000)
+    same = np.ones((200, 4))
+    assert np.array_equal(
+        nearest_neighbours(same, 3, block=64),
+        np.array([[j for j in range(200) if j != i][:3] for i in range(200)]),
+    )
+    assert fast_search["plain"] == 2
+
+
+def _labs(seed, tiles=150, labs=4, dim=24, share_cases=True):
+    """Paired tiles under several labs (virtual-labs style): a tile's features plus a lab shift and noise; cases
+    of 10 tiles, the same case under every lab (``share_cases``) or one case per lab."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(tiles, dim))
+    labels = rng.integers(0, 3, tiles)
+    features = np.concatenate(
+        [base + 0.8 * rng.normal(size=dim) + 0.6 * rng.normal(size=(tiles, dim)) for _ in range(labs)]
+    )
+    case = np.arange(tiles) // 10
+    cases = np.tile(case, labs) if share_cases else np.concatenate([case + lab * 1000 for lab in range(labs)])
+    return (
+        torch.from_numpy(features.astype(np.float32)),
+        np.tile(labels, labs),
+        np.repeat([f"lab{i}" for i in range(labs)], tiles),
+        cases,
+        np.tile([f"t{i:03d}" for i in range(tiles)], labs),
+    )
+
+
+@pytest.mark.parametrize("share_cases", [True, False])
+def test_fast_robustness_index_and_paired_retrieval_match_the_plain_path(fast_search, share_cases):
+    features, labels, centers, cases, pairs = _labs(15, share_cases=share_cases)
+    features[:40] = features[40:80]  # exact duplicates inside a lab: ties decided by pool position
+    ri = robustness_index(features, labels, centers, cases, bootstrap=0)
+    shared = paired_retrieval(features, pairs, centers)  # reads the lists the robustness index left
+    assert fast_search["search"] == 1
+    robustness_metrics._SHARED.clear()
+    alone = paired_retrieval(features, pairs, centers, ks=(1, 5, 10))  # a search of its own
+    assert fast_search["search"] == 2 and fast_search["plain"] == 0
+    robustness_metrics._FAST_SEARCH_MIN_SAMPLES = 10**9
+    expected, so, os_ = _brute_robustness_index(
+        features.numpy().astype(np.float64), labels, centers, cases, 11
+    )
+    assert (ri.value, ri.so, ri.os) == (pytest.approx(expected), so, os_)
+    assert shared == paired_retrieval(features, pairs, centers)
+    assert alone == paired_retrieval(features, pairs, centers, ks=(1, 5, 10))
+    # the example decides something: neither all nor none of the tiles find their counterpart first
+    top5 = [entry["top5"] for entry in alone.per_condition_pair]
+    assert 0 < shared.top1 < 1 and 0 < min(top5) and max(top5) < 1
+
+
+def test_paired_retrieval_reads_shared_lists_only_for_the_same_unchanged_features(fast_search):
+    features, labels, centers, cases, pairs = _labs(16)
+    robustness_index(features, labels, centers, cases, bootstrap=0)
+    assert robustness_metrics._SHARED
+    features[:150] = features[150:300]  # changed in place after the robustness index: lab0 = lab1
+    changed = paired_retrieval(features, pairs, centers)
+    assert fast_search["search"] == 2  # a search of its own
+    by_pair = {(p["condition_a"], p["condition_b"]): p for p in changed.per_condition_pair}
+    assert by_pair["lab0", "lab1"]["top1"] == 1.0
+    robustness_metrics._FAST_SEARCH_MIN_SAMPLES = 10**9
+    assert changed == paired_retrieval(features, pairs, centers)
+    # the lists live as long as their features object
+    del features
+    assert not robustness_metrics._SHARED
