@@ -19,6 +19,8 @@ SIMD_FLAGS = (
     "avx512vl",
     "avx512_vbmi2",
     "avx512_fp16",
+    "avx512_bf16",
+    "amx_bf16",
 )
 
 

@@ -19,9 +19,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, SAMPLE_SLIDE
 
-SAMPLE_SLIDE = PROJECT_ROOT / "exaonepath_hf" / "data" / "CMU-1-Small-Region.svs"
 REMOTE_CODE_PROMPT = "Do you wish to run the custom code"
 
 

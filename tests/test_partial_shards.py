@@ -9,11 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT
+from conftest import SAMPLE_SLIDE
 
 from exaonepath_hf.tiling import TilingConfig, completed_shard_files, load_patch_dataset, tile_slides
 
-SAMPLE_SLIDE = PROJECT_ROOT / "exaonepath_hf" / "data" / "CMU-1-Small-Region.svs"
 PATCHES_PER_SHARD = 8  # the sample slide has 28 patches: 4 shards per slide
 
 # Each snippet patches the tiler so that the process dies (os._exit, no cleanup: as a kill) at that point.
