@@ -10,8 +10,8 @@ images through each step at once:
    (``log(I + 1)`` minus a sampled tissue mean; a 256-entry table per image for uint8) accumulated in float64,
    and its two leading eigenvectors (batched ``eigh``);
 3. every pixel's OD projected on that plane; the nearest-rank ``alpha`` and ``100 - alpha`` percentiles of the
-   tissue angles (numpy's introselect on the tensor's memory, not a sort; ranked by the slope ``-x/y`` where that
-   orders them like the angle) give the stain vectors, hematoxylin first;
+   tissue angles (selected on the tensor's memory, background left out as NaN; ranked by the slope ``-x/y`` where
+   that orders them like the angle) give the stain vectors, hematoxylin first;
 4. the least-squares concentrations of all pixels (pseudo-inverse of the 3x2 stain matrix, applied to the plane
    projection) and their nearest-rank 99th percentiles;
 5. ``io * exp(-reference_stains @ scaled concentrations)``, capped at 255, returned as float 0..1, as one
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .stain_engine import Buffers, ChunkEngine, _size_class
+from .stain_engine import Buffers, ChunkEngine
 
 __all__ = [
     "DEFAULT_MIN_TISSUE_FRACTION",
@@ -76,8 +76,8 @@ _SHIFT_SAMPLE_STRIDE = 32
 _LOG_INTENSITY_TABLE = torch.log(torch.arange(256, dtype=torch.float64) + 1).to(torch.float32)
 # float32 matrix products over this many pixels at most, accumulated in float64
 _PRODUCT_BLOCK = 1 << 16
-# order statistics of rows at least this long are bracketed by those of every this-many-th value first
-_SELECT_MIN_BRACKETED, _SELECT_SAMPLE_STRIDE = 1 << 14, 16
+# order statistics of rows with at least this many values are bracketed by those of every this-many-th value first
+_SELECT_MIN_BRACKETED, _SELECT_SAMPLE_STRIDE = 1 << 12, 32
 # the release's parameters (torchstain's defaults)
 _IO, _ALPHA, _BETA = 240.0, 1.0, 0.15
 
@@ -266,20 +266,23 @@ def decompose_stains(
 
     shifted, shift = _shifted_log_intensity(flat, weights, workspace, scratch)
     plane = _leading_plane(shifted, weights, tissue_count, scratch)
-    plane_t = plane.transpose(-1, -2)
+    # the plane coordinates are taken as (-x, y): their ratio is then the angle key of `_stain_vectors` without
+    # a negation pass, and `to_concentrations` below takes the sign back (negation is exact: same results)
+    signed_plane = plane * torch.tensor([-1.0, 1.0], device=device)
+    plane_t = signed_plane.transpose(-1, -2)
     # every pixel's OD in the plane: plane^T (log(io) - shift) - plane^T shifted
     projection = _empty(workspace, "projection", (n, 2, num_pixels), torch.float32, device)
     torch.baddbmm(plane_t @ (math.log(io) - shift), plane_t, shifted, alpha=-1, out=projection)
     # the log intensities are done with once projected: their buffer holds the angle keys, then concentrations
     keys, concentrations = shifted.view(-1).split((n * num_pixels, n * 2 * num_pixels))
     stain_matrix = _stain_vectors(
-        projection, plane, weights, tissue_count, keys.view(n, num_pixels), (io, alpha, beta), workspace
+        projection, plane, weights, tissue_count, keys.view(n, num_pixels), (alpha, beta)
     )
 
     # least-squares concentrations (closed-form pseudo-inverse). Its rows lie in the stain plane, so it
     # sees only a pixel's projection: a 2x2 map of the plane coordinates instead of a pass over the OD.
     unmixing, full_rank = _pseudo_inverse_3x2(stain_matrix)
-    to_concentrations = unmixing @ plane
+    to_concentrations = unmixing @ signed_plane
     concentrations = torch.bmm(to_concentrations, projection, out=concentrations.view(n, 2, num_pixels))
     kth = _nearest_rank(num_pixels, 99) - 1
     max_concentrations = _order_statistics(
@@ -363,37 +366,36 @@ def _stain_vectors(
     weights: torch.Tensor,
     tissue_count: torch.Tensor,
     keys: torch.Tensor,
-    parameters: tuple[float, float, float],
-    workspace: Buffers | None,
+    parameters: tuple[float, float],
 ) -> torch.Tensor:
     """The stain matrix [N, 3, 2], hematoxylin first, from the alpha / 100-alpha nearest-rank percentiles of the
-    tissue angles atan2(y, x), y and x a pixel's coordinates along the largest and the second eigenvector.
-    ``keys`` [N, P] is scratch; ``parameters`` are (io, alpha, beta).
+    tissue angles atan2(y, x), x and y a pixel's coordinates along the second and the largest eigenvector, given
+    as ``projection`` [N, 2, P] = (-x, y). ``keys`` [N, P] is scratch; ``parameters`` are (alpha, beta).
 
     Where y has one sign over the tissue, the angle is sign(y) pi/2 + atan(-x/y): -x/y orders the pixels as their
     angles do at the cost of a division instead of a much slower atan2. That holds whenever the leading
     eigenvector's components share a sign (usual for H&E): tissue OD is >= beta > 0 in every channel.
     """
-    io, alpha, beta = parameters
-    num_pixels, device = keys.shape[-1], keys.device
+    alpha, beta = parameters
     leading = plane[..., 1]
     one_signed = (leading > 0).all(dim=-1) | (leading < 0).all(dim=-1)
     by_slope = one_signed & (beta > 0)
-    if bool(by_slope.any()):  # background pixels may divide by 0: NaN or inf would survive the lerp below
-        torch.div(projection[:, 0], projection[:, 1], out=keys).neg_().nan_to_num_(0.0, 0.0, 0.0)
+    if bool(by_slope.any()):
+        torch.div(projection[:, 0], projection[:, 1], out=keys)
     if not bool(by_slope.all()):
         by_angle = (~by_slope).nonzero().squeeze(1)
-        keys[by_angle] = torch.atan2(projection[by_angle, 1], projection[by_angle, 0])
-    background = _background_keys(num_pixels, _lowest_angle_key(io, beta) - 1, device, workspace)
-    torch.lerp(background, keys, weights.squeeze(1), out=keys)  # exact for 0/1 weights
-    # With the background below every key, the percentiles sit at (background count + rank - 1). Plain
-    # Python on the N counts: the selection takes its positions as Python ints anyway, and the same
+        keys[by_angle] = torch.atan2(projection[by_angle, 1], -projection[by_angle, 0])
+    # background keys become NaN, which sorts after every tissue key: key * 0 / 0 (also for what a division by 0
+    # gave there); tissue keys stay exact (key * 1 / 1). Two arithmetic passes cost less than a masked fill.
+    weights = weights.squeeze(1)
+    keys.mul_(weights).div_(weights)
+    # Plain Python on the N counts: the selection takes its positions as Python ints anyway, and the same
     # arithmetic as tensor ops is many small ops per chunk, which costs more.
-    positions = [
-        [min(num_pixels - 1 - count + _nearest_rank(count, q), num_pixels - 1) for q in (alpha, 100 - alpha)]
-        for count in tissue_count.tolist()
-    ]
-    extreme_keys = _order_statistics(keys, torch.tensor(positions, device=device))
+    counts = tissue_count.tolist()
+    positions = [[_nearest_rank(count, q) - 1 for q in (alpha, 100 - alpha)] for count in counts]
+    # an image without tissue gets 0 (it is flagged), not NaN: NaN would fail the SVD of its stain matrix
+    wanted = torch.tensor(positions, device=keys.device)
+    extreme_keys = _order_statistics(keys, wanted, counts).nan_to_num_(0.0)
     quarter_turns = torch.where(leading[:, :1] > 0, math.pi / 2, -math.pi / 2).to(torch.float64)
     from_slopes = (quarter_turns + torch.atan(extreme_keys.to(torch.float64))).to(torch.float32)
     angles = torch.where(by_slope.unsqueeze(1), from_slopes, extreme_keys)  # [N, 2]: min, max
@@ -402,41 +404,6 @@ def _stain_vectors(
     # hematoxylin first: the vector with the larger red OD component (HEnorm's heuristic)
     min_first = (vectors[:, 0, 0] > vectors[:, 0, 1])[:, None, None]
     return torch.where(min_first, vectors, vectors.flip(-1))
-
-
-def _lowest_angle_key(io: float, beta: float) -> float:
-    """A bound below every tissue pixel's angle key: an angle (> -pi) or a slope -x/y, where |x| <= |OD| <=
-    sqrt(3) log(io) and |y| >= beta (see ``_stain_vectors``)."""
-    if beta <= 0:
-        return -math.pi
-    return -(math.sqrt(3) * max(math.log(io), 1.0) / beta + math.pi)
-
-
-def _background_keys(
-    num_pixels: int, ceiling: float, device: torch.device, workspace: Buffers | None
-) -> torch.Tensor:
-    """[P] what background pixels get instead of an angle key: below every key, and distinct, since a selection
-    among many equal values is slow. Kept in ``workspace``: the shuffle costs more than normalizing an image."""
-    if workspace is None:
-        return _distinct_values_below(ceiling, num_pixels, device)
-    # one set for every size up to the largest seen: mixed sizes alternate, and a shuffle per switch costs
-    capacity = _size_class(num_pixels)
-    kept = workspace.peek("background_keys")
-    if kept is not None and kept[0][0] == ceiling and kept[0][2] == device and kept[0][1] >= capacity:
-        capacity = kept[0][1]
-    keys = workspace.constant(
-        "background_keys",
-        (ceiling, capacity, device),
-        functools.partial(_distinct_values_below, ceiling, capacity, device),
-    )
-    return keys[:num_pixels]
-
-
-def _distinct_values_below(ceiling: float, count: int, device: torch.device) -> torch.Tensor:
-    """``count`` distinct float32 values below ``ceiling`` in a fixed shuffled order: introselect picks its pivots
-    from the middle and the ends of a range, and a monotonic run of values makes those bad pivots."""
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(0))
-    return (ceiling - order.to(torch.float32)).to(device)
 
 
 def _blocked_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -456,9 +423,12 @@ def _nearest_rank(count: int, percent: float) -> int:
     return 1 + round((0.01 * percent) * (count - 1))
 
 
-def _order_statistics(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The values at 0-based ``positions`` [R, m] of each row of ``rows`` [R, P] sorted ascending; exact.
+def _order_statistics(
+    rows: torch.Tensor, positions: torch.Tensor, counts: Sequence[int] | None = None
+) -> torch.Tensor:
+    """The values at 0-based ``positions`` [R, m] of each row of ``rows`` [R, P] sorted ascending, NaN last; exact.
 
+    ``counts``: how many values of each row are not NaN, when not all of them (NaN marks values to leave out).
     ``rows`` is scratch: it may be reordered in place. On CPU each value is selected by :func:`_select` in
     numpy, on the tensor's own memory, releasing the GIL: O(P) on the values alone, where
     ``torch.topk``/``kthvalue`` select (value, index) pairs, several times slower. Elsewhere torch's own ops.
@@ -466,50 +436,61 @@ def _order_statistics(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tens
     if rows.device.type != "cpu":
         return _order_statistics_by_torch(rows, positions)
     array, kths = rows.numpy(), positions.tolist()
-    selected = [[_select(row, kth) for kth in row_kths] for row, row_kths in zip(array, kths, strict=True)]
+    counts = [array.shape[1]] * len(kths) if counts is None else counts
+    selected = [
+        [_select(row, kth, count) for kth in row_kths]
+        for row, row_kths, count in zip(array, kths, counts, strict=True)
+    ]
     return torch.from_numpy(np.array(selected, dtype=array.dtype).reshape(positions.shape))
 
 
-def _select(row: np.ndarray, kth: int):
-    """The ``kth`` smallest value (0-based) of the 1-D numpy array ``row``, exactly, as numpy's introselect
-    would find it (which it may run on ``row`` in place).
+def _select(row: np.ndarray, kth: int, count: int):
+    """The ``kth`` smallest value (0-based) of the 1-D numpy array ``row``, of which ``count`` values are not NaN
+    (NaN sorts last), exactly; ``row`` may be reordered in place.
 
-    A long row is narrowed first: the ranks of every ``_SELECT_SAMPLE_STRIDE``-th value bracket ``kth`` within a
-    few standard deviations, and only the values inside the bracket are partitioned, after a count of those
-    below it. Comparing and gathering are a few cheap vector passes; introselect's own passes cost several times
-    more per value on some CPUs (numpy's AVX-512 dispatch on AMD Zen 4). Should the bracket miss, which the
-    counts tell exactly, the whole row is partitioned.
+    A row of many values is narrowed first: the ranks of every ``_SELECT_SAMPLE_STRIDE``-th value bracket ``kth``
+    within a few standard deviations, and only the values inside the bracket, after a count of those below it,
+    are sorted. Comparing and gathering are cheap vector passes, and numpy sorts a small array fast on every
+    dispatch path, where its selection (``partition``) costs several times more per value on some CPUs (numpy's
+    AVX-512 dispatch on AMD Zen 4, whose compressing stores to memory are slow). Should the bracket miss, which
+    the counts tell exactly, the whole row is partitioned.
     """
     size = row.shape[0]
-    if size < _SELECT_MIN_BRACKETED:
-        row.partition(kth)
-        return row[kth]
+    if not 0 <= kth < count:  # no such value (an image without tissue)
+        return row.dtype.type(math.nan)
+    if count < _SELECT_MIN_BRACKETED:
+        values = row[~np.isnan(row)] if count < size else row  # then a partition does not move the NaN too
+        values.partition(kth)
+        return values[kth]
     sample = row[::_SELECT_SAMPLE_STRIDE].copy()
-    count = sample.shape[0]
-    expected = kth * count / size
-    margin = 4 * math.sqrt(expected * (count - expected) / count) + 8
-    # one bound where the bracket would reach the row's first or last eighth: one comparison pass fewer
-    low_rank = math.floor(expected - margin) if kth >= size // 8 else 0
-    high_rank = math.ceil(expected + margin) if size - kth > size // 8 else count - 1
-    bounded = [rank for rank in (low_rank, high_rank) if 0 < rank < count - 1]
+    if count < size:
+        sample = sample[~np.isnan(sample)]
+    sampled = sample.shape[0]
+    expected = kth * sampled / count
+    margin = 4 * math.sqrt(expected * max(sampled - expected, 0) / max(sampled, 1)) + 8
+    # a bound only where the bracket would not reach the first or last eighth: one comparison pass fewer
+    low_rank = math.floor(expected - margin) if kth >= count // 8 else 0
+    high_rank = math.ceil(expected + margin) if count - kth > count // 8 else sampled - 1
+    bounded = [rank for rank in (low_rank, high_rank) if 0 < rank < sampled - 1]
     if not bounded:
         row.partition(kth)
         return row[kth]
     sample.partition(bounded)
     low = sample[low_rank] if 0 < low_rank else None
-    high = sample[high_rank] if high_rank < count - 1 else None
+    high = sample[high_rank] if high_rank < sampled - 1 else None
+    # comparisons with NaN are false: the NaN are never inside, nor counted below
     if low is None:
         below, inside = 0, row[row <= high]
     elif high is None:
         inside = row[row >= low]
-        below = size - inside.shape[0]
+        below = count - inside.shape[0]
     else:
         below, inside = np.count_nonzero(row < low), row[(row >= low) & (row <= high)]
     rank = kth - below
     if not 0 <= rank < inside.shape[0]:
         row.partition(kth)
         return row[kth]
-    inside.partition(rank)
+    inside.sort()
     return inside[rank]
 
 

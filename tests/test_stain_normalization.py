@@ -597,6 +597,25 @@ def test_order_statistics_are_exact_at_the_extremes_and_on_ties():
             assert torch.equal(_order_statistics(values.clone()[None], wanted), expected[kth].view(1, 1)), kth
 
 
+def test_order_statistics_leave_out_nan_values():
+    """The angle keys of background pixels are NaN: ranks count the other values only, on the bracketed path
+    (many values) and the direct one (few), and a rank beyond them gives NaN."""
+    generator = torch.Generator().manual_seed(3)
+    length = 50176
+    for kept in (length, 30000, 5000, 3000, 1):
+        rows = torch.randn(3, length, generator=generator)
+        rows[1] = torch.randint(0, 7, (length,), generator=generator).float()  # ties
+        for row in rows:
+            row[torch.randperm(length, generator=generator)[: length - kept]] = math.nan
+        expected = rows.sort(dim=-1).values  # NaN last
+        kths = {0, 1, kept // 100, kept // 2, kept - kept // 100 - 1, kept - 2, kept - 1}
+        for kth in kths & set(range(kept)):
+            wanted = torch.full((3, 1), kth)
+            got = _order_statistics(rows.clone(), wanted, [kept] * 3)
+            assert torch.equal(got, expected[:, kth : kth + 1]), (kept, kth)
+    assert _order_statistics(rows.clone(), torch.full((3, 1), 1), [1] * 3).isnan().all()
+
+
 def test_order_statistics_are_exact_on_adversarial_rows():
     """Rows built against the sample bracket: a strided sample unlike the rest (the bracket misses), ties at the
     bracket's bounds, constant rows, ranks at both ends, several rows with different ranks in one call."""
