@@ -222,8 +222,7 @@ def normalize_chunk(
         workspace=workspace,
         scratch=flat_out,
     )
-    reference_matrix, reference_max = reference.tensors(images.device)
-    log2_scale = torch.full((1, 1, 1), math.log2(io / 255.0), device=images.device)
+    reference_matrix, reference_max, log2_scale = _mapping_constants(reference, io, images.device)
     # scaling the concentrations by maxCRef / maxC is a per-image scaling of the reference stain columns
     mixing = reference_matrix * (reference_max / decomposition.max_concentrations).unsqueeze(-2)
     # io/255 * exp(-mixing @ C) with C = to_concentrations @ projection, as one exp2 of one batched product
@@ -237,6 +236,16 @@ def normalize_chunk(
     if not bool(valid.all()):
         out[~valid] = images[~valid].float() / 255.0
     return MacenkoOutput(images=out, normalized=valid)
+
+
+@functools.lru_cache(maxsize=16)
+def _mapping_constants(
+    reference: StainReference, io: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's stain matrix and maxima and ``log2(io / 255)`` [1, 1, 1] on ``device``, made once: a
+    tensor made from Python numbers per chunk costs more than the arithmetic of a small chunk. Read only."""
+    with torch.inference_mode(False):
+        return (*reference.tensors(device), torch.full((1, 1, 1), math.log2(io / 255.0), device=device))
 
 
 def decompose_stains(
@@ -268,7 +277,7 @@ def decompose_stains(
     plane = _leading_plane(shifted, weights, tissue_count, scratch)
     # the plane coordinates are taken as (-x, y): their ratio is then the angle key of `_stain_vectors` without
     # a negation pass, and `to_concentrations` below takes the sign back (negation is exact: same results)
-    signed_plane = plane * torch.tensor([-1.0, 1.0], device=device)
+    signed_plane = torch.cat((-plane[..., :1], plane[..., 1:]), dim=-1)
     plane_t = signed_plane.transpose(-1, -2)
     # every pixel's OD in the plane: plane^T (log(io) - shift) - plane^T shifted
     projection = _empty(workspace, "projection", (n, 2, num_pixels), torch.float32, device)
@@ -516,6 +525,7 @@ def _pseudo_inverse_3x2(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return ((vh.mT * inverse.unsqueeze(-2)) @ u.mT).to(matrix.dtype), kept[:, 1]
 
 
+@functools.lru_cache(maxsize=16)
 def _uint8_tissue_limit(io: float, beta: float) -> int:
     """OD >= beta <=> I < this, for uint8 intensities I, with the 256 ODs computed the release's way (float32)."""
     table = -torch.log((torch.arange(256, dtype=torch.float32) + 1) / io)
