@@ -160,7 +160,7 @@ class StainDecomposition:
     """Per-image Macenko decomposition of a chunk of N images with P pixels each (see :func:`decompose_stains`)."""
 
     stain_matrix: torch.Tensor  # [N, 3, 2], hematoxylin first
-    projection: torch.Tensor  # [N, 2, P]: every pixel's OD in the plane of the two leading eigenvectors
+    projection: torch.Tensor  # [N, 2, P]: every pixel's OD in the stain plane, as (-x, y)
     to_concentrations: torch.Tensor  # [N, 2, 2]: plane coordinates -> least-squares concentrations
     max_concentrations: torch.Tensor  # [N, 2], nearest-rank 99th percentile
     valid: torch.Tensor  # [N] bool: enough tissue and a well-posed decomposition
