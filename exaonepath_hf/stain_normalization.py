@@ -545,8 +545,11 @@ class MacenkoNormalizer:
         min_tissue_fraction: images whose tissue fraction (pixels with every OD channel >= ``beta``) is below
             this are returned unchanged; see :data:`DEFAULT_MIN_TISSUE_FRACTION`.
         max_batch_pixels: images are processed in chunks of at most this many pixels (bounds the memory of the
-            per-pixel intermediates; a single larger image is processed whole). The default, eight 224x224
-            images, is the fastest measured on CPU: larger chunks spill the per-pixel buffers out of cache.
+            per-pixel intermediates; a single larger image is processed whole). By default (None) the pixels of
+            eight 224x224 images with one worker thread, and of twenty-four with several: one worker is fastest
+            on chunks whose per-pixel buffers stay in cache, while several spend more on handing the GIL to each
+            other at every one of a chunk's small tensor operations, which fewer, larger chunks save. On CPU the
+            chunks are also made small enough that every worker thread gets one.
 
     Memory: fresh memory costs a page fault per page on first touch, about as much as the arithmetic on it, so
     the normalizer keeps, for its later calls, the per-pixel scratch buffers of its worker threads (about 1.5 MB
@@ -578,7 +581,7 @@ class MacenkoNormalizer:
         alpha: float = _ALPHA,
         beta: float = _BETA,
         min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION,
-        max_batch_pixels: int = 8 * 224 * 224,
+        max_batch_pixels: int | None = None,
     ):
         if not isinstance(reference, StainReference):
             reference = StainReference.from_dict(reference)
@@ -593,7 +596,7 @@ class MacenkoNormalizer:
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.min_tissue_fraction = float(min_tissue_fraction)
-        self.max_batch_pixels = int(max_batch_pixels)
+        self.max_batch_pixels = None if max_batch_pixels is None else int(max_batch_pixels)
         self._engine = ChunkEngine()
 
     def __repr__(self) -> str:
@@ -725,11 +728,17 @@ class MacenkoNormalizer:
         for index, images in enumerate(groups):
             by_device.setdefault(images[0].device, []).append(index)
         results: list = [None] * len(groups)
-        for indices in by_device.values():
+        for device, indices in by_device.items():
+            workers = torch.get_num_threads() if device.type == "cpu" else 1
+            chunk_pixels = self.max_batch_pixels
+            if chunk_pixels is None:
+                chunk_pixels = (8 if workers == 1 else 24) * 224 * 224
+            # at most an even share of the device's images per chunk, so that every worker gets work
+            share = -(-sum(len(groups[index]) for index in indices) // workers)
             jobs = []
             for index in indices:
                 height, width = groups[index][0].shape[-2:]
-                per_chunk = min(len(groups[index]), max(1, self.max_batch_pixels // (height * width)))
+                per_chunk = min(len(groups[index]), max(1, chunk_pixels // (height * width)), share)
                 jobs.append((groups[index], per_chunk))
             for index, result in zip(
                 indices, self._engine.run_many(jobs, chunk_function, then, output_per_chunk), strict=True
