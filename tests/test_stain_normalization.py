@@ -353,6 +353,32 @@ def test_cuda_matches_cpu(patches):
     assert torch.equal(gpu.normalized.cpu(), cpu.normalized)
 
 
+def test_default_chunks_follow_the_worker_count_and_feed_every_worker(monkeypatch):
+    """One worker: chunks of 8 images of 224x224 (cache-sized); several: up to 24, but never so large that a
+    worker gets none; an explicit max_batch_pixels is an upper bound."""
+    normalizer = MacenkoNormalizer()
+    chunk_sizes = []
+
+    def record(jobs, *args):
+        chunk_sizes.append([per_chunk for _, per_chunk in jobs])
+        return [(None, None)] * len(jobs)
+
+    monkeypatch.setattr(normalizer._engine, "run_many", record)
+    images = torch.zeros(60, 3, 224, 224, dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    try:
+        for workers, count, expected in [(1, 60, 8), (2, 60, 24), (2, 10, 5), (8, 60, 8), (4, 60, 15)]:
+            torch.set_num_threads(workers)
+            normalizer._normalize_groups([images[:count]], None)
+            assert chunk_sizes[-1] == [expected], (workers, count)
+        torch.set_num_threads(2)
+        normalizer.max_batch_pixels = 3 * 224 * 224
+        normalizer._normalize_groups([images, images[:4, :, :100, :100]], None)  # two sizes share the workers
+        assert chunk_sizes[-1] == [3, 4]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_then_hook_and_worker_threads_leave_no_trace(patches):
     batch = torch.stack(patches[:7])
     normalizer = MacenkoNormalizer(max_batch_pixels=2 * 224 * 224)  # 4 chunks, shared by worker threads
