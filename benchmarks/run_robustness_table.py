@@ -26,7 +26,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import argparse
-import csv
 import json
 import logging
 import shutil
@@ -38,7 +37,6 @@ from pathlib import Path
 
 import torch
 from machine import cpu_description, cpu_summary
-from safetensors.torch import load_file
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 from exaonepath_hf.atomic_io import atomic_write_text, write_json
@@ -73,15 +71,6 @@ def random_vit(like: Path, out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     ExaonePathModel(config).save_pretrained(out)
     return out
-
-
-def unpaired_cosine(features: torch.Tensor, pair_ids: list[str]) -> float:
-    """Mean cosine of two images of different tissue: the level a paired cosine is to be read against (a
-    nearly collapsed model has both near 1)."""
-    unit = torch.nn.functional.normalize(features.double(), dim=1)
-    code_of = {pair: code for code, pair in enumerate(dict.fromkeys(pair_ids))}
-    codes = torch.as_tensor([code_of[pair] for pair in pair_ids])
-    return float((unit @ unit.T)[codes[:, None] != codes[None, :]].mean())
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -120,7 +109,7 @@ def render_table(record: dict) -> str:
         )
         cells = [
             _robustness_index(metrics),
-            f"{_number(metrics['paired_cosine'])} ({_number(row['unpaired_cosine'])})",
+            f"{_number(metrics['paired_cosine'])} ({_number(metrics['paired_unpaired_cosine'])})",
             _number(metrics["paired_top1"]),
             _number(metrics["paired_top10"]),
             _number(metrics["clustering_score"]),
@@ -168,9 +157,6 @@ def run(work: Path, train_steps: int) -> dict:
     outputs = run_robustness(settings)
     finished = time.perf_counter()
     run_record = json.loads((work / "robustness" / "run.json").read_text(encoding="utf-8"))
-    features = load_file(str(outputs.features))
-    with open(outputs.samples, newline="", encoding="utf-8") as handle:
-        pair_ids = [row["pair_id"] for row in csv.DictReader(handle)]
     return {
         "date": datetime.now(timezone.utc).date().isoformat(),
         "cpu": cpu_description(),
@@ -188,11 +174,7 @@ def run(work: Path, train_steps: int) -> dict:
         "options": run_record["options"],
         "input_settings": run_record["input_settings"],
         "records": [
-            {
-                **{key: row[key] for key in ("model", "setting", "metrics", "reasons")},
-                "unpaired_cosine": unpaired_cosine(features[f"{row['model']}/{row['setting']}"], pair_ids),
-            }
-            for row in outputs.records
+            {key: row[key] for key in ("model", "setting", "metrics", "reasons")} for row in outputs.records
         ],
         "environment": run_record["environment"],
     }

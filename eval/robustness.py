@@ -492,7 +492,13 @@ def measure(
         if cs.value is None:
             undefined(cs_names, cs.reason)
 
-    paired_names = ("paired_cosine", "paired_top1", "paired_top10", "paired_num_pairs")
+    paired_names = (
+        "paired_cosine",
+        "paired_unpaired_cosine",
+        "paired_top1",
+        "paired_top10",
+        "paired_num_pairs",
+    )
     if samples.pair_id is None or centers is None:
         undefined(paired_names, NO_PAIRS if samples.pair_id is None else NO_CENTERS)
     else:
@@ -500,12 +506,17 @@ def measure(
         results["paired_retrieval"] = paired.to_dict()
         metrics.update(
             paired_cosine=paired.cosine,
+            paired_unpaired_cosine=paired.unpaired_cosine,
             paired_top1=paired.top1,
             paired_top10=paired.top10,
             paired_num_pairs=paired.num_pairs,
         )
         if paired.reason is not None:
-            undefined(paired_names[:3], paired.reason)
+            undefined(paired_names[:4], paired.reason)
+        elif paired.unpaired_cosine is None:
+            undefined(
+                paired_names[1:2], "no condition pair shares 2 tiles: no two different tiles to compare"
+            )
 
     gap_names = ("within_cross_gap", "within_slide_accuracy", "cross_slide_accuracy")
     # the same-slide share does not depend on the class: without labels it comes from constant ones
@@ -669,6 +680,7 @@ COLUMNS = (
     ("Robustness index (k) [95% CI] ↑", None),
     ("Clustering score ↑", "clustering_score"),
     ("Paired cosine ↑", "paired_cosine"),
+    ("Unpaired cosine (baseline)", "paired_unpaired_cosine"),
     ("Paired top-1 ↑", "paired_top1"),
     ("Paired top-10 ↑", "paired_top10"),
     ("Within − cross-slide gap ↓", "within_cross_gap"),

@@ -1062,11 +1062,14 @@ def clustering_score(
 
 @dataclass(frozen=True)
 class PairedRetrieval(_Result):
-    """PLISM-style paired figures: medians over condition pairs of the paired cosine and top-1 / top-10
-    retrieval; ``per_condition_pair`` has each pair's ``condition_a``, ``condition_b``, ``n``, ``cosine`` and
+    """PLISM-style paired figures: medians over condition pairs of the paired cosine, of the unpaired cosine
+    (two different tiles, one from each condition: the level the paired cosine is to be read against, since a
+    nearly collapsed model has both near 1) and of top-1 / top-10 retrieval; ``per_condition_pair`` has each
+    pair's ``condition_a``, ``condition_b``, ``n``, ``cosine``, ``unpaired_cosine`` (from 2 shared tiles on) and
     ``top{k}``; ``num_pairs`` counts the pair ids present under 2+ conditions."""
 
     cosine: float | None
+    unpaired_cosine: float | None
     top1: float | None
     top10: float | None
     num_pairs: int
@@ -1097,7 +1100,7 @@ def paired_retrieval(
         raise ValueError(f"ks must be positive integers, got {ks}")
 
     def undefined(reason: str, num_pairs: int = 0) -> PairedRetrieval:
-        return PairedRetrieval(None, None, None, num_pairs, 0, [], reason)
+        return PairedRetrieval(None, None, None, None, num_pairs, 0, [], reason)
 
     if pair_ids is None:
         return undefined("no pair ids: paired retrieval needs the same tile under several conditions")
@@ -1143,12 +1146,17 @@ def paired_retrieval(
         rows_a = torch.as_tensor([row_of[a][p] for p in shared], device=unit.device)
         rows_b = torch.as_tensor([row_of[b][p] for p in shared], device=unit.device)
         m = len(shared)
+        tiles_a, tiles_b = unit[rows_a].double(), unit[rows_b].double()
+        paired_cosines = (tiles_a * tiles_b).sum(dim=1)
         entry: dict[str, Any] = {
             "condition_a": _plain(names[a]),
             "condition_b": _plain(names[b]),
             "n": m,
-            "cosine": float((unit[rows_a] * unit[rows_b]).sum(dim=1).mean()),
+            "cosine": float(paired_cosines.mean()),
         }
+        if m >= 2:  # every a_i . b_j at the cost of two sums: (sum_i a_i) . (sum_j b_j), less the paired ones
+            every = tiles_a.sum(dim=0) @ tiles_b.sum(dim=0)
+            entry["unpaired_cosine"] = float((every - paired_cosines.sum()) / (m * (m - 1)))
         if ranks is not None:
             before = ranks[row_in_tiles[a], row_in_tiles[b]]
             for k in ks:
@@ -1163,10 +1171,18 @@ def paired_retrieval(
         return undefined("no pair id occurs under two conditions", num_pairs)
 
     def median(key: str) -> float | None:
-        return float(np.median([entry[key] for entry in per_pair])) if key in per_pair[0] else None
+        values = [entry[key] for entry in per_pair if key in entry]
+        return float(np.median(values)) if values else None
 
     return PairedRetrieval(
-        median("cosine"), median("top1"), median("top10"), num_pairs, len(per_pair), per_pair, None
+        median("cosine"),
+        median("unpaired_cosine"),
+        median("top1"),
+        median("top10"),
+        num_pairs,
+        len(per_pair),
+        per_pair,
+        None,
     )
 
 

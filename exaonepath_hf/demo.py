@@ -233,6 +233,7 @@ def print_summary(
         for name, digits in (
             ("paired_top10", 2),
             ("paired_cosine", 3),
+            ("paired_unpaired_cosine", 3),
             ("slide_identity_knn", 2),
             ("robustness_index", 2),
         ):
@@ -241,7 +242,7 @@ def print_summary(
                 undefined[name] = reasons[name]
         print(
             f"  {SETTING_NAMES[setting]:>13}: paired top-10 {shown['paired_top10']}, paired cosine "
-            f"{shown['paired_cosine']}, lab-ID kNN {shown['slide_identity_knn']} (chance "
+            f"{shown['paired_cosine']} (two different tiles: {shown['paired_unpaired_cosine']}), lab-ID kNN {shown['slide_identity_knn']} (chance "
             f"{values['slide_identity_chance']:.2f}), robustness index {shown['robustness_index']}"
         )
     for name, reason in undefined.items():

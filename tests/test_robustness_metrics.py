@@ -243,6 +243,10 @@ def test_paired_retrieval_perfect_and_swapped():
     # top-10 is clipped to the 7 other tiles of the pool: everyone succeeds
     assert by_pair["A", "C"]["top10"] == 1.0 and by_pair["A", "C"]["n"] == 4
     assert (result.cosine, result.top1, result.top10) == (0.5, 0.5, 1.0)  # medians over AB, AC, BC
+    # two different tiles: A's and B's never match (0); of A's and C's 12, the swapped t0 / t1 match twice
+    assert by_pair["A", "B"]["unpaired_cosine"] == 0.0
+    assert by_pair["A", "C"]["unpaired_cosine"] == pytest.approx(1 / 6)
+    assert result.unpaired_cosine == pytest.approx(1 / 6)  # median of AB 0, AC 1/6, BC 1/6
     assert (result.num_pairs, result.num_condition_pairs, result.reason) == (4, 3, None)
 
 
@@ -255,6 +259,20 @@ def test_paired_retrieval_identical_features_give_top1_one_and_skip_unpaired():
     result = paired_retrieval(torch.tensor(features), pairs, conditions, ks=(1,))
     assert result.top1 == 1.0 and result.cosine == pytest.approx(1.0) and result.top10 is None
     assert result.per_condition_pair[0]["n"] == 5
+
+
+def test_paired_unpaired_cosine_equals_the_mean_over_every_two_different_tiles():
+    rng = np.random.default_rng(9)
+    tiles_a, tiles_b = rng.normal(size=(7, 5)), rng.normal(size=(7, 5))
+    result = paired_retrieval(
+        np.concatenate([tiles_a, tiles_b]), [f"t{i}" for i in range(7)] * 2, [0] * 7 + [1] * 7
+    )
+    unit_a = tiles_a / np.linalg.norm(tiles_a, axis=1, keepdims=True)
+    unit_b = tiles_b / np.linalg.norm(tiles_b, axis=1, keepdims=True)
+    expected = np.mean([unit_a[i] @ unit_b[j] for i in range(7) for j in range(7) if i != j])
+    assert result.unpaired_cosine == pytest.approx(expected, abs=1e-6)
+    single = paired_retrieval(np.concatenate([tiles_a[:1], tiles_b[:1]]), ["t0", "t0"], [0, 1])
+    assert single.cosine is not None and single.unpaired_cosine is None  # one shared tile: no two different
 
 
 def test_paired_retrieval_undefined_and_invalid():
