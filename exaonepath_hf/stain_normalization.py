@@ -439,8 +439,8 @@ def _order_statistics(
 
     ``counts``: how many values of each row are not NaN, when not all of them (NaN marks values to leave out).
     ``rows`` is scratch: it may be reordered in place. On CPU each value is selected by :func:`_select` in
-    numpy, on the tensor's own memory, releasing the GIL: O(P) on the values alone, where
-    ``torch.topk``/``kthvalue`` select (value, index) pairs, several times slower. Elsewhere torch's own ops.
+    numpy, on the tensor's own memory: O(P) on the values alone, where ``torch.topk``/``kthvalue`` select
+    (value, index) pairs, several times slower. Elsewhere torch's own ops.
     """
     if rows.device.type != "cpu":
         return _order_statistics_by_torch(rows, positions)
