@@ -16,9 +16,7 @@ model) with Macenko on and off: preprocessing keeps up when its images/s exceed 
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,6 +25,7 @@ from pathlib import Path
 import datasets
 import torch
 import torch.nn.functional as F
+from machine import cpu_description, cpu_summary, save_results
 from torch.utils.data import DataLoader, TensorDataset
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
@@ -198,7 +197,7 @@ def bench_extraction(images: int, batch: int, workers: int) -> list[dict]:
 
 def write_markdown(report: dict) -> str:
     lines = [
-        f"Measured on {report['machine']}, torch {report['torch']}, {report['threads']} threads.",
+        f"Measured on {cpu_summary(report['cpu'])}, torch {report['torch']}, {report['threads']} threads.",
         "",
         "| Probe training (100k x 768 cached features, 9 classes) | Seconds for 12,500 iterations |",
         "|---|---|",
@@ -230,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "cpu": cpu_description(),
         "torch": torch.__version__,
         "threads": args.threads,
         "batch": args.batch,
@@ -239,10 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.skip_extraction
         else bench_extraction(args.images, args.batch, args.workers),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     table = write_markdown(report)
-    (RESULTS / "eval.md").write_text(table)
+    save_results(RESULTS, "eval", report, table)
     print(table)
     return 0
 

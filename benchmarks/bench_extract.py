@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import platform
 import shutil
@@ -35,10 +34,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from machine import cpu_description, cpu_summary
+from machine import cpu_description, cpu_summary, save_results
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
-from exaonepath_hf.atomic_io import atomic_write_text
 from exaonepath_hf.eval.backbones import load_encoder
 from exaonepath_hf.eval.slide_features import SlideExtractionSettings, extract_slide_features
 from exaonepath_hf.tiling import TilingConfig, tile_slides
@@ -204,9 +202,7 @@ def main() -> None:
 
     table = markdown(record)
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        atomic_write_text(RESULTS / "extract.json", json.dumps(record, indent=2) + "\n")
-        atomic_write_text(RESULTS / "extract.md", table)
+        save_results(RESULTS, "extract", record, table)
     print(table)
 
 

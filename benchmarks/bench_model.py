@@ -8,7 +8,6 @@ machine hits all of them alike. Reported: the median over rounds of images/s, an
 """
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import timm
 import torch
 import transformers
-from machine import cpu_description, cpu_summary
+from machine import cpu_description, cpu_summary, save_results
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 
@@ -83,8 +82,6 @@ def main() -> None:
         "relative_to_timm": relative,
         "seconds_per_batch": seconds,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "model.json").write_text(json.dumps(record, indent=2))
     lines = [
         f"{cpu_summary(cpu)}; torch {torch.__version__}, timm {timm.__version__}, transformers "
         f"{transformers.__version__}; median of {args.repeats} interleaved rounds.",
@@ -95,7 +92,7 @@ def main() -> None:
     lines += [
         f"| {name} | {images_per_second[name]:.2f} | {relative[name]:.2f}× |" for name in images_per_second
     ]
-    (RESULTS / "model.md").write_text("\n".join(lines) + "\n")
+    save_results(RESULTS, "model", record, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

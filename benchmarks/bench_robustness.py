@@ -12,7 +12,7 @@ low-dimensional subspace, so that tiles have close neighbours) + its lab's shift
 tuned so that the metrics land mid-range (robustness index about 0.8, paired top-1 about 0.9), where neighbour
 lists are neither trivial nor random.
 
-Rounds: `--rounds` (at least 3) of the fast path (median and range reported) and `--baseline_rounds` of the
+Rounds: `--rounds` (at least 5) of the fast path (median and range reported) and `--baseline_rounds` of the
 plain path (the float32 blocked search of every query row, the code before the fast path; one round takes about
 five minutes at 100k, so one is the default), interleaved: the baseline runs after the first fast round. Every
 fast round's metrics are compared with the baseline's, and where the two paths chose different neighbours, float64
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import statistics
 import time
@@ -35,9 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_description, cpu_summary
+from machine import cpu_description, cpu_summary, save_results
 
-from exaonepath_hf.atomic_io import atomic_write_text
 from exaonepath_hf.eval import robustness_metrics
 from exaonepath_hf.eval.robustness_metrics import paired_retrieval, robustness_index
 
@@ -302,13 +300,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if args.rounds < 3:
-        parser.error("--rounds must be at least 3: a median of fewer rounds is too noisy on a shared machine")
+    if args.rounds < 5:
+        parser.error("--rounds must be at least 5: a median of fewer rounds is too noisy on a shared machine")
     results = run_benchmark(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "robustness.json", json.dumps(results, indent=2) + "\n")
-    atomic_write_text(args.out / "robustness.md", markdown(results))
-    print(markdown(results))
+    table = markdown(results)
+    save_results(args.out, "robustness", results, table)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ benchmarks/results/slide.json and slide.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -31,9 +30,8 @@ from pathlib import Path
 import accelerate
 import torch
 from accelerate import Accelerator
-from machine import cpu_description, cpu_summary
+from machine import cpu_description, cpu_summary, save_results
 
-from exaonepath_hf.atomic_io import atomic_write_text
 from exaonepath_hf.eval.slide_data import Bag
 from exaonepath_hf.eval.slide_probe import HeadTrainingConfig, fit_head
 
@@ -143,9 +141,7 @@ def main() -> None:
         lines.append(f"| {config} | {step:.2f} | {epoch:.1f} | {epoch * EPOCHS / 60:.1f} min |")
     table = "\n".join(lines) + "\n"
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        atomic_write_text(RESULTS / "slide.json", json.dumps(record, indent=2) + "\n")
-        atomic_write_text(RESULTS / "slide.md", table)
+        save_results(RESULTS, "slide", record, table)
     print(table)
 
 

@@ -46,10 +46,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_description, cpu_summary
+from machine import cpu_description, cpu_summary, save_results
 from PIL import Image
-
-from exaonepath_hf.atomic_io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -477,10 +475,9 @@ def main(argv: list[str] | None = None) -> None:
         args.child.write_text(json.dumps(measured), encoding="utf-8")
         return
     results = run_benchmark(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "stain.json", json.dumps(results, indent=2) + "\n")
-    atomic_write_text(args.out / "stain.md", markdown(results))
-    print(markdown(results))
+    table = markdown(results)
+    save_results(args.out, "stain", results, table)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import psutil
-from machine import cpu_description, cpu_summary
+from machine import cpu_description, cpu_summary, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -257,8 +257,6 @@ def main() -> None:
         "results": rows,
         "startup": startup,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tile.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         f"Tiling `{SLIDE.name}` x {args.copies} copies (256 px at 0.5 µm/px = 257 px at level 0, 28 patches per "
         f"copy), {cpu_summary(record['cpu'])}, median of {args.repeats} interleaved rounds. The "
@@ -284,7 +282,7 @@ def main() -> None:
             f"| {name} | {row['help_seconds']} | {row['worker_rss_mb']} | {row['worker_uss_mb']} "
             f"| {'yes' if row['imports_torch_or_transformers'] else 'no'} |"
         )
-    (RESULTS / "tile.md").write_text("\n".join(lines) + "\n")
+    save_results(RESULTS, "tile", record, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from machine import cpu_summary  # benchmarks/machine.py: this script's folder is on sys.path
+from machine import cpu_summary, save_results  # benchmarks/machine.py: this script's folder is on sys.path
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 from exaonepath_hf.stain_normalization import MacenkoNormalizer
@@ -397,10 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         row["patches"]: {v: result["gpu_images_per_s_estimate"] / row[v] for v in variants}
         for row in result["pipeline_images_per_cpu_second_per_worker"]
     }
-    settings.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    (settings.out / "train.md").write_text(markdown(result, variants))
-    print((settings.out / "train.md").read_text())
+    table = markdown(result, variants)
+    save_results(settings.out, "train", result, table)
+    print(table)
     return 0
 
 

@@ -1,5 +1,6 @@
 """The machine a benchmark ran on, recorded with every figure: the same code runs several times faster on one
-host than on another of the same kind (numpy's and torch's kernels are picked by the CPU's SIMD flags).
+host than on another of the same kind (numpy's and torch's kernels are picked by the CPU's SIMD flags); and
+where the figures go.
 
 Imported by the `bench_*.py` scripts, which run as files (their folder is first on `sys.path`).
 """
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
+
+from exaonepath_hf.atomic_io import atomic_write_text, write_json
 
 SIMD_FLAGS = (
     "sse4_2",
@@ -56,3 +60,11 @@ def cpu_summary(cpu: dict) -> str:
         f"{cpu['cpus']} CPUs, {cpu['vendor']} family {cpu['family']} model {cpu['model']} "
         f"({cpu['model_name']}; {' '.join(cpu['simd_flags'])})"
     )
+
+
+def save_results(out_dir: Path, name: str, record: dict, table: str) -> None:
+    """``name``.json (the record) and ``name``.md (the table the README quotes) in ``out_dir``, each written
+    atomically: an interrupted run leaves the previous figures whole."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / f"{name}.json", record)
+    atomic_write_text(out_dir / f"{name}.md", table)

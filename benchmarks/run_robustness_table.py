@@ -36,10 +36,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from machine import cpu_description, cpu_summary
+from machine import cpu_description, cpu_summary, save_results
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
-from exaonepath_hf.atomic_io import atomic_write_text, write_json
 from exaonepath_hf.demo import SAMPLE_SLIDE, DemoSettings, pretrain_demo_model, tile_sample
 from exaonepath_hf.eval.robustness import RobustnessSettings, run_robustness
 
@@ -197,9 +196,7 @@ def main() -> None:
     else:
         record = run(args.work_dir, args.train_steps)
     table = render_table(record)
-    RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "robustness_table.json", record)
-    atomic_write_text(RESULTS / "robustness_table.md", table)
+    save_results(RESULTS, "robustness_table", record, table)
     print(table)
 
 

@@ -515,7 +515,8 @@ def measure(
             undefined(paired_names[:4], paired.reason)
         elif paired.unpaired_cosine is None:
             undefined(
-                paired_names[1:2], "no condition pair shares 2 tiles: no two different tiles to compare"
+                ("paired_unpaired_cosine",),
+                "no condition pair shares 2 tiles: no two different tiles to compare",
             )
 
     gap_names = ("within_cross_gap", "within_slide_accuracy", "cross_slide_accuracy")
