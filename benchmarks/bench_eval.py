@@ -3,11 +3,11 @@
     python benchmarks/bench_eval.py [--threads 2] [--rows 100000] [--images 64] [--skip_extraction]
 
 Probe: the paper's protocol (SGD, batch 128, 12,500 iterations, validation every 250 steps) on 100k cached
-768-d features (9 classes, plus 20k validation rows), as `exaonepath_hf.eval.probes` runs it, against the usual
+768-d features (9 classes, plus 20k validation rows), as `exaonepath_hf.eval.patch.probes` runs it, against the usual
 DataLoader(TensorDataset) loop with the same optimizer and against our loop with 2 intra-op threads. The
 two peers run 1,250 iterations and are scaled to 12,500 (marked "extrapolated").
 
-Extraction: images/s of `exaonepath_hf.eval.features.extract_features` (PNG decode, Macenko, resize 256, crop 224,
+Extraction: images/s of `exaonepath_hf.eval.common.features.extract_features` (PNG decode, Macenko, resize 256, crop 224,
 normalize in one DataLoader worker, then a ViT-B/16 forward) against the bare model on ready tensors, the
 share of extraction time spent in the forward, and the preprocessing alone (the DataLoader without the
 model) with Macenko on and off: preprocessing keeps up when its images/s exceed the model's. Real CRC-VAL-HE-7K tiles from the shared test data, repeated to
@@ -29,9 +29,9 @@ from machine import cpu_description, cpu_summary, save_results
 from torch.utils.data import DataLoader, TensorDataset
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
-from exaonepath_hf.eval.backbones import Encoder
-from exaonepath_hf.eval.features import _Collate, _EncodedImages, cache_key, extract_features
-from exaonepath_hf.eval.probes import PRESETS, FeatureSplit, fit_linear_probe
+from exaonepath_hf.eval.common.encoders import Encoder
+from exaonepath_hf.eval.common.features import _Collate, _EncodedImages, cache_key, extract_features
+from exaonepath_hf.eval.patch.probes import PRESETS, FeatureSplit, fit_linear_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,12 +71,14 @@ def bench_probe(rows_count: int, peer_iterations: int, threads: int) -> list[dic
     paper = PRESETS["paper"]
     rows = []
 
+    torch.set_num_threads(1)  # as `exaonepath-probe --cpu_threads 1` runs it
     started = time.perf_counter()
     fit = fit_linear_probe(train, val, paper, num_classes=9)
     seconds = time.perf_counter() - started
+    torch.set_num_threads(threads)
     rows.append(
         {
-            "what": "eval.probes paper protocol (ours)",
+            "what": "eval.probes paper protocol (ours, 1 intra-op thread)",
             "iterations": paper.iterations,
             "seconds_for_12500": round(seconds, 2),
             "extrapolated": False,
@@ -95,8 +97,8 @@ def bench_probe(rows_count: int, peer_iterations: int, threads: int) -> list[dic
         }
     )
 
-    # our loop with intra-op threading on (what eval.probes avoids on CPU by default)
-    config = dataclasses.replace(paper, iterations=short, eval_every=short, cpu_threads=threads)
+    # our loop with the process's intra-op threads
+    config = dataclasses.replace(paper, iterations=short, eval_every=short)
     started = time.perf_counter()
     fit_linear_probe(train, val, config, num_classes=9)
     seconds = (time.perf_counter() - started) * paper.iterations / short

@@ -37,8 +37,8 @@ import torch
 from machine import cpu_description, cpu_summary, save_results
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
-from exaonepath_hf.eval.backbones import load_encoder
-from exaonepath_hf.eval.slide_features import SlideExtractionSettings, extract_slide_features
+from exaonepath_hf.eval.common.encoders import load_encoder
+from exaonepath_hf.eval.slide.features import SlideExtractionSettings, extract_slide_features
 from exaonepath_hf.tiling import TilingConfig, tile_slides
 
 RESULTS = Path(__file__).parent / "results"

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from machine import cpu_description, cpu_summary, save_results
 
-from exaonepath_hf.eval import robustness_metrics
-from exaonepath_hf.eval.robustness_metrics import paired_retrieval, robustness_index
+from exaonepath_hf.eval.robustness import metrics as robustness_metrics
+from exaonepath_hf.eval.robustness.metrics import paired_retrieval, robustness_index
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_SECONDS = 60

@@ -32,8 +32,8 @@ import torch
 from accelerate import Accelerator
 from machine import cpu_description, cpu_summary, save_results
 
-from exaonepath_hf.eval.slide_data import Bag
-from exaonepath_hf.eval.slide_probe import HeadTrainingConfig, fit_head
+from exaonepath_hf.eval.slide.data import Bag
+from exaonepath_hf.eval.slide.probe import HeadTrainingConfig, fit_head
 
 RESULTS = Path(__file__).parent / "results"
 SLIDES, PATCHES, DIM, BATCH, EPOCHS = 1_000, 2_000, 768, 32, 100

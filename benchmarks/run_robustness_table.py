@@ -40,7 +40,7 @@ from machine import cpu_description, cpu_summary, save_results
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 from exaonepath_hf.demo import SAMPLE_SLIDE, DemoSettings, pretrain_demo_model, tile_sample
-from exaonepath_hf.eval.robustness import RobustnessSettings, run_robustness
+from exaonepath_hf.eval.robustness.run import RobustnessSettings, run_robustness
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"

@@ -18,7 +18,7 @@ the site (does the encoder follow the tissue or the slide, lab, scanner?).
 - `linear_probe` (`run_linear_probe`) and `robustness` (`run_robustness`, `assess_robustness`; data layouts in
   `grouped_images`): the two evaluations as library functions taking typed settings.
 - Command lines: `exaonepath-probe`, `exaonepath-robustness`, `exaonepath-report`, `exaonepath-convert-dataset`
-  (or `python -m exaonepath_hf.eval.<module>`; `accelerate launch -m exaonepath_hf.eval.linear_probe`).
+  (or `python -m exaonepath_hf.eval.<module>`; `accelerate launch -m exaonepath_hf.eval.patch.linear_probe`).
 
 This package imports the core model, the helpers (`atomic_io`, `images`), `convert` and `tiling`; never
 `exaonepath_hf.train` or the demo.

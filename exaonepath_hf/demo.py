@@ -2,7 +2,7 @@
 
 1. Tile the bundled CC0 slide CMU-1-Small-Region.svs at 0.5 µm/px into 256 px tissue patches (thumbnail with
    the tissue grid).
-2. Re-stain every patch as virtual labs would (`exaonepath_hf.eval.virtual_labs`): the patch as scanned, two
+2. Re-stain every patch as virtual labs would (`exaonepath_hf.eval.robustness.virtual_labs`): the patch as scanned, two
    fixed stain perturbations in Ruifrok-Johnston HED space and two Reinhard colour transfers toward real
    images of other labs. Not Macenko: Macenko input would undo a Macenko re-staining by construction. With `--data`, labelled tiles (class subfolders or a metadata.csv) are re-stained instead of
    the slide's patches, which gives the robustness index the tissue classes it needs.
@@ -10,7 +10,7 @@
    hub repo; otherwise a small ViT pretrained here for a few minutes with the package's own DINO loop on the
    Macenko-normalized patches (clearly a demo model, not EXAONEPath).
 4. Extract features from raw and from Macenko-normalized input and measure them the field's way
-   (`exaonepath_hf.eval.robustness`): paired cosine and top-10 retrieval of a patch's re-stainings, the
+   (`exaonepath_hf.eval.robustness.run`): paired cosine and top-10 retrieval of a patch's re-stainings, the
    robustness index when there are classes, how much the features cluster by lab; t-SNE coloured by lab.
 
     exaonepath-demo --out exaonepath-demo                      # demo model, a few minutes on a CPU
@@ -108,8 +108,8 @@ def read_patches(tiles: Path) -> list[tuple[str, np.ndarray, None, str]]:
 def restain_as_labs(sources, out: Path, lab_data: Path | None) -> tuple[Path, list[str]]:
     """Every source image re-stained by every virtual lab into `out/virtual-labs` (images and metadata.csv);
     returns the folder and the labs' names."""
-    from .eval.robustness import virtual_labs_for
-    from .eval.virtual_labs import make_virtual_lab_dataset
+    from .eval.robustness.run import virtual_labs_for
+    from .eval.robustness.virtual_labs import make_virtual_lab_dataset
 
     labs = virtual_labs_for(lab_data)
     folder = make_virtual_lab_dataset(sources, labs, out / "virtual-labs", overwrite=True)
@@ -118,7 +118,7 @@ def restain_as_labs(sources, out: Path, lab_data: Path | None) -> tuple[Path, li
 
 def read_virtual_labs(folder: Path, has_labels: bool):
     """The re-stained images (uint8 CHW tensors) and their sample table, each lab's copy one virtual slide."""
-    from .eval.robustness import as_virtual_slides, load_robustness_samples
+    from .eval.robustness.run import as_virtual_slides, load_robustness_samples
 
     samples = load_robustness_samples(folder)
     images = [torch.from_numpy(decode_rgb(image)).permute(2, 0, 1) for image in samples.dataset["image"]]
@@ -161,7 +161,7 @@ def extract(model, processor, images: list[torch.Tensor], stain_normalize: bool,
 def measure_robustness(out: Path, model_name: str, features: dict[str, torch.Tensor], table, restarts: int):
     """The field's robustness measures per input setting; writes robustness.md/.json, the t-SNE PNG(s),
     features.safetensors and samples.csv. Returns the metrics per setting."""
-    from .eval.robustness import VIRTUAL_LABS_NOTE, MetricOptions, RobustnessInput, assess_robustness
+    from .eval.robustness.run import VIRTUAL_LABS_NOTE, MetricOptions, RobustnessInput, assess_robustness
 
     inputs = [RobustnessInput(model_name, setting, values, table) for setting, values in features.items()]
     outputs = assess_robustness(
@@ -258,7 +258,7 @@ def print_summary(
 def run_demo(settings: DemoSettings) -> dict:
     """Tile, re-stain as virtual labs, get a model, measure robustness (see the module docstring); returns
     `{setting: (metrics, reasons)}` for the raw and Macenko input."""
-    from .eval.robustness import labelled_images
+    from .eval.robustness.run import labelled_images
 
     start = time.perf_counter()
     out = Path(settings.out)

@@ -39,7 +39,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def extraction_settings(inputs, model, output_dir, **overrides):
     """`SlideExtractionSettings` for a test: in-process loading, batches of 16, no progress bars."""
-    from exaonepath_hf.eval.slide_features import SlideExtractionSettings
+    from exaonepath_hf.eval.slide.features import SlideExtractionSettings
 
     values = dict(num_workers=0, batch_size=16, progress=False)
     values.update(overrides)

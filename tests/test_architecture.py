@@ -83,8 +83,8 @@ def test_wheel_holds_only_the_package_namespace(wheel):
     for expected in (
         "exaonepath_hf/train/pretrain_dino.py",
         "exaonepath_hf/train/configs/cpu_smoke.yaml",
-        "exaonepath_hf/eval/linear_probe.py",
-        "exaonepath_hf/eval/metrics/pathology_metrics.py",
+        "exaonepath_hf/eval/patch/linear_probe.py",
+        "exaonepath_hf/eval/common/metrics/pathology_metrics.py",
         "exaonepath_hf/data/CMU-1-Small-Region.svs",
     ):
         assert expected in names

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from exaonepath_hf import ExaonePathModel
-from exaonepath_hf.eval.backbones import Preprocessing, load_encoder
-from exaonepath_hf.eval.features import cache_dir_for, cache_key, extract_features, load_cached
+from exaonepath_hf.eval.common.encoders import Preprocessing, load_encoder
+from exaonepath_hf.eval.common.features import cache_dir_for, cache_key, extract_features, load_cached
 from exaonepath_hf.stain_normalization import StainReference
 
 
@@ -175,8 +175,8 @@ def test_timm_state_dict_loads_as_exaonepath(tmp_path):
 _DISTRIBUTED_SCRIPT = """
 import sys
 import datasets, torch
-from exaonepath_hf.eval.features import cache_key, distributed_state, extract_features
-from exaonepath_hf.eval.backbones import load_encoder
+from exaonepath_hf.eval.common.features import cache_key, distributed_state, extract_features
+from exaonepath_hf.eval.common.encoders import load_encoder
 
 model_dir, cache, out, *paths = sys.argv[1:]
 state = distributed_state()

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from exaonepath_hf.eval.linear_probe import LinearProbeSettings, main, probe_configs, run_linear_probe
+from exaonepath_hf.eval.patch.linear_probe import LinearProbeSettings, main, probe_configs, run_linear_probe
 
 CLASSES = ("ADI", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 

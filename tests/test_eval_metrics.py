@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from exaonepath_hf.eval.linear_probe import METRIC_PATH
+from exaonepath_hf.eval.common.metrics import METRIC_PATH
 
 
 @pytest.fixture(scope="module")

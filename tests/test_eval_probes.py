@@ -8,7 +8,8 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from exaonepath_hf.eval.probes import PRESETS, FeatureSplit, fit_linear_probe, predict, summarize_seeds
+from exaonepath_hf.eval.common.records import summarize_seeds
+from exaonepath_hf.eval.patch.probes import PRESETS, FeatureSplit, fit_linear_probe, predict
 
 
 def _blobs(n: int, dim: int = 16, classes: int = 3, spread: float = 1.0, seed: int = 0) -> FeatureSplit:

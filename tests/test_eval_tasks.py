@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
-from exaonepath_hf.eval.converters import convert_mhist, convert_msi, convert_til
-from exaonepath_hf.eval.tasks import TASKS, get_task, imagefolder_task, load_task, parse_tcga_ids
+from exaonepath_hf.eval.common.data import parse_tcga_ids
+from exaonepath_hf.eval.patch.converters import convert_mhist, convert_msi, convert_til
+from exaonepath_hf.eval.patch.tasks import TASKS, get_task, imagefolder_task, load_task
 
 
 def _png(seed: int, size: int = 16) -> bytes:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from exaonepath_hf.eval.mil import BagCollator, GatedAttentionHead, MeanPoolingHead, build_head
+from exaonepath_hf.eval.slide.mil import BagCollator, GatedAttentionHead, MeanPoolingHead, build_head
 
 PADDING_GARBAGE = 1e3  # padded rows hold garbage: a head that reads them gives visibly wrong numbers
 

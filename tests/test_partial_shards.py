@@ -78,7 +78,7 @@ def killed_run(request, tmp_path) -> Path:
 
 
 def test_readers_of_tiling_output_see_only_complete_slides(killed_run):
-    from exaonepath_hf.eval.grouped_images import load_grouped_images
+    from exaonepath_hf.eval.robustness.grouped_images import load_grouped_images
     from exaonepath_hf.train.dino.data import resolve_source
 
     complete = completed_shard_files(killed_run)

@@ -17,10 +17,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
-from exaonepath_hf.eval.backbones import Encoder
-from exaonepath_hf.eval.features import cache_key, extract_features
-from exaonepath_hf.eval.grouped_images import load_grouped_images, parquet_files
-from exaonepath_hf.eval.robustness import (
+from exaonepath_hf.eval.common.encoders import Encoder
+from exaonepath_hf.eval.common.features import cache_key, extract_features
+from exaonepath_hf.eval.robustness.grouped_images import load_grouped_images, parquet_files
+from exaonepath_hf.eval.robustness.metrics import between_group_variance_share, paired_retrieval
+from exaonepath_hf.eval.robustness.run import (
     REINHARD_TEMPLATE_STATISTICS,
     MetricOptions,
     RobustnessInput,
@@ -32,8 +33,7 @@ from exaonepath_hf.eval.robustness import (
     main,
     virtual_labs_for,
 )
-from exaonepath_hf.eval.robustness_metrics import between_group_variance_share, paired_retrieval
-from exaonepath_hf.eval.tasks import get_robustness_task, load_robustness_task
+from exaonepath_hf.eval.robustness.tasks import get_robustness_task, load_robustness_task
 
 REQUIRED_METRICS = (
     "robustness_index",

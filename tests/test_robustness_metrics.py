@@ -11,8 +11,8 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.neighbors import NearestNeighbors
 
-from exaonepath_hf.eval import robustness_metrics
-from exaonepath_hf.eval.robustness_metrics import (
+from exaonepath_hf.eval.robustness import metrics as robustness_metrics
+from exaonepath_hf.eval.robustness.metrics import (
     between_group_variance_share,
     clustering_score,
     nearest_neighbours,

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from exaonepath_hf.eval.slide_data import SlideDataSettings, load_bags, load_slide_dataset, patient_splits
+from exaonepath_hf.eval.slide.data import SlideDataSettings, load_bags, load_slide_dataset, patient_splits
 
 
 def write_trident_h5(

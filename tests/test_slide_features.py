@@ -13,8 +13,8 @@ import torch
 from conftest import SAMPLE_SLIDE, SAMPLE_SLIDE_PATCHES, extraction_argv, extraction_settings
 
 from exaonepath_hf import ExaonePathModel
-from exaonepath_hf.eval.backbones import Preprocessing
-from exaonepath_hf.eval.slide_features import (
+from exaonepath_hf.eval.common.encoders import Preprocessing
+from exaonepath_hf.eval.slide.features import (
     extract_slide_features,
     load_slide_features,
     main,
@@ -254,7 +254,7 @@ def test_bad_input_is_named(tiny_model_dir, tmp_path, capsys):
 
 def test_cls_plus_mean_of_a_timm_encoder_comes_from_its_tokens():
     timm = pytest.importorskip("timm")
-    from exaonepath_hf.eval.backbones import Encoder
+    from exaonepath_hf.eval.common.encoders import Encoder
 
     torch.manual_seed(0)
     model = timm.create_model(

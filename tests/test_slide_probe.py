@@ -11,7 +11,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from test_slide_data import write_csv, write_trident_h5
 
 from exaonepath_hf.demo import sample_slide
-from exaonepath_hf.eval.slide_probe import main
+from exaonepath_hf.eval.slide.probe import main
 from exaonepath_hf.images import decode_rgb
 from exaonepath_hf.tiling import TilingConfig, open_slide, plan_patches
 

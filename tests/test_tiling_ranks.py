@@ -110,8 +110,8 @@ def test_read_manifest_merges_ranks_and_drops_failures_a_later_run_completed(tmp
 STAGES = {
     "tiling": ("exaonepath_hf.tiling.cli", ("exaonepath_hf.tiling.pipeline", "tile_slide")),
     "extraction": (
-        "exaonepath_hf.eval.slide_features",
-        ("exaonepath_hf.eval.slide_features", "write_slide_features"),
+        "exaonepath_hf.eval.slide.features",
+        ("exaonepath_hf.eval.slide.features", "write_slide_features"),
     ),
 }
 KILL_ON_SECOND_CALL = """
@@ -206,7 +206,7 @@ def test_a_killed_tiling_rank_is_completed_by_a_rerun_and_nothing_else_is_redone
 
 @pytest.mark.slow
 def test_two_ranks_extract_and_a_killed_rank_is_completed_by_a_rerun(slides, tiny_model_dir, tmp_path):
-    from exaonepath_hf.eval.slide_features import extract_slide_features, load_slide_features
+    from exaonepath_hf.eval.slide.features import extract_slide_features, load_slide_features
 
     out = tmp_path / "features"
     assert _run_ranks("extraction", extraction_argv([slides], tiny_model_dir, out), kill_rank=1) == [0, 9]

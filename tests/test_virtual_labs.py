@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from exaonepath_hf.eval.virtual_labs import (
+from exaonepath_hf.eval.robustness.virtual_labs import (
     HedPerturbation,
     ReinhardTransfer,
     default_virtual_labs,

@@ -1,7 +1,7 @@
 """Per-slide feature bags: every tissue patch of a slide through a frozen encoder, one HDF5 file per slide.
 
     exaonepath-extract TILES_OR_SLIDES... --model MODEL --output_dir DIR [--tokens cls|cls+mean]
-    python -m exaonepath_hf.eval.slide_features ...        (same flags)
+    python -m exaonepath_hf.eval.slide.features ...        (same flags)
 
 Inputs are `exaonepath-tile` output folders (their complete slides, as their manifests list them) and slide
 files or folders of slides, which are tiled on the way into `DIR/tiles/` (coordinates and thumbnails only; the
@@ -56,11 +56,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..atomic_io import atomic_file, record_folder_settings, write_json
-from ..cli import run_command
-from ..images import open_rgb
-from ..stain_normalization import StainReference
-from ..tiling import (
+from ...atomic_io import atomic_file, record_folder_settings, write_json
+from ...cli import run_command
+from ...images import open_rgb
+from ...stain_normalization import StainReference
+from ...tiling import (
     RankInfo,
     TilingConfig,
     open_slide,
@@ -72,16 +72,16 @@ from ..tiling import (
     tile_slides,
     tiling_output_folder,
 )
-from ..tiling.cli import (
+from ...tiling.cli import (
     add_patch_arguments,
     add_tissue_arguments,
     print_failures,
     slide_paths,
     tissue_config_from_args,
 )
-from ..tiling.ranks import add_rank_arguments, record_name
-from ..tiling.slide_io import SLIDE_SUFFIXES
-from .backbones import Encoder, Pooling, Preprocessing, Tokens, load_encoder
+from ...tiling.ranks import add_rank_arguments, record_name
+from ...tiling.slide_io import SLIDE_SUFFIXES
+from ..common.encoders import Encoder, Pooling, Preprocessing, Tokens, load_encoder
 
 __all__ = [
     "SlideExtractionSettings",

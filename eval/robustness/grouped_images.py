@@ -25,9 +25,9 @@ from typing import Any
 
 import datasets
 
-from ..images import image_files, open_rgb
-from ..tiling.shards import complete_shards_only, completed_shard_files, tiling_output_folder
-from .tasks import local_fingerprint
+from ...images import image_files, open_rgb
+from ...tiling.shards import complete_shards_only, completed_shard_files, tiling_output_folder
+from ..common.data import local_fingerprint
 
 __all__ = ["GroupedImages", "parquet_files", "load_grouped_images"]
 

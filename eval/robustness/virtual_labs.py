@@ -46,8 +46,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..atomic_io import atomic_directory
-from ..images import decode_rgb
+from ...atomic_io import atomic_directory
+from ...images import decode_rgb
 
 __all__ = [
     "HED_FROM_RGB",

@@ -37,9 +37,9 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..atomic_io import atomic_save_tensors, write_json
-from ..images import open_rgb, source_name
-from .backbones import Encoder, Preprocessing
+from ...atomic_io import atomic_save_tensors, write_json
+from ...images import open_rgb, source_name
+from .encoders import Encoder, Preprocessing
 
 __all__ = [
     "ExtractionSettings",

@@ -13,20 +13,17 @@ and keeps the best on validation.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics.pathology_metrics import classification_metrics
+from ..common.metrics.pathology_metrics import classification_metrics
 
 __all__ = [
     "ProbeConfig",
@@ -35,7 +32,6 @@ __all__ = [
     "ProbeFit",
     "fit_linear_probe",
     "predict",
-    "intra_op_threads",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,9 +57,6 @@ class ProbeConfig:
     # L-BFGS only: L2 strengths (on the mean cross-entropy) tried, best on validation kept
     l2_grid: tuple[float, ...] = ()
     lbfgs_max_iter: int = 500
-    # Minibatch probes on CPU: one step is too small to split across threads; the synchronisation costs
-    # more than it saves (benchmarks/bench_eval.py measures it).
-    cpu_threads: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,16 +157,6 @@ def _new_linear(dim: int, num_classes: int, generator: torch.Generator, device: 
         linear.weight.copy_(torch.randn(num_classes, dim, generator=generator) * 0.01)
         linear.bias.zero_()
     return linear
-
-
-@contextlib.contextmanager
-def intra_op_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _fit_minibatch(
@@ -285,21 +268,4 @@ def fit_linear_probe(
         raise ValueError(f"unknown optimizer {config.optimizer!r}; use sgd, adamw or lbfgs")
     if config.iterations <= 0 or config.eval_every <= 0 or config.batch_size <= 0:
         raise ValueError(f"{config.name}: iterations, eval_every and batch_size must be positive")
-    if device.type != "cpu":
-        return _fit_minibatch(train, val, config, seed, num_classes, device)
-    with intra_op_threads(config.cpu_threads):
-        return _fit_minibatch(train, val, config, seed, num_classes, device)
-
-
-def summarize_seeds(per_seed: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Mean and sample standard deviation (0 for one seed) of each metric over seeds; None stays None."""
-    summary = {}
-    for key in keys:
-        values = [m[key] for m in per_seed if m.get(key) is not None]
-        if not values:
-            summary[key] = {"mean": None, "sd": None, "n": 0}
-            continue
-        array = np.asarray(values, dtype=np.float64)
-        sd = float(array.std(ddof=1)) if len(array) > 1 else 0.0
-        summary[key] = {"mean": float(array.mean()), "sd": sd, "n": len(array)}
-    return summary
+    return _fit_minibatch(train, val, config, seed, num_classes, device)

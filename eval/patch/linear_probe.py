@@ -3,7 +3,7 @@
     exaonepath-probe --model PATH_OR_HUB_ID --task crc100k
     exaonepath-probe --model PATH --task all --data_root /data/benchmarks   # mhist/ til/ msi_crc/ msi_stad/
     exaonepath-probe --model PATH --task imagefolder --data_dir DIR --test_fraction 0.25
-    accelerate launch -m exaonepath_hf.eval.linear_probe ...     # feature extraction across processes / nodes
+    accelerate launch -m exaonepath_hf.eval.patch.linear_probe ...     # feature extraction across processes / nodes
 
 Features are extracted once per (model, dataset revision, split, preprocessing) into the feature cache,
 then each protocol (`--protocol paper eva lbfgs`) trains on the cache. Each (task, protocol) writes
@@ -28,11 +28,13 @@ import evaluate
 import torch
 from accelerate import PartialState
 
-from ..atomic_io import atomic_save_tensors, write_json
-from ..cli import run_command
-from ..stain_normalization import StainReference
-from .backbones import Encoder, Pooling, Preprocessing, load_encoder
-from .features import (
+from ...atomic_io import atomic_save_tensors, write_json
+from ...cli import run_command
+from ...stain_normalization import StainReference
+from ..common.cli import add_cpu_threads_argument, apply_cpu_threads
+from ..common.data import SPLIT_NAMES
+from ..common.encoders import Encoder, Pooling, Preprocessing, load_encoder
+from ..common.features import (
     ExtractionSettings,
     FeatureSet,
     add_extraction_arguments,
@@ -40,14 +42,14 @@ from .features import (
     distributed_state,
     extraction_settings,
 )
-from .probes import PRESETS, FeatureSplit, ProbeConfig, fit_linear_probe, predict, summarize_seeds
-from .report import RECORD_SUFFIX, environment, write_report
-from .tasks import PAPER_TASK_ORDER, SPLIT_NAMES, TaskData, TaskSpec, get_task, imagefolder_task, load_task
+from ..common.metrics import METRIC_KEYS, METRIC_PATH, load_metric
+from ..common.records import environment, summarize_seeds
+from .probes import PRESETS, FeatureSplit, ProbeConfig, fit_linear_probe, predict
+from .report import RECORD_SUFFIX, write_report
+from .tasks import PAPER_TASK_ORDER, TaskData, TaskSpec, get_task, imagefolder_task, load_task
 
 __all__ = [
-    "METRIC_PATH",
     "LinearProbeSettings",
-    "load_metric",
     "select_tasks",
     "probe_configs",
     "extract_task_features",
@@ -58,14 +60,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "pathology_metrics.py"
-METRIC_KEYS = ("top1", "balanced_accuracy", "macro_f1", "auroc")
-
-
-def load_metric() -> evaluate.EvaluationModule:
-    """The project's metric module, loaded by path (works offline)."""
-    return evaluate.load(str(METRIC_PATH))
 
 
 def slugify(text: str) -> str:
@@ -392,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iterations", type=int, default=None, help="override the protocol's iterations")
     parser.add_argument("--eval_every", type=int, default=None, help="override the validation interval")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the protocol's seeds")
+    add_cpu_threads_argument(parser)
     parser.add_argument("--output_dir", type=Path, default=Path("results/linear_probe"))
     add_extraction_arguments(parser, num_workers=4)
     parser.add_argument(
@@ -432,6 +427,7 @@ def settings_from_args(args: argparse.Namespace) -> LinearProbeSettings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_cpu_threads(args.cpu_threads)
     return run_command("exaonepath-probe", lambda: run_linear_probe(settings_from_args(args)))
 
 

@@ -38,8 +38,8 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm.auto import tqdm
 
-from .slide_features import load_slide_features
-from .tasks import SPLIT_ALIASES, SPLIT_NAMES
+from ..common.data import SPLIT_ALIASES, SPLIT_NAMES
+from .features import load_slide_features
 
 __all__ = [
     "FEATURE_SUFFIX",

@@ -2,7 +2,7 @@
 
 Every converter writes `OUT/metadata.csv` (columns `file_name,label,split,slide_id,patient_id`) and the
 images under `OUT/images/`, which `datasets.load_dataset("imagefolder", data_dir=OUT)` and
-`exaonepath_hf.eval.tasks.load_task` read. Images are symlinked by default (the sets are large); `--link copy` copies
+`exaonepath_hf.eval.patch.tasks.load_task` read. Images are symlinked by default (the sets are large); `--link copy` copies
 them. Archives given as `.zip` are extracted into `OUT/images/<archive name>/`.
 
 Source layouts (as distributed):
@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic_io import atomic_write_bytes
-from ..images import image_files
-from .tasks import parse_tcga_ids
+from ...atomic_io import atomic_write_bytes
+from ...images import image_files
+from ..common.data import parse_tcga_ids
 
 __all__ = [
     "MetadataRow",

@@ -2,7 +2,7 @@
 
 Load it offline from its path (the hub's metric scripts cannot be fetched without a network):
 
-    metric = evaluate.load(str(METRIC_PATH))  # from exaonepath_hf.eval.linear_probe import METRIC_PATH
+    metric = evaluate.load(str(METRIC_PATH))  # from exaonepath_hf.eval.common.metrics import METRIC_PATH
     metric.compute(predictions=[0, 1], references=[0, 0], scores=[[0.9, 0.1], [0.4, 0.6]])
 
 Returns top-1 accuracy, balanced accuracy (mean recall over the classes present in the references),

@@ -56,11 +56,11 @@ import torch
 from accelerate import PartialState
 from threadpoolctl import threadpool_limits
 
-from ..atomic_io import atomic_save_tensors, atomic_write_bytes, atomic_write_text, write_json
-from ..cli import run_command
-from ..images import decode_rgb, image_files
-from .backbones import Pooling, load_encoder
-from .features import (
+from ...atomic_io import atomic_save_tensors, atomic_write_bytes, atomic_write_text, write_json
+from ...cli import run_command
+from ...images import decode_rgb, image_files
+from ..common.encoders import Pooling, load_encoder
+from ..common.features import (
     ExtractionSettings,
     FeatureSet,
     add_extraction_arguments,
@@ -68,9 +68,9 @@ from .features import (
     distributed_state,
     extraction_settings,
 )
+from ..common.records import environment
 from .grouped_images import load_grouped_images, parquet_files
-from .report import environment
-from .robustness_metrics import (
+from .metrics import (
     between_group_variance_share,
     clustering_score,
     paired_retrieval,

@@ -27,10 +27,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..configuration_exaonepath import ExaonePathConfig
-from ..convert import WEIGHT_SUFFIXES, load_backbone
-from ..image_processing_exaonepath import ExaonePathImageProcessor
-from ..stain_normalization import DEFAULT_STAIN_REFERENCE, StainReference
+from ...configuration_exaonepath import ExaonePathConfig
+from ...convert import WEIGHT_SUFFIXES, load_backbone
+from ...image_processing_exaonepath import ExaonePathImageProcessor
+from ...stain_normalization import DEFAULT_STAIN_REFERENCE, StainReference
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "Encoder", "Tokens", "load_encoder"]
 

@@ -2,7 +2,7 @@
 
     exaonepath-slide-probe --features DIR --labels slides.csv --head abmil --output_dir OUT
     exaonepath-slide-probe ... --heatmaps --slides SLIDES_DIR   # attention over each test slide, top patches
-    accelerate launch -m exaonepath_hf.eval.slide_probe ...     # data-parallel across processes / GPUs
+    accelerate launch -m exaonepath_hf.eval.slide.probe ...     # data-parallel across processes / GPUs
 
 `--features` is a folder of `<slide_id>.h5` feature bags (exaonepath-extract or TRIDENT); `--labels` a CSV
 with slide_id, patient_id, label[, split] (see `eval.slide_data`: patient-level splits, `--level patient`
@@ -45,17 +45,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..atomic_io import atomic_save_tensors, atomic_write_bytes, write_json
-from ..cli import run_command
-from ..tiling import open_slide, read_downsampled, slide_id_from_path
-from ..tiling.slide_io import SLIDE_BACKENDS
-from ..tiling.thumbnail import render_thumbnail
-from .linear_probe import METRIC_KEYS, METRIC_PATH, load_metric
-from .metrics.pathology_metrics import classification_metrics
+from ...atomic_io import atomic_save_tensors, atomic_write_bytes, write_json
+from ...cli import run_command
+from ...tiling import open_slide, read_downsampled, slide_id_from_path
+from ...tiling.slide_io import SLIDE_BACKENDS
+from ...tiling.thumbnail import render_thumbnail
+from ..common.cli import add_cpu_threads_argument, apply_cpu_threads
+from ..common.metrics import METRIC_KEYS, METRIC_PATH, load_metric
+from ..common.metrics.pathology_metrics import classification_metrics
+from ..common.records import environment, summarize_seeds, summary_cell
+from .data import Bag, SlideDataset, SlideDataSettings, load_bags, load_slide_dataset
 from .mil import HEADS, BagCollator, build_head
-from .probes import intra_op_threads, summarize_seeds
-from .report import environment, summary_cell
-from .slide_data import Bag, SlideDataset, SlideDataSettings, load_bags, load_slide_dataset
 
 __all__ = [
     "SLIDE_RECORD_SUFFIX",
@@ -153,13 +153,8 @@ class SlideProbeSettings:
     heatmaps: HeatmapSettings | None = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     cpu: bool = False
-    # intra-op threads when training on the CPU (None: torch's default); on a busy machine one thread can be
-    # faster, as no thread waits for another that was descheduled (benchmarks/bench_slide.py)
-    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
         if self.heatmaps is not None and self.training.head != "abmil":
             raise ValueError("heatmaps need an attention head: use --head abmil")
 
@@ -528,12 +523,10 @@ def run_slide_probe(settings: SlideProbeSettings, accelerator: Accelerator | Non
     num_classes = len(dataset.class_names)
     metric = load_metric()
     per_seed, probabilities, heads = [], [], {}
-    on_cpu = accelerator.device.type == "cpu" and settings.cpu_threads is not None
     for seed in config.seeds:
-        with intra_op_threads(settings.cpu_threads if on_cpu else torch.get_num_threads()):
-            fit = fit_head(bags["train"], bags["val"], config, num_classes, seed, accelerator)
-            test_loader = _loader(bags["test"], config.eval_batch_size, BagCollator(), None)
-            result, probs, labels = _test_metrics(fit, test_loader, accelerator, metric, num_classes)
+        fit = fit_head(bags["train"], bags["val"], config, num_classes, seed, accelerator)
+        test_loader = _loader(bags["test"], config.eval_batch_size, BagCollator(), None)
+        result, probs, labels = _test_metrics(fit, test_loader, accelerator, metric, num_classes)
         result.update(
             seed=seed,
             selected_step=fit.selected_step,
@@ -670,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
     parser.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default="no")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
-    parser.add_argument("--cpu_threads", type=int, default=None, help="intra-op threads on the CPU")
+    add_cpu_threads_argument(parser)
     parser.add_argument(
         "--heatmaps", action="store_true", help="attention heatmaps of the test slides (abmil)"
     )
@@ -720,12 +713,12 @@ def settings_from_args(args: argparse.Namespace) -> SlideProbeSettings:
         else None,
         mixed_precision=args.mixed_precision,
         cpu=args.cpu,
-        cpu_threads=args.cpu_threads,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_cpu_threads(args.cpu_threads)
     return run_command("exaonepath-slide-probe", lambda: run_slide_probe(settings_from_args(args)))
 
 

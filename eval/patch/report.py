@@ -8,63 +8,23 @@ Each probing run writes one JSON record (`exaonepath-probe`); this module render
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import platform
 import sys
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..atomic_io import atomic_write_bytes
+from ...atomic_io import atomic_write_bytes
+from ..common.records import summary_cell
 from .tasks import PAPER_MEAN_TOP1, PAPER_TASK_ORDER, TASKS
 
-__all__ = ["environment", "load_records", "summary_cell", "render_table1", "render_details", "write_report"]
+__all__ = ["load_records", "render_table1", "render_details", "write_report"]
 
 RECORD_SUFFIX = ".record.json"
-_PACKAGES = (
-    "exaonepath-hf",
-    "torch",
-    "torchvision",
-    "transformers",
-    "timm",
-    "datasets",
-    "evaluate",
-    "accelerate",
-    "safetensors",
-    "scikit-learn",
-    "numpy",
-)
-
-
-def environment() -> dict[str, Any]:
-    """Package versions, Python and platform, for the run record."""
-    versions = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "packages": versions,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": sys.argv,
-    }
 
 
 def load_records(root: str | Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(Path(root).rglob(f"*{RECORD_SUFFIX}"))]
-
-
-def summary_cell(summary: dict[str, Any] | None) -> str:
-    if not summary or summary.get("mean") is None:
-        return "–"
-    if summary.get("n", 1) > 1:
-        return f"{summary['mean']:.3f} ± {summary['sd']:.3f}"
-    return f"{summary['mean']:.3f}"
 
 
 def render_table1(records: Iterable[dict[str, Any]], protocol: str = "paper", metric: str = "top1") -> str:
