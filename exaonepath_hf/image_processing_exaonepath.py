@@ -172,8 +172,11 @@ class ExaonePathImageProcessor(TorchvisionBackend):
         # and batches itself, and its errors name the image that failed
         return self._preprocess(self._prepared_images(images, **kwargs), *args, **kwargs)
 
-    def _prepared_images(self, images, **kwargs) -> list[torch.Tensor]:
-        """Every image of ``images`` (an image, a batch, nested lists) as ``process_image`` returns it."""
+    def _prepared_images(
+        self, images, device: str | torch.device | None = None, **kwargs
+    ) -> list[torch.Tensor]:
+        """Every image of ``images`` (an image, a batch, nested lists) as ``process_image`` returns it, on
+        ``device`` (default: where each image is)."""
         flat = _flatten_images(self.fetch_images(images))
         if not flat:
             raise ValueError("no images given: pass an image, a list of images or a batch")
@@ -183,7 +186,7 @@ class ExaonePathImageProcessor(TorchvisionBackend):
                 prepared.append(self.process_image(image, **kwargs))
             except (ValueError, TypeError) as error:
                 raise type(error)(f"image {index}: {error}") from error
-        return prepared
+        return prepared if device is None else _on_device(prepared, torch.device(device))
 
     def process_image(
         self,
@@ -275,11 +278,12 @@ class ExaonePathImageProcessor(TorchvisionBackend):
         # transformers leaves CPU images ungrouped by default; batched Macenko is what makes this processor fast
         processed, flags = {}, {}
         if do_stain_normalize:
-            # Macenko stacks each group chunk by chunk into memory it reuses (a stacked copy of 256 patches first
-            # took 10% of the time) and resizes, crops and normalizes each chunk right away, while it is in cache
-            # all groups in one call: their chunks share the worker threads (mixed sizes come as small groups)
+            # On CPU Macenko stacks each group chunk by chunk into memory it reuses (a stacked copy of 256
+            # patches first took a tenth of the time) and resizes, crops and normalizes each chunk right away,
+            # while it is in cache; all groups in one call: their chunks share the worker threads (mixed sizes
+            # come as small groups). On a GPU a group is stacked at once (one copy kernel): its chunks are large.
             groups, grouped_index = _group_indices(images, disable_grouping=bool(disable_grouping))
-            stacks = [[images[i] for i in indices] for indices in groups.values()]
+            stacks = [_stacked_off_cpu([images[i] for i in indices]) for indices in groups.values()]
             results = normalizer.normalize_stacks(stacks, then=resize_crop_normalize)
             for key, result in zip(groups, results, strict=True):
                 processed[key], flags[key] = result.images, result.normalized
@@ -311,6 +315,30 @@ def _group_indices(
         index: (key, position) for key, indices in groups.items() for position, index in enumerate(indices)
     }
     return groups, grouped_index
+
+
+def _stacked_off_cpu(group: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor:
+    return group if group[0].device.type == "cpu" else torch.stack(group)
+
+
+def _on_device(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``images`` moved to ``device``. CPU images bound for a GPU go per (shape, dtype) as one stacked copy from
+    pinned memory, which the host does not wait for: one transfer per group instead of one per image (the
+    caching host allocator keeps the pinned block until the copy is done)."""
+    moved = list(images)
+    for indices in _group_by_shape(images).values():
+        first = images[indices[0]]
+        if first.device == device or first.device.type != "cpu" or device.type == "cpu" or len(indices) == 1:
+            for index in indices:
+                moved[index] = images[index].to(device)
+            continue
+        pinned = device.type == "cuda"
+        staging = torch.empty((len(indices), *first.shape), dtype=first.dtype, pin_memory=pinned)
+        torch.stack([images[index] for index in indices], out=staging)
+        uploaded = staging.to(device, non_blocking=pinned)
+        for index, image in zip(indices, uploaded.unbind(0), strict=True):
+            moved[index] = image
+    return moved
 
 
 def _flatten_images(images) -> list:

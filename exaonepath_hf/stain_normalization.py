@@ -82,6 +82,14 @@ _SELECT_MIN_BRACKETED, _SELECT_SAMPLE_STRIDE = 1 << 12, 32
 _IO, _ALPHA, _BETA = 240.0, 1.0, 0.15
 
 
+# Per-pixel memory of a chunk on a GPU: uint8 input, float32 output, the decomposition's float32 scratch (log
+# intensities, projection, weights) and the selection's sort temporaries, rounded up.
+_DEVICE_BYTES_PER_PIXEL = 64
+# Beyond a few thousand 224x224 images per chunk the launch costs are amortized; a larger chunk only takes memory
+# the model needs.
+_DEVICE_CHUNK_BYTES = 4 << 30
+
+
 @dataclass(frozen=True)
 class StainReference:
     """A Macenko stain reference: what every normalized image is mapped to.
@@ -549,7 +557,9 @@ class MacenkoNormalizer:
             eight 224x224 images with one worker thread, and of twenty-four with several: one worker is fastest
             on chunks whose per-pixel buffers stay in cache, while several spend more on handing the GIL to each
             other at every one of a chunk's small tensor operations, which fewer, larger chunks save. On CPU the
-            chunks are also made small enough that every worker thread gets one.
+            chunks are also made small enough that every worker thread gets one. On a GPU a chunk's cost is its
+            fixed number of kernel launches, so by default chunks are as large as a memory budget allows (a
+            quarter of the free memory, at most 4 GiB of intermediates).
 
     Memory: fresh memory costs a page fault per page on first touch, about as much as the arithmetic on it, so
     the normalizer keeps, for its later calls, the per-pixel scratch buffers of its worker threads (about 1.5 MB
@@ -732,7 +742,7 @@ class MacenkoNormalizer:
             workers = torch.get_num_threads() if device.type == "cpu" else 1
             chunk_pixels = self.max_batch_pixels
             if chunk_pixels is None:
-                chunk_pixels = (8 if workers == 1 else 24) * 224 * 224
+                chunk_pixels = _default_chunk_pixels(device, workers)
             # at most an even share of the device's images per chunk, so that every worker gets work
             share = -(-sum(len(groups[index]) for index in indices) // workers)
             jobs = []
@@ -745,6 +755,22 @@ class MacenkoNormalizer:
             ):
                 results[index] = result
         return results
+
+
+def _default_chunk_pixels(device: torch.device, workers: int) -> int:
+    """Pixels per chunk when ``max_batch_pixels`` is None.
+
+    On CPU a cache-sized chunk (see :class:`MacenkoNormalizer`). Elsewhere the cost of a chunk is dominated by its
+    fixed number of kernel launches and host synchronisations, so chunks are as large as a memory budget allows:
+    a quarter of the device's free memory (CUDA), at most ``_DEVICE_CHUNK_BYTES``, at
+    ``_DEVICE_BYTES_PER_PIXEL`` bytes of inputs, outputs and intermediates per pixel.
+    """
+    if device.type == "cpu":
+        return (8 if workers == 1 else 24) * 224 * 224
+    budget = _DEVICE_CHUNK_BYTES
+    if device.type == "cuda":
+        budget = min(budget, torch.cuda.mem_get_info(device)[0] // 4)
+    return max(budget // _DEVICE_BYTES_PER_PIXEL, 224 * 224)
 
 
 def _normalized_flags(

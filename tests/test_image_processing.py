@@ -21,7 +21,7 @@ from transformers.image_processing_backends import TorchvisionBackend
 from transformers.processing_utils import ImagesKwargs
 
 from exaonepath_hf.fit_stain import main as fit_stain_main
-from exaonepath_hf.image_processing_exaonepath import ExaonePathImageProcessor
+from exaonepath_hf.image_processing_exaonepath import ExaonePathImageProcessor, _on_device
 from exaonepath_hf.stain_normalization import DEFAULT_STAIN_REFERENCE, MacenkoNormalizer, StainReference
 
 RELEASE_AFTER_MACENKO = T.Compose(
@@ -225,6 +225,32 @@ def test_device_argument(patch):
         on_gpu = ExaonePathImageProcessor()(patch, return_tensors="pt", device="cuda")
         assert on_gpu["pixel_values"].is_cuda
         torch.testing.assert_close(on_gpu["pixel_values"].cpu(), output["pixel_values"], atol=1e-3, rtol=0)
+
+
+def test_images_go_to_the_device_in_their_order_one_copy_per_size():
+    """CPU images bound for another device travel per (shape, dtype) as one stacked copy and come back in the
+    caller's order; the meta device stands in for a GPU (the CUDA test below checks the values)."""
+    images = [torch.full((3, 8, 8), i, dtype=torch.uint8) for i in range(3)]
+    images.insert(1, torch.full((3, 4, 6), 7.0))
+    moved = _on_device(images, torch.device("meta"))
+    assert [(m.device.type, tuple(m.shape), m.dtype) for m in moved] == [
+        ("meta", tuple(i.shape), i.dtype) for i in images
+    ]
+    assert _on_device(images, torch.device("cpu"))[2] is images[2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_list_of_cpu_images_equals_one_batch_on_the_gpu(pil_images):
+    tensors = [
+        torch.from_numpy(np.asarray(image.resize((256, 256)))).permute(2, 0, 1) for image in pil_images
+    ]
+    processor = ExaonePathImageProcessor()
+    from_list = processor(tensors, return_tensors="pt", device="cuda")
+    from_batch = processor(torch.stack(tensors).cuda(), return_tensors="pt")
+    on_cpu = processor(tensors, return_tensors="pt")
+    torch.testing.assert_close(from_list["pixel_values"], from_batch["pixel_values"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_list["pixel_values"].cpu(), on_cpu["pixel_values"], atol=1e-3, rtol=0)
+    assert torch.equal(from_list["stain_normalized"].cpu(), on_cpu["stain_normalized"])
 
 
 def test_fit_save_and_load_keep_the_reference(shared_data, patch, tmp_path):

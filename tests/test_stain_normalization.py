@@ -24,6 +24,7 @@ from exaonepath_hf.stain_normalization import (
     DEFAULT_STAIN_REFERENCE,
     MacenkoNormalizer,
     StainReference,
+    _default_chunk_pixels,
     _order_statistics,
     _order_statistics_by_torch,
     normalize_chunk,
@@ -345,12 +346,35 @@ def test_order_statistics_are_exact():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(patches):
-    batch = torch.stack(patches[:8])
+    batch = torch.stack(patches[:64])
     cpu = MacenkoNormalizer().normalize(batch)
     gpu = MacenkoNormalizer().normalize(batch.cuda())
     assert gpu.images.is_cuda
     torch.testing.assert_close(gpu.images.cpu(), cpu.images, atol=1e-4, rtol=0)
     assert torch.equal(gpu.normalized.cpu(), cpu.normalized)
+    # the GPU's default (one memory-sized chunk) gives what cache-sized chunks of eight images give
+    eight = MacenkoNormalizer(max_batch_pixels=8 * 224 * 224).normalize(batch.cuda())
+    torch.testing.assert_close(gpu.images, eight.images, atol=1e-5, rtol=0)
+    assert torch.equal(gpu.normalized, eight.normalized)
+    # a list of images, as separate tensors or as views of one batch, gives the batch's outputs
+    listed = MacenkoNormalizer().normalize([image.cuda() for image in patches[:64]])
+    torch.testing.assert_close(torch.stack(listed.images), gpu.images, atol=1e-5, rtol=0)
+    assert torch.equal(listed.normalized, gpu.normalized)
+
+
+def test_default_chunks_off_the_cpu_follow_a_memory_budget(monkeypatch):
+    """Off the CPU a chunk's cost is its fixed kernel launches: as many pixels as a quarter of the free memory
+    holds at 64 bytes each, at most 4 GiB of it, never less than one 224x224 image."""
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * gib, 80 * gib))
+    assert _default_chunk_pixels(torch.device("cuda"), 1) == 2 * gib // 64  # a quarter of the free 8 GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * gib, 141 * gib))
+    assert _default_chunk_pixels(torch.device("cuda"), 1) == 4 * gib // 64  # the cap
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 20, 80 * gib))
+    assert _default_chunk_pixels(torch.device("cuda"), 1) == 224 * 224  # at least one image
+    assert _default_chunk_pixels(torch.device("meta"), 1) == 4 * gib // 64  # no free-memory query
+    assert _default_chunk_pixels(torch.device("cpu"), 1) == 8 * 224 * 224
+    assert _default_chunk_pixels(torch.device("cpu"), 2) == 24 * 224 * 224
 
 
 def test_default_chunks_follow_the_worker_count_and_feed_every_worker(monkeypatch):
