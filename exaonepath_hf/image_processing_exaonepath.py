@@ -177,6 +177,10 @@ class ExaonePathImageProcessor(TorchvisionBackend):
     ) -> list[torch.Tensor]:
         """Every image of ``images`` (an image, a batch, nested lists) as ``process_image`` returns it, on
         ``device`` (default: where each image is)."""
+        if _is_rgb_uint8_batch(images, kwargs.get("input_data_format")):
+            # what process_image would make of each image, without its per-image work: a batch that came
+            # stacked (e.g. from a loader) is processed at the speed of the device
+            return list((images if device is None else images.to(device)).unbind(0))
         flat = _flatten_images(self.fetch_images(images))
         if not flat:
             raise ValueError("no images given: pass an image, a list of images or a batch")
@@ -315,6 +319,16 @@ def _group_indices(
         index: (key, position) for key, indices in groups.items() for position, index in enumerate(indices)
     }
     return groups, grouped_index
+
+
+def _is_rgb_uint8_batch(images, input_data_format) -> bool:
+    return (
+        isinstance(images, torch.Tensor)
+        and images.dim() == 4
+        and images.shape[1] == 3
+        and images.dtype == torch.uint8
+        and (input_data_format is None or ChannelDimension(input_data_format) == ChannelDimension.FIRST)
+    )
 
 
 def _stacked_off_cpu(group: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor:

@@ -10,6 +10,7 @@ from PIL import Image
 
 from exaonepath_hf import ExaonePathModel
 from exaonepath_hf.eval.common.encoders import Preprocessing, load_encoder
+from exaonepath_hf.eval.common.extraction import ForwardSettings
 from exaonepath_hf.eval.common.features import cache_dir_for, cache_key, extract_features, load_cached
 from exaonepath_hf.stain_normalization import StainReference
 
@@ -46,7 +47,13 @@ def test_features_equal_a_direct_forward_pass_and_are_cached(tiny_model_dir, til
     counter = ForwardCounter(encoder.model)
     key = _key(encoder, preprocessing)
     first = extract_features(
-        encoder, tiles, preprocessing, key, tmp_path, batch_size=4, num_workers=0, chunk_size=4
+        encoder,
+        tiles,
+        preprocessing,
+        key,
+        tmp_path,
+        forward=ForwardSettings(batch_size=4, num_workers=0, progress=False),
+        chunk_size=4,
     )
     assert counter.calls == 3 and first.stats["forward_batches"] == 3 and not first.stats["cache_hit"]
 
@@ -64,7 +71,14 @@ def test_features_equal_a_direct_forward_pass_and_are_cached(tiny_model_dir, til
     assert first.labels.tolist() == tiles["label"] and first.slide_ids == tiles["slide_id"]
     assert torch.equal(first.stain_normalized, inputs["stain_normalized"].bool())
 
-    second = extract_features(encoder, tiles, preprocessing, key, tmp_path, batch_size=4, num_workers=0)
+    second = extract_features(
+        encoder,
+        tiles,
+        preprocessing,
+        key,
+        tmp_path,
+        forward=ForwardSettings(batch_size=4, num_workers=0, progress=False),
+    )
     assert counter.calls == 3, "a rerun must not run the model"
     assert second.stats["cache_hit"] and second.stats["forward_batches"] == 0
     assert torch.equal(second.features, first.features)
@@ -75,7 +89,13 @@ def test_resume_recomputes_only_missing_chunks(tiny_model_dir, tiles, tmp_path):
     preprocessing = encoder.default_preprocessing(stain_normalize=False)
     key = _key(encoder, preprocessing)
     full = extract_features(
-        encoder, tiles, preprocessing, key, tmp_path, batch_size=2, num_workers=0, chunk_size=4
+        encoder,
+        tiles,
+        preprocessing,
+        key,
+        tmp_path,
+        forward=ForwardSettings(batch_size=2, num_workers=0, progress=False),
+        chunk_size=4,
     )
     entry = cache_dir_for(tmp_path, key)
     # an interrupted run: chunk 1 never finished and the merge never happened
@@ -85,7 +105,13 @@ def test_resume_recomputes_only_missing_chunks(tiny_model_dir, tiles, tmp_path):
     assert load_cached(entry) is None
     counter = ForwardCounter(encoder.model)
     resumed = extract_features(
-        encoder, tiles, preprocessing, key, tmp_path, batch_size=2, num_workers=0, chunk_size=4
+        encoder,
+        tiles,
+        preprocessing,
+        key,
+        tmp_path,
+        forward=ForwardSettings(batch_size=2, num_workers=0, progress=False),
+        chunk_size=4,
     )
     assert resumed.stats["images_extracted"] == 4 and counter.calls == 2
     torch.testing.assert_close(resumed.features, full.features)
@@ -102,7 +128,12 @@ def test_unreadable_image_is_counted_not_fatal(tiny_model_dir, tiles, tmp_path):
     encoder = load_encoder(tiny_model_dir)
     preprocessing = encoder.default_preprocessing(stain_normalize=False)
     result = extract_features(
-        encoder, dataset, preprocessing, _key(encoder, preprocessing, "broken"), tmp_path / "c", num_workers=0
+        encoder,
+        dataset,
+        preprocessing,
+        _key(encoder, preprocessing, "broken"),
+        tmp_path / "c",
+        forward=ForwardSettings(num_workers=0, progress=False),
     )
     assert len(result) == 3 and result.indices.tolist() == [0, 1, 2]
     assert (
@@ -175,6 +206,7 @@ def test_timm_state_dict_loads_as_exaonepath(tmp_path):
 _DISTRIBUTED_SCRIPT = """
 import sys
 import datasets, torch
+from exaonepath_hf.eval.common.extraction import ForwardSettings
 from exaonepath_hf.eval.common.features import cache_key, distributed_state, extract_features
 from exaonepath_hf.eval.common.encoders import load_encoder
 
@@ -186,7 +218,7 @@ dataset = datasets.Dataset.from_dict(
 encoder = load_encoder(model_dir)
 preprocessing = encoder.default_preprocessing(stain_normalize=False)
 key = cache_key(encoder, "local/crc", "rev1", "distributed", "test", preprocessing, "fp32")
-result = extract_features(encoder, dataset, preprocessing, key, cache, num_workers=0, chunk_size=3, state=state)
+result = extract_features(encoder, dataset, preprocessing, key, cache, forward=ForwardSettings(num_workers=0, progress=False), chunk_size=3, state=state)
 torch.save({"rank": state.process_index, "extracted": result.stats["images_extracted"]}, f"{out}.{state.process_index}")
 if state.is_main_process:
     torch.save(result.features, out)
@@ -229,7 +261,7 @@ def test_extraction_is_shared_across_processes(tiny_model_dir, tiles, tmp_path):
         preprocessing,
         _key(encoder, preprocessing, "single"),
         tmp_path / "single",
-        num_workers=0,
+        forward=ForwardSettings(num_workers=0, progress=False),
     )
     torch.testing.assert_close(torch.load(tmp_path / "features.pt"), single.features, rtol=1e-4, atol=1e-5)
 

@@ -1,4 +1,5 @@
-"""Command-line flags every evaluation command spells the same way.
+"""Command-line flags every evaluation command spells the same way, defined without importing torch: a command
+answers `--help` and argument errors at once, and imports the library only when it runs.
 
 Library functions never change process-wide state; a command owns its process, so the thread count a user
 asks for is applied by `main`, before any work starts.
@@ -7,10 +8,14 @@ asks for is applied by `main`, before any work starts.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from .extraction import ForwardSettings
 
-__all__ = ["add_cpu_threads_argument", "apply_cpu_threads"]
+__all__ = ["add_cpu_threads_argument", "add_forward_arguments", "apply_cpu_threads", "forward_settings"]
+
+Parser = argparse.ArgumentParser | argparse._ArgumentGroup
 
 
 def _positive_int(text: str) -> int:
@@ -20,7 +25,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_cpu_threads_argument(parser: argparse.ArgumentParser) -> None:
+def add_cpu_threads_argument(parser: Parser) -> None:
     parser.add_argument(
         "--cpu_threads",
         type=_positive_int,
@@ -33,4 +38,47 @@ def add_cpu_threads_argument(parser: argparse.ArgumentParser) -> None:
 def apply_cpu_threads(count: int | None) -> None:
     """Sets torch's intra-op thread count for the whole process, once, from a command's `main`."""
     if count is not None:
+        import torch
+
         torch.set_num_threads(count)
+
+
+def add_forward_arguments(parser: Parser, num_workers: int, batch_size: int = 64) -> None:
+    """How images reach the encoder (`ForwardSettings`); `forward_settings` reads the flags back."""
+    parser.add_argument(
+        "--batch_size", type=_positive_int, default=batch_size, help="images per forward pass"
+    )
+    parser.add_argument(
+        "--num_workers", type=int, default=num_workers, help="loader worker processes that read and decode"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto = bf16 on a GPU, else fp32",
+    )
+    parser.add_argument(
+        "--preprocess_on",
+        choices=("auto", "device", "workers"),
+        default="auto",
+        help="where the model's processor (Macenko, resize, crop, normalize) runs: auto = on the GPU when the "
+        "model runs on one, else in the loader workers",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the encoder (pays off on long GPU runs)"
+    )
+
+
+def forward_settings(args: argparse.Namespace, **extra) -> ForwardSettings:
+    """The flags of `add_forward_arguments` (and `extra` fields such as `tokens`) as typed settings."""
+    from .extraction import ForwardSettings
+
+    return ForwardSettings(
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        precision=args.precision,
+        preprocess_on=args.preprocess_on,
+        compile=args.compile,
+        progress=not getattr(args, "quiet", False),
+        **extra,
+    )

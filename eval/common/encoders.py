@@ -61,6 +61,10 @@ class Preprocessing:
     crop_size: int = ExaonePathImageProcessor.crop_size["height"]
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
+    stain_io: float = ExaonePathImageProcessor.stain_io
+    stain_alpha: float = ExaonePathImageProcessor.stain_alpha
+    stain_beta: float = ExaonePathImageProcessor.stain_beta
+    min_tissue_fraction: float = ExaonePathImageProcessor.min_tissue_fraction
 
     @property
     def resolved_reference(self) -> StainReference:
@@ -75,6 +79,10 @@ class Preprocessing:
             crop_size={"height": self.crop_size, "width": self.crop_size},
             image_mean=list(self.image_mean),
             image_std=list(self.image_std),
+            stain_io=self.stain_io,
+            stain_alpha=self.stain_alpha,
+            stain_beta=self.stain_beta,
+            min_tissue_fraction=self.min_tissue_fraction,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +112,9 @@ class Encoder:
     feature_dim: int
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
+    # `Preprocessing` fields from the processor the model ships (its stain reference, Macenko parameters, sizes,
+    # mean/std): the model folder's processor is the one truth about how its inputs are made
+    preprocessing_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @torch.no_grad()
     def features(self, pixel_values: torch.Tensor, tokens: Tokens = "cls") -> torch.Tensor:
@@ -149,9 +160,11 @@ class Encoder:
         }
 
     def default_preprocessing(self, stain_normalize: bool = True, **overrides: Any) -> Preprocessing:
-        return Preprocessing(
-            stain_normalize=stain_normalize, image_mean=self.image_mean, image_std=self.image_std, **overrides
-        )
+        """The preprocessing the model's own processor does (or the release's, for a model that ships none),
+        with Macenko on or off; `overrides` that are not None replace single fields (e.g. `stain_reference`)."""
+        values = {"image_mean": self.image_mean, "image_std": self.image_std, **self.preprocessing_defaults}
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return Preprocessing(**{**values, "stain_normalize": stain_normalize})
 
 
 def _content_hash(paths: list[Path]) -> str:
@@ -193,6 +206,36 @@ def _load_timm(name: str, pooling: Pooling) -> Encoder:
         image_mean=tuple(config.get("mean", IMAGENET_MEAN)),
         image_std=tuple(config.get("std", IMAGENET_STD)),
     )
+
+
+def _own_preprocessing(source: str, revision: str | None) -> dict[str, Any]:
+    """`Preprocessing` fields from the EXAONEPath processor saved with the model; {} when it ships none (a
+    converted checkpoint without `preprocessor_config.json`: the release's preprocessing applies)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as error:
+        logger.info(
+            "%s ships no image processor (%s): the release's preprocessing", source, type(error).__name__
+        )
+        return {}
+    if not isinstance(processor, ExaonePathImageProcessor):
+        raise ValueError(
+            f"{source} is an EXAONEPath model whose preprocessor_config.json names {type(processor).__name__}; "
+            "save the model's processor with ExaonePathImageProcessor.save_pretrained"
+        )
+    return {
+        "stain_reference": StainReference.from_dict(processor.stain_reference),
+        "resize_shortest_edge": int(processor.size["shortest_edge"]),
+        "crop_size": int(processor.crop_size["height"]),
+        "image_mean": tuple(processor.image_mean),
+        "image_std": tuple(processor.image_std),
+        "stain_io": float(processor.stain_io),
+        "stain_alpha": float(processor.stain_alpha),
+        "stain_beta": float(processor.stain_beta),
+        "min_tissue_fraction": float(processor.min_tissue_fraction),
+    }
 
 
 def _processor_stats(source: str, revision: str | None) -> tuple[tuple, tuple]:
@@ -248,6 +291,7 @@ def load_encoder(
             feature_dim=_feature_dim(model),
             image_mean=mean,
             image_std=std,
+            preprocessing_defaults=_own_preprocessing(text, revision) if is_ours else {},
         )
     encoder.model.to(device).eval().requires_grad_(False)
     return encoder

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,14 +33,16 @@ import datasets
 import torch
 from accelerate import PartialState
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from ...atomic_io import atomic_save_tensors, write_json
 from ...images import open_rgb, source_name
+from .cli import add_forward_arguments, forward_settings
 from .encoders import Encoder, Preprocessing
+from .extraction import FeatureBatch, ForwardSettings, ForwardTimes, stream_features
 
 __all__ = [
+    "DatasetImages",
     "ExtractionSettings",
     "FeatureSet",
     "cache_key",
@@ -133,8 +134,9 @@ def load_cached(entry: Path) -> FeatureSet | None:
     )
 
 
-class _EncodedImages(Dataset):
-    """Rows of a split as (row index, PIL image or None, error or None); decoding happens in the workers."""
+class DatasetImages(Dataset):
+    """Rows of a split as `(row index, PIL image or None, error or None)`, decoded in the loader workers: a
+    source of `stream_features`."""
 
     def __init__(self, dataset: datasets.Dataset, rows: Sequence[int]):
         self.dataset = dataset.cast_column("image", datasets.Image(decode=False))
@@ -150,50 +152,6 @@ class _EncodedImages(Dataset):
             return row, open_rgb(record), None
         except Exception as error:  # any decoder failure: counted and reported, never fatal
             return row, None, f"{source_name(record)}: {type(error).__name__}: {error}"
-
-
-class _Collate:
-    """Runs the image processor in the DataLoader worker; isolates images the processor rejects."""
-
-    def __init__(self, processor):
-        self.processor = processor
-
-    def _process(self, images):
-        out = self.processor(images, return_tensors="pt")
-        return out["pixel_values"], out["stain_normalized"].bool()
-
-    def __call__(self, items):
-        rows, images, failed = [], [], []
-        for row, image, error in items:
-            if image is None:
-                failed.append({"index": row, "error": error})
-            else:
-                rows.append(row)
-                images.append(image)
-        pixel_values = stain_normalized = None
-        if images:
-            try:
-                pixel_values, stain_normalized = self._process(images)
-            except Exception:  # find the offending image(s) one by one instead of losing the batch
-                kept_rows, parts = [], []
-                for row, image in zip(rows, images, strict=True):
-                    try:
-                        parts.append(self._process([image]))
-                        kept_rows.append(row)
-                    except Exception as error:
-                        failed.append(
-                            {"index": row, "error": f"preprocessing: {type(error).__name__}: {error}"}
-                        )
-                rows = kept_rows
-                if parts:
-                    pixel_values = torch.cat([p for p, _ in parts])
-                    stain_normalized = torch.cat([s for _, s in parts])
-        return {
-            "rows": torch.tensor(rows, dtype=torch.long),
-            "pixel_values": pixel_values,
-            "stain_normalized": stain_normalized,
-            "failed": failed,
-        }
 
 
 def _chunk_path(entry: Path, chunk: int) -> Path:
@@ -273,16 +231,12 @@ def _merge(entry: Path, dataset: datasets.Dataset, num_chunks: int, stats: dict[
 
 @dataclass(frozen=True)
 class ExtractionSettings:
-    """How features are extracted and where they are cached (every field is an `extract_features` option).
-
-    `cache_dir=None` is `default_cache_root()`; `precision="auto"` is bf16 on CUDA, fp32 elsewhere.
-    """
+    """How features are extracted (`forward`: batches, loader workers, precision, where the processor runs)
+    and where they are cached (`cache_dir=None` is `default_cache_root()`)."""
 
     cache_dir: Path | None = None
-    batch_size: int = 64
-    num_workers: int = 4
+    forward: ForwardSettings = field(default_factory=ForwardSettings)
     chunk_size: int = 4096
-    precision: str = "auto"
 
     @property
     def cache_root(self) -> Path:
@@ -297,16 +251,7 @@ class ExtractionSettings:
         state: PartialState | None = None,
     ) -> FeatureSet:
         return extract_features(
-            encoder,
-            dataset,
-            preprocessing,
-            key,
-            self.cache_root,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            chunk_size=self.chunk_size,
-            precision=self.precision,
-            state=state,
+            encoder, dataset, preprocessing, key, self.cache_root, self.forward, self.chunk_size, state
         )
 
 
@@ -316,27 +261,16 @@ def add_extraction_arguments(parser: argparse.ArgumentParser, num_workers: int) 
     group.add_argument(
         "--cache_dir", type=Path, default=None, help="feature cache (default $EXAONEPATH_FEATURE_CACHE)"
     )
-    group.add_argument("--batch_size", type=int, default=ExtractionSettings.batch_size)
-    group.add_argument("--num_workers", type=int, default=num_workers, help="DataLoader workers")
+    add_forward_arguments(group, num_workers)
     group.add_argument(
         "--chunk_size", type=int, default=ExtractionSettings.chunk_size, help="rows per resumable cache chunk"
-    )
-    group.add_argument(
-        "--precision",
-        choices=("auto", "bf16", "fp32"),
-        default=ExtractionSettings.precision,
-        help="auto = bf16 on GPU",
     )
 
 
 def extraction_settings(args: argparse.Namespace) -> ExtractionSettings:
     """The flags of `add_extraction_arguments` as typed settings (for a command's `main`)."""
     return ExtractionSettings(
-        cache_dir=args.cache_dir,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        chunk_size=args.chunk_size,
-        precision=args.precision,
+        cache_dir=args.cache_dir, forward=forward_settings(args), chunk_size=args.chunk_size
     )
 
 
@@ -348,24 +282,24 @@ class _ChunkWriter:
         self.buffers: dict[int, list[dict[str, Any]]] = {}
         self.seen: dict[int, int] = {}
 
-    def add(self, batch: dict[str, Any], features: torch.Tensor) -> None:
+    def add(self, batch: FeatureBatch) -> None:
+        rows = torch.tensor(batch.keys, dtype=torch.long)
+        failed = [{"index": row, "error": error} for row, error in batch.failed]
         # a batch may straddle chunks: split it so that no chunk waits for rows it does not own
-        chunk_of_row = (batch["rows"] // self.chunk_size).tolist()
-        chunk_of_failed = [f["index"] // self.chunk_size for f in batch["failed"]]
+        chunk_of_row = (rows // self.chunk_size).tolist()
+        chunk_of_failed = [f["index"] // self.chunk_size for f in failed]
         for chunk in sorted(set(chunk_of_row) | set(chunk_of_failed)):
             select = torch.tensor([c == chunk for c in chunk_of_row], dtype=torch.bool)
-            failed = [f for f, c in zip(batch["failed"], chunk_of_failed, strict=True) if c == chunk]
+            chunk_failed = [f for f, c in zip(failed, chunk_of_failed, strict=True) if c == chunk]
             self.buffers.setdefault(chunk, []).append(
                 {
-                    "rows": batch["rows"][select],
-                    "features": features[select],
-                    "stain_normalized": batch["stain_normalized"][select]
-                    if batch["stain_normalized"] is not None
-                    else torch.zeros(0, dtype=torch.bool),
-                    "failed": failed,
+                    "rows": rows[select],
+                    "features": batch.features[select],
+                    "stain_normalized": batch.stain_normalized[select],
+                    "failed": chunk_failed,
                 }
             )
-            self.seen[chunk] = self.seen.get(chunk, 0) + int(select.sum()) + len(failed)
+            self.seen[chunk] = self.seen.get(chunk, 0) + int(select.sum()) + len(chunk_failed)
             if self.seen[chunk] == min(self.chunk_size, self.num_rows - chunk * self.chunk_size):
                 _flush_chunk(self.entry, chunk, self.buffers.pop(chunk))
 
@@ -381,42 +315,14 @@ def _pending_rows(
     return [r for c in pending for r in range(c * chunk_size, min((c + 1) * chunk_size, num_rows))]
 
 
-def _forward_all(
-    encoder: Encoder,
-    loader: DataLoader,
-    writer: _ChunkWriter,
-    device: torch.device,
-    use_bf16: bool,
-    total: int,
-    desc: str,
-) -> tuple[int, float]:
-    """Runs the encoder over `loader` into `writer`; returns (forward batches, seconds in the forward)."""
-    forward_batches, forward_seconds = 0, 0.0
-    with tqdm(total=total, desc=desc, unit="img", disable=not total) as bar:
-        for batch in loader:
-            features = torch.zeros(0, encoder.feature_dim)
-            if batch["pixel_values"] is not None:
-                forward_started = time.perf_counter()
-                pixel_values = batch["pixel_values"].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    features = encoder.features(pixel_values).float().cpu()  # .cpu() also synchronizes
-                forward_seconds += time.perf_counter() - forward_started
-                forward_batches += 1
-            writer.add(batch, features)
-            bar.update(len(batch["rows"]) + len(batch["failed"]))
-    return forward_batches, forward_seconds
-
-
 def extract_features(
     encoder: Encoder,
     dataset: datasets.Dataset,
     preprocessing: Preprocessing,
     key: dict[str, Any],
     cache_root: str | os.PathLike,
-    batch_size: int = 64,
-    num_workers: int = 4,
+    forward: ForwardSettings | None = None,
     chunk_size: int = 4096,
-    precision: str = "auto",
     state: PartialState | None = None,
 ) -> FeatureSet:
     """Features of every row of `dataset` (columns image, label, slide_id, patient_id), from cache if present."""
@@ -425,47 +331,36 @@ def extract_features(
     if cached is not None:
         logger.info("feature cache hit: %s (%d rows)", entry, len(cached))
         return cached
+    forward = forward or ForwardSettings()
     state = state or distributed_state()
     if state.is_main_process:
         write_json(entry / "key.json", key)
     num_chunks = max(1, math.ceil(len(dataset) / chunk_size))
     rows = _pending_rows(entry, len(dataset), chunk_size, num_chunks, state)
 
-    device = state.device
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    encoder.model.to(device)
-    loader = DataLoader(
-        _EncodedImages(dataset, rows),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_Collate(preprocessing.processor()),
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
-    started = time.perf_counter()
-    forward_batches, forward_seconds = _forward_all(
+    writer, times = _ChunkWriter(entry, len(dataset), chunk_size), ForwardTimes()
+    batches = stream_features(
         encoder,
-        loader,
-        _ChunkWriter(entry, len(dataset), chunk_size),
-        device,
-        use_bf16,
-        total=len(rows),
+        preprocessing,
+        DatasetImages(dataset, rows),
+        forward,
+        state.device,
+        times,
         desc=f"features {key['dataset']['split']}",
     )
-    seconds = time.perf_counter() - started
+    for batch in batches:
+        writer.add(batch)
     stats = {
         "cache_hit": False,
-        "forward_batches": forward_batches,
+        "forward_batches": times.batches,
         "images_extracted": len(rows),
-        "seconds": round(seconds, 3),
-        # time in the model's forward: close to `seconds` when loading and preprocessing keep up
-        "forward_seconds": round(forward_seconds, 3),
-        "images_per_second": round(len(rows) / seconds, 2) if rows and seconds > 0 else None,
+        **{name: value for name, value in times.to_dict().items() if name not in ("images", "batches")},
         "num_processes": state.num_processes,
-        "precision": "bf16" if use_bf16 else "fp32",
-        "device": str(device),
-        "batch_size": batch_size,
-        "num_workers": num_workers,
+        "precision": "bf16" if forward.uses_bf16(state.device) else "fp32",
+        "preprocessed_on": "device" if forward.preprocesses_on_device(state.device) else "loader workers",
+        "device": str(state.device),
+        "batch_size": forward.batch_size,
+        "num_workers": forward.num_workers,
         "cache_dir": str(entry),
     }
     state.wait_for_everyone()

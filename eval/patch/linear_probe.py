@@ -83,7 +83,7 @@ def extract_task_features(
             task.fingerprint(split),
             split,
             preprocessing,
-            extraction.precision,
+            extraction.forward.precision,
         )
         features[split] = extraction.extract(encoder, task.splits[split], preprocessing, key, state=state)
     return features
