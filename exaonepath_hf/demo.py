@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .atomic_io import atomic_write_bytes
 from .images import decode_rgb
-from .tiling import TilingConfig, load_patch_dataset, tile_slides
+from .tiling import TilingConfig, load_patch_dataset, slide_id_from_path, tile_slides
 
 logger = logging.getLogger("exaonepath-demo")
 
@@ -92,7 +92,8 @@ def tile_sample(out: Path, num_workers: int) -> tuple[Path, Path]:
     if summary.failures:
         raise RuntimeError(f"tiling the sample slide failed: {summary.failures}")
     thumbnail = out / "thumbnail.png"
-    atomic_write_bytes(thumbnail, next((tiles / "thumbnails").glob("*.png")).read_bytes())
+    record = summary.slides[slide_id_from_path(sample_slide())]
+    atomic_write_bytes(thumbnail, (tiles / record.thumbnail).read_bytes())
     return tiles, thumbnail
 
 
@@ -108,7 +109,7 @@ def read_patches(tiles: Path) -> list[tuple[str, np.ndarray, None, str]]:
 def restain_as_labs(sources, out: Path, lab_data: Path | None) -> tuple[Path, list[str]]:
     """Every source image re-stained by every virtual lab into `out/virtual-labs` (images and metadata.csv);
     returns the folder and the labs' names."""
-    from .eval.robustness.run import virtual_labs_for
+    from .eval.robustness.protocol import virtual_labs_for
     from .eval.robustness.virtual_labs import make_virtual_lab_dataset
 
     labs = virtual_labs_for(lab_data)
@@ -118,7 +119,8 @@ def restain_as_labs(sources, out: Path, lab_data: Path | None) -> tuple[Path, li
 
 def read_virtual_labs(folder: Path, has_labels: bool):
     """The re-stained images (uint8 CHW tensors) and their sample table, each lab's copy one virtual slide."""
-    from .eval.robustness.run import as_virtual_slides, load_robustness_samples
+    from .eval.robustness.protocol import as_virtual_slides
+    from .eval.robustness.samples import load_robustness_samples
 
     samples = load_robustness_samples(folder)
     images = [torch.from_numpy(decode_rgb(image)).permute(2, 0, 1) for image in samples.dataset["image"]]
@@ -161,7 +163,9 @@ def extract(model, processor, images: list[torch.Tensor], stain_normalize: bool,
 def measure_robustness(out: Path, model_name: str, features: dict[str, torch.Tensor], table, restarts: int):
     """The field's robustness measures per input setting; writes robustness.md/.json, the t-SNE PNG(s),
     features.safetensors and samples.csv. Returns the metrics per setting."""
-    from .eval.robustness.run import VIRTUAL_LABS_NOTE, MetricOptions, RobustnessInput, assess_robustness
+    from .eval.robustness.measures import MetricOptions
+    from .eval.robustness.protocol import VIRTUAL_LABS_NOTE
+    from .eval.robustness.report import RobustnessInput, assess_robustness
 
     inputs = [RobustnessInput(model_name, setting, values, table) for setting, values in features.items()]
     outputs = assess_robustness(
@@ -258,7 +262,7 @@ def print_summary(
 def run_demo(settings: DemoSettings) -> dict:
     """Tile, re-stain as virtual labs, get a model, measure robustness (see the module docstring); returns
     `{setting: (metrics, reasons)}` for the raw and Macenko input."""
-    from .eval.robustness.run import labelled_images
+    from .eval.robustness.protocol import labelled_images
 
     start = time.perf_counter()
     out = Path(settings.out)

@@ -38,12 +38,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def extraction_settings(inputs, model, output_dir, **overrides):
-    """`SlideExtractionSettings` for a test: in-process loading, batches of 16, no progress bars."""
+    """`SlideExtractionSettings` for a test: in-process loading, batches of 16, no progress bars; `overrides`
+    of `ForwardSettings` fields (e.g. tokens) go there."""
+    import dataclasses
+
+    from exaonepath_hf.eval.common.extraction import ForwardSettings
     from exaonepath_hf.eval.slide.features import SlideExtractionSettings
 
-    values = dict(num_workers=0, batch_size=16, progress=False)
-    values.update(overrides)
-    return SlideExtractionSettings(inputs=tuple(inputs), model=str(model), output_dir=output_dir, **values)
+    forward_fields = {f.name for f in dataclasses.fields(ForwardSettings)}
+    forward = {"num_workers": 0, "batch_size": 16, "progress": False}
+    forward.update({key: value for key, value in overrides.items() if key in forward_fields})
+    values = {key: value for key, value in overrides.items() if key not in forward_fields}
+    return SlideExtractionSettings(
+        inputs=tuple(inputs),
+        model=str(model),
+        output_dir=output_dir,
+        forward=ForwardSettings(**forward),
+        **values,
+    )
 
 
 def extraction_argv(inputs, model, output_dir) -> list[str]:

@@ -18,21 +18,19 @@ from safetensors.torch import load_file
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 from exaonepath_hf.eval.common.encoders import Encoder
+from exaonepath_hf.eval.common.extraction import ForwardSettings
 from exaonepath_hf.eval.common.features import cache_key, extract_features
 from exaonepath_hf.eval.robustness.grouped_images import load_grouped_images, parquet_files
+from exaonepath_hf.eval.robustness.measures import MetricOptions
 from exaonepath_hf.eval.robustness.metrics import between_group_variance_share, paired_retrieval
-from exaonepath_hf.eval.robustness.run import (
+from exaonepath_hf.eval.robustness.protocol import (
     REINHARD_TEMPLATE_STATISTICS,
-    MetricOptions,
-    RobustnessInput,
-    SampleTable,
-    assess_robustness,
-    build_parser,
     labelled_images,
-    load_robustness_samples,
-    main,
     virtual_labs_for,
 )
+from exaonepath_hf.eval.robustness.report import RobustnessInput, assess_robustness
+from exaonepath_hf.eval.robustness.run import build_parser, main
+from exaonepath_hf.eval.robustness.samples import SampleTable, load_robustness_samples
 from exaonepath_hf.eval.robustness.tasks import get_robustness_task, load_robustness_task
 
 REQUIRED_METRICS = (
@@ -504,7 +502,14 @@ def test_macenko_removes_stain_driven_slide_identity(shared_data, tmp_path):
     for stain_normalize in (False, True):
         preprocessing = encoder.default_preprocessing(stain_normalize=stain_normalize)
         key = cache_key(encoder, data.source, "local", data.fingerprint, "all", preprocessing, "fp32")
-        extracted = extract_features(encoder, data.dataset, preprocessing, key, tmp_path, num_workers=0)
+        extracted = extract_features(
+            encoder,
+            data.dataset,
+            preprocessing,
+            key,
+            tmp_path,
+            ForwardSettings(num_workers=0, progress=False),
+        )
         keep = [i for i, s in enumerate(extracted.slide_ids) if s.startswith("TCGA")]
         share[stain_normalize] = between_group_variance_share(
             extracted.features[keep], [extracted.slide_ids[i] for i in keep]

@@ -11,21 +11,27 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.neighbors import NearestNeighbors
 
-from exaonepath_hf.eval.robustness import metrics as robustness_metrics
+from exaonepath_hf.eval.robustness import fast_search as fast_search_module
+from exaonepath_hf.eval.robustness import neighbours as neighbours_module
 from exaonepath_hf.eval.robustness.metrics import (
     between_group_variance_share,
     clustering_score,
-    nearest_neighbours,
     paired_retrieval,
     robustness_index,
     slide_identity_knn,
     within_cross_gap,
 )
+from exaonepath_hf.eval.robustness.neighbours import NeighbourIndex
 
 
 def _angles(degrees):
     radians = np.deg2rad(np.asarray(degrees, dtype=np.float64))
     return np.stack([np.cos(radians), np.sin(radians)], axis=1)
+
+
+def nearest_neighbours(features, k, exclude_groups=None, block=4096):
+    """The top k of a fresh index: every call searches anew."""
+    return NeighbourIndex(features, block=block).top_k(k, exclude_groups=exclude_groups)
 
 
 def _brute_neighbours(features, k, groups=None):
@@ -62,7 +68,7 @@ def test_nearest_neighbours_match_brute_force(block):
     groups = rng.integers(0, 6, size=40)
     assert np.array_equal(nearest_neighbours(features, 4, block=block), _brute_neighbours(features, 4))
     assert np.array_equal(
-        nearest_neighbours(features, 4, exclude_same=groups, block=block),
+        nearest_neighbours(features, 4, exclude_groups=groups, block=block),
         _brute_neighbours(features, 4, groups),
     )
 
@@ -78,9 +84,10 @@ def test_nearest_neighbours_break_ties_by_index():
     assert nearest_neighbours(features, 3, block=2)[5].tolist() == [0, 1, 2]
     # leaving out group "a" = samples 0, 2: sample 0 keeps 3 and 6, then the lowest orthogonal one, 1
     groups = np.array(["a", "b", "a", "c", "b", "d", "c"])
-    assert nearest_neighbours(features, 3, exclude_same=groups)[0].tolist() == [3, 6, 1]
+    assert nearest_neighbours(features, 3, exclude_groups=groups)[0].tolist() == [3, 6, 1]
     assert np.array_equal(
-        nearest_neighbours(features, 3, exclude_same=groups, block=3), _brute_neighbours(features, 3, groups)
+        nearest_neighbours(features, 3, exclude_groups=groups, block=3),
+        _brute_neighbours(features, 3, groups),
     )
     # all equal: every query's neighbours are the lowest other indices, whatever the block
     same = np.ones((9, 4))
@@ -94,9 +101,9 @@ def test_nearest_neighbours_accept_torch_and_reject_bad_input():
     features = rng.normal(size=(12, 3)).astype(np.float32)
     assert np.array_equal(nearest_neighbours(torch.from_numpy(features), 3), nearest_neighbours(features, 3))
     with pytest.raises(ValueError, match="only 1"):
-        nearest_neighbours(features, 2, exclude_same=np.array([0] * 11 + [1]))
+        nearest_neighbours(features, 2, exclude_groups=np.array([0] * 11 + [1]))
     with pytest.raises(ValueError, match="one value per sample"):
-        nearest_neighbours(features, 2, exclude_same=np.zeros(5))
+        nearest_neighbours(features, 2, exclude_groups=np.zeros(5))
     with pytest.raises(ValueError, match="at least 2 samples"):
         nearest_neighbours(features[:1], 1)
     features[3, 1] = np.nan
@@ -367,26 +374,29 @@ def test_between_group_variance_share_matches_numpy():
 def fast_search(request, monkeypatch):
     """The fast path on any size, with the approximate dtype of the parameter. Counts the calls of its parts
     (searches, recomputed candidates, plain searches) and fails on the warning of a broken error bound."""
-    monkeypatch.setattr(robustness_metrics, "_FAST_SEARCH_MIN_SAMPLES", 0)
-    monkeypatch.setattr(robustness_metrics, "_fast_search_dtype", lambda device: request.param)
+    monkeypatch.setattr(neighbours_module, "_FAST_SEARCH_MIN_SAMPLES", 0)
+    monkeypatch.setattr(fast_search_module, "approximate_dtype", lambda device: request.param)
     calls = {"search": 0, "recomputed": 0, "plain": 0}
 
-    def count(name, function, amount=lambda result: 1):
+    def count(name, module, function, amount=lambda result: 1):
         def counted(*args, **kwargs):
             result = function(*args, **kwargs)
             calls[name] += amount(result)
             return result
 
-        monkeypatch.setattr(robustness_metrics, function.__name__, counted)
+        monkeypatch.setattr(module, function.__name__, counted)
 
-    count("search", robustness_metrics._approximate_search)
-    count("recomputed", robustness_metrics._recompute, lambda found: 0 if found is None else len(found[0]))
-    count("plain", robustness_metrics._plain_nearest)
-    robustness_metrics._SHARED.clear()
+    count("search", fast_search_module, fast_search_module.approximate_search)
+    count(
+        "recomputed",
+        fast_search_module,
+        fast_search_module._recompute,
+        lambda found: 0 if found is None else len(found[0]),
+    )
+    count("plain", neighbours_module, neighbours_module._plain_top_k)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         yield calls
-    robustness_metrics._SHARED.clear()
 
 
 def _with_ties(seed, n=300, dim=12):
@@ -406,13 +416,13 @@ def _with_ties(seed, n=300, dim=12):
 @pytest.mark.parametrize("margin", [16, 0])
 def test_fast_search_matches_brute_force_with_ties(fast_search, monkeypatch, margin):
     # margin 0: lists of k + 1 values, too short for most proofs, so that many rows are recomputed
-    monkeypatch.setattr(robustness_metrics, "_MARGIN", margin)
+    monkeypatch.setattr(fast_search_module, "_MARGIN", margin)
     for seed, features in enumerate([_with_ties(11), np.random.default_rng(12).normal(size=(333, 20))]):
         groups = np.random.default_rng(seed).integers(0, 25, len(features))
         for k in (1, 7):
             assert np.array_equal(nearest_neighbours(features, k, block=64), _brute_neighbours(features, k))
             assert np.array_equal(
-                nearest_neighbours(features, k, exclude_same=groups, block=64),
+                nearest_neighbours(features, k, exclude_groups=groups, block=64),
                 _brute_neighbours(features, k, groups),
             )
     assert fast_search["search"] == 8 and fast_search["plain"] == 0
@@ -424,20 +434,20 @@ def test_fast_search_takes_the_same_neighbours_as_the_plain_one(fast_search):
     rng = np.random.default_rng(13)
     features = torch.from_numpy(rng.normal(size=(700, 32)).astype(np.float32))
     cases = rng.integers(0, 60, 700)
-    fast = nearest_neighbours(features, 11, exclude_same=cases, block=128)
+    fast = nearest_neighbours(features, 11, exclude_groups=cases, block=128)
     assert fast_search["search"] == 1
-    robustness_metrics._FAST_SEARCH_MIN_SAMPLES = 10**9
+    neighbours_module._FAST_SEARCH_MIN_SAMPLES = 10**9
     # float32 products can only misorder similarities closer than float32 rounding; none are here
-    assert np.array_equal(fast, nearest_neighbours(features, 11, exclude_same=cases))
+    assert np.array_equal(fast, nearest_neighbours(features, 11, exclude_groups=cases))
 
 
 def test_fast_search_falls_back_where_its_bound_fails_or_ties_overflow(fast_search, monkeypatch):
     features = _with_ties(14)
     expected = _brute_neighbours(features, 5)
-    real_bound = robustness_metrics._error_bound
+    real_bound = fast_search_module._error_bound
     # a bound that ignores rounding: the exact similarities fall outside it, the plain search answers
     monkeypatch.setattr(
-        robustness_metrics,
+        fast_search_module,
         "_error_bound",
         lambda unit, dtype, shift: dataclasses.replace(
             real_bound(unit, dtype, shift), base=0.0, relative=0.0
@@ -446,9 +456,9 @@ def test_fast_search_falls_back_where_its_bound_fails_or_ties_overflow(fast_sear
     with pytest.warns(RuntimeWarning, match="outside their error bound"):
         assert np.array_equal(nearest_neighbours(features, 5, block=64), expected)
     assert fast_search["plain"] == 1
-    monkeypatch.setattr(robustness_metrics, "_error_bound", real_bound)
+    monkeypatch.setattr(fast_search_module, "_error_bound", real_bound)
     # identical features: every sample ties with every other; past the candidate limit the plain search runs
-    monkeypatch.setattr(robustness_metrics, "_RECOMPUTED_CANDIDATES", 1000)
+    monkeypatch.setattr(fast_search_module, "_RECOMPUTED_CANDIDATES", 1000)
     same = np.ones((200, 4))
     assert np.array_equal(
         nearest_neighbours(same, 3, block=64),
@@ -481,13 +491,13 @@ def _labs(seed, tiles=150, labs=4, dim=24, share_cases=True):
 def test_fast_robustness_index_and_paired_retrieval_match_the_plain_path(fast_search, share_cases):
     features, labels, centers, cases, pairs = _labs(15, share_cases=share_cases)
     features[:40] = features[40:80]  # exact duplicates inside a lab: ties decided by pool position
-    ri = robustness_index(features, labels, centers, cases, bootstrap=0)
-    shared = paired_retrieval(features, pairs, centers)  # reads the lists the robustness index left
+    index = NeighbourIndex(features)
+    ri = robustness_index(index, labels, centers, cases, bootstrap=0)
+    shared = paired_retrieval(index, pairs, centers)  # reads the lists the robustness index left on the index
     assert fast_search["search"] == 1
-    robustness_metrics._SHARED.clear()
-    alone = paired_retrieval(features, pairs, centers, ks=(1, 5, 10))  # a search of its own
+    alone = paired_retrieval(features, pairs, centers, ks=(1, 5, 10))  # a new index: a search of its own
     assert fast_search["search"] == 2 and fast_search["plain"] == 0
-    robustness_metrics._FAST_SEARCH_MIN_SAMPLES = 10**9
+    neighbours_module._FAST_SEARCH_MIN_SAMPLES = 10**9
     expected, so, os_ = _brute_robustness_index(
         features.numpy().astype(np.float64), labels, centers, cases, 11
     )
@@ -499,17 +509,42 @@ def test_fast_robustness_index_and_paired_retrieval_match_the_plain_path(fast_se
     assert 0 < shared.top1 < 1 and 0 < min(top5) and max(top5) < 1
 
 
-def test_paired_retrieval_reads_shared_lists_only_for_the_same_unchanged_features(fast_search):
+def test_one_index_serves_the_robustness_index_and_paired_retrieval_with_one_search(fast_search):
     features, labels, centers, cases, pairs = _labs(16)
-    robustness_index(features, labels, centers, cases, bootstrap=0)
-    assert robustness_metrics._SHARED
-    features[:150] = features[150:300]  # changed in place after the robustness index: lab0 = lab1
-    changed = paired_retrieval(features, pairs, centers)
-    assert fast_search["search"] == 2  # a search of its own
+    index = NeighbourIndex(features)
+    ri = robustness_index(index, labels, centers, cases, bootstrap=0)
+    shared = paired_retrieval(index, pairs, centers)
+    assert fast_search["search"] == 1
+    # a smaller k and other centre names of the same partition read the same lists
+    renamed = np.char.add("site-", centers)
+    assert robustness_index(index, labels, renamed, cases, k=5, bootstrap=0).value is not None
+    assert paired_retrieval(index, pairs, renamed).top1 == shared.top1
+    assert fast_search["search"] == 1
+    # the index holds the vectors it was built on: changed in place afterwards, the features need a new index
+    original = features.clone()
+    features[:150] = features[150:300]  # lab0 = lab1
+    assert paired_retrieval(index, pairs, centers) == shared
+    changed = paired_retrieval(NeighbourIndex(features), pairs, centers)
+    assert fast_search["search"] == 2
     by_pair = {(p["condition_a"], p["condition_b"]): p for p in changed.per_condition_pair}
     assert by_pair["lab0", "lab1"]["top1"] == 1.0
-    robustness_metrics._FAST_SEARCH_MIN_SAMPLES = 10**9
+    neighbours_module._FAST_SEARCH_MIN_SAMPLES = 10**9
     assert changed == paired_retrieval(features, pairs, centers)
-    # the lists live as long as their features object
-    del features
-    assert not robustness_metrics._SHARED
+    assert shared == paired_retrieval(original, pairs, centers)
+    assert ri == robustness_index(original, labels, centers, cases, bootstrap=0)
+
+
+def test_an_index_keeps_its_search_for_a_smaller_k(fast_search):
+    features = _with_ties(17)
+    groups = np.random.default_rng(17).integers(0, 25, len(features))
+    index = NeighbourIndex(features, block=64)
+    for k in (7, 3, 1):
+        assert np.array_equal(index.top_k(k), _brute_neighbours(features, k))
+    assert fast_search["search"] == 1
+    # leaving out other groups is another search, kept as well
+    for k in (7, 2):
+        assert np.array_equal(index.top_k(k, exclude_groups=groups), _brute_neighbours(features, k, groups))
+    assert fast_search["search"] == 2
+    # a larger k needs longer lists: a new search
+    assert np.array_equal(index.top_k(9), _brute_neighbours(features, 9))
+    assert fast_search["search"] == 3 and fast_search["plain"] == 0

@@ -14,13 +14,8 @@ from conftest import SAMPLE_SLIDE, SAMPLE_SLIDE_PATCHES, extraction_argv, extrac
 
 from exaonepath_hf import ExaonePathModel
 from exaonepath_hf.eval.common.encoders import Preprocessing
-from exaonepath_hf.eval.slide.features import (
-    extract_slide_features,
-    load_slide_features,
-    main,
-    patch_geometry,
-    write_slide_features,
-)
+from exaonepath_hf.eval.slide.bags import load_slide_features, patch_geometry, write_slide_features
+from exaonepath_hf.eval.slide.features import extract_slide_features, main
 from exaonepath_hf.images import open_rgb
 from exaonepath_hf.tiling import TilingConfig, tile_slides
 

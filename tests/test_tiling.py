@@ -222,14 +222,12 @@ def test_speck_is_removed_by_the_region_filter_only(synthetic_slides):
 
 def test_both_resolutions_cut_the_same_physical_patches(synthetic_slides, tmp_path):
     records = {name: tile_slide(synthetic_slides[name], tmp_path / name) for name in ("mpp025", "mpp05")}
-    tables = {
-        name: pq.read_table(tmp_path / name / "shards" / records[name]["shards"][0]) for name in records
-    }
+    tables = {name: pq.read_table(tmp_path / name / "shards" / records[name].shards[0]) for name in records}
     physical = {
         name: sorted(
             (round(x * m, 6), round(y * m, 6))
             for x, y, m in zip(
-                t["x"].to_pylist(), t["y"].to_pylist(), [records[name]["slide_mpp"]] * t.num_rows, strict=True
+                t["x"].to_pylist(), t["y"].to_pylist(), [records[name].slide_mpp] * t.num_rows, strict=True
             )
         )
         for name, t in tables.items()
@@ -244,7 +242,7 @@ def test_both_resolutions_cut_the_same_physical_patches(synthetic_slides, tmp_pa
 def test_resize_to_target_stores_target_size_and_mpp(synthetic_slides, tmp_path):
     config = TilingConfig(resize_to_target=True)
     record = tile_slide(synthetic_slides["mpp025"], tmp_path, config)
-    table = pq.read_table(tmp_path / "shards" / record["shards"][0])
+    table = pq.read_table(tmp_path / "shards" / record.shards[0])
     assert set(table["mpp"].to_pylist()) == {0.5}
     assert set(table["size"].to_pylist()) == {512}
     with open_slide(synthetic_slides["mpp025"]) as reader:
@@ -260,11 +258,11 @@ def test_missing_mpp_is_a_clear_error_unless_given(synthetic_slides, tmp_path):
     with pytest.raises(MissingMPPError, match="--mpp"):
         tile_slide(synthetic_slides["nompp"], tmp_path / "a")
     record = tile_slide(synthetic_slides["nompp"], tmp_path / "b", TilingConfig(mpp=0.5))
-    assert record["mpp_source"] == "fallback"
-    assert record["num_patches"] == len(EXPECTED_PATCHES)
+    assert record.mpp_source == "fallback"
+    assert record.num_patches == len(EXPECTED_PATCHES)
     # The metadata wins over --mpp when the slide has it.
     record = tile_slide(synthetic_slides["mpp025"], tmp_path / "c", TilingConfig(mpp=0.5))
-    assert record["slide_mpp"] == pytest.approx(0.25) and record["patch_size_level0"] == 512
+    assert record.slide_mpp == pytest.approx(0.25) and record.patch_size_level0 == 512
 
 
 def test_missing_mpp_slide_is_a_failure_in_a_run(synthetic_slides, tmp_path):

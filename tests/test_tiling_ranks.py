@@ -14,11 +14,14 @@ from conftest import SAMPLE_SLIDE, SAMPLE_SLIDE_PATCHES, extraction_argv, extrac
 
 from exaonepath_hf.tiling import (
     RankInfo,
+    SlideFailure,
+    SlideRecord,
     TilingConfig,
-    completed_shard_files,
+    TilingManifest,
     load_patch_dataset,
     read_manifest,
     resolve_rank,
+    resolve_shards,
     split_for_rank,
     tile_slides,
     tiling_output_folder,
@@ -79,28 +82,38 @@ def test_record_names_and_the_files_a_reader_merges(tmp_path):
     ]
 
 
+def _record(slide_id: str, num_shards: int, num_patches: int) -> SlideRecord:
+    return SlideRecord(
+        slide_id=slide_id, path=f"/slides/{slide_id}.svs", reader="TiffSlideReader", dimensions=(2220, 2967),
+        level_count=1, slide_mpp=0.499, mpp_source="metadata", patch_size_level0=257, read_level=0,
+        stored_patch_size=257, stored_mpp=0.499, num_candidates=88, num_patches=num_patches, tissue_threshold=20,
+        tissue_area_fraction=0.3, shards=tuple(f"{slide_id}-{part:05d}.parquet" for part in range(num_shards)),
+        shard_rows=(num_patches,) * num_shards, coords=f"coords/{slide_id}.csv",
+        thumbnail=f"thumbnails/{slide_id}.png", seconds=1.0,
+    )  # fmt: skip
+
+
+def _failure(slide_id: str) -> SlideFailure:
+    return SlideFailure(slide_id, f"/slides/{slide_id}.svs", "SlideReadError", "truncated")
+
+
 def test_read_manifest_merges_ranks_and_drops_failures_a_later_run_completed(tmp_path):
     (tmp_path / "shards").mkdir()
-    rank0 = {"slides": {"a": {"shards": ["a-00000.parquet"], "num_patches": 3}}, "failures": [], "config": {}}
-    rank1 = {
-        "slides": {"c": {"shards": ["c-00000.parquet", "c-00001.parquet"], "num_patches": 5}},
-        "failures": [{"slide_id": "b", "error": "SlideReadError"}, {"slide_id": "d", "error": "X"}],
-    }
-    single = {"slides": {"b": {"shards": ["b-00000.parquet"], "num_patches": 2}}, "failures": []}
+    config = TilingConfig()
+    rank0 = TilingManifest(config, {"a": _record("a", 1, 3)}, [])
+    rank1 = TilingManifest(config, {"c": _record("c", 2, 5)}, [_failure("b"), _failure("d")])
+    single = TilingManifest(config, {"b": _record("b", 1, 2)}, [])
     for name, manifest in (
         ("manifest.rank-00000", rank0),
         ("manifest.rank-00001", rank1),
         ("manifest", single),
     ):
-        (tmp_path / f"{name}.json").write_text(json.dumps(manifest))
+        (tmp_path / f"{name}.json").write_text(json.dumps(manifest.to_dict()))
     merged = read_manifest(tmp_path / "shards")
-    assert (
-        list(merged["slides"]) == ["a", "b", "c"]
-        and merged["num_patches"] == 10
-        and merged["num_shards"] == 4
-    )
-    assert [f["slide_id"] for f in merged["failures"]] == ["d"]  # b failed once, a later run completed it
-    assert len(completed_shard_files(tmp_path)) == 4
+    assert list(merged.slides) == ["a", "b", "c"] and merged.num_patches == 10 and merged.num_shards == 4
+    assert merged.slides["c"] == _record("c", 2, 5) and merged.config == config
+    assert merged.failures == [_failure("d")]  # b failed once, a later run completed it
+    assert len(resolve_shards(tmp_path)) == 4
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,7 +185,7 @@ def test_two_ranks_tile_into_one_folder_with_no_overlap_and_no_loss(slides, tmp_
     assert not (out / "manifest.json").exists()  # no file both ranks write
     shares = [json.loads((out / f"manifest.rank-0000{r}.json").read_text())["slides"] for r in (0, 1)]
     assert sorted(shares[0]) == ["s0", "s2"] and sorted(shares[1]) == ["s1", "s3"]
-    assert tiling_output_folder(out) == out and list(read_manifest(out)["slides"]) == SLIDE_NAMES
+    assert tiling_output_folder(out) == out and list(read_manifest(out).slides) == SLIDE_NAMES
     rows = list(load_patch_dataset(out, streaming=False))  # the reader training and evaluation use
     assert len(rows) == 4 * SAMPLE_SLIDE_PATCHES
     assert {name: sum(r["slide_id"] == name for r in rows) for name in SLIDE_NAMES} == dict.fromkeys(
@@ -187,7 +200,7 @@ def test_a_killed_tiling_rank_is_completed_by_a_rerun_and_nothing_else_is_redone
     argv = [*_slide_args(slides), "--out", str(out), "--quiet"]
     assert _run_ranks("tiling", argv, kill_rank=1) == [0, 9]
     # rank 1 tiled s1, then died in s3 before writing its manifest: readers see rank 0's slides only
-    assert list(read_manifest(out)["slides"]) == ["s0", "s2"]
+    assert list(read_manifest(out).slides) == ["s0", "s2"]
     records = {name: (out / "slides" / f"{name}.json").stat().st_mtime_ns for name in ("s0", "s1", "s2")}
 
     config = TilingConfig()
@@ -198,15 +211,16 @@ def test_a_killed_tiling_rank_is_completed_by_a_rerun_and_nothing_else_is_redone
     assert (rerun[0].tiled, rerun[0].skipped) == ([], ["s0", "s2"])
     assert (rerun[1].tiled, rerun[1].skipped) == (["s3"], ["s1"])
     assert {name: (out / "slides" / f"{name}.json").stat().st_mtime_ns for name in records} == records
-    assert list(read_manifest(out)["slides"]) == SLIDE_NAMES
-    shards = completed_shard_files(out)
+    assert list(read_manifest(out).slides) == SLIDE_NAMES
+    shards = resolve_shards(out)
     assert sorted(Path(f).name for f in shards) == sorted(p.name for p in (out / "shards").glob("*.parquet"))
     assert len(list(load_patch_dataset(out, streaming=False))) == 4 * SAMPLE_SLIDE_PATCHES
 
 
 @pytest.mark.slow
 def test_two_ranks_extract_and_a_killed_rank_is_completed_by_a_rerun(slides, tiny_model_dir, tmp_path):
-    from exaonepath_hf.eval.slide.features import extract_slide_features, load_slide_features
+    from exaonepath_hf.eval.slide.bags import load_slide_features
+    from exaonepath_hf.eval.slide.features import extract_slide_features
 
     out = tmp_path / "features"
     assert _run_ranks("extraction", extraction_argv([slides], tiny_model_dir, out), kill_rank=1) == [0, 9]
@@ -227,4 +241,4 @@ def test_two_ranks_extract_and_a_killed_rank_is_completed_by_a_rerun(slides, tin
     for name, bag in bags.items():  # copies of one slide: the same bag whichever rank made it
         assert bag.slide_id == name and bag.coords.tolist() == bags["s0"].coords.tolist()
         assert abs(bag.features - bags["s0"].features).max() < 1e-5
-    assert list(read_manifest(out / "tiles")["slides"]) == SLIDE_NAMES
+    assert list(read_manifest(out / "tiles").slides) == SLIDE_NAMES

@@ -18,10 +18,12 @@ from PIL import Image
 import exaonepath_hf
 from exaonepath_hf.tiling import (
     PATCH_COLUMNS,
+    SlideFailure,
+    SlideRecord,
     TilingConfig,
-    completed_shard_files,
     load_patch_dataset,
     open_slide,
+    resolve_shards,
     tile_slide,
     tile_slides,
 )
@@ -43,7 +45,7 @@ def cmu_slide(request) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cmu_tiled(cmu_slide, tmp_path_factory) -> tuple[Path, dict]:
+def cmu_tiled(cmu_slide, tmp_path_factory) -> tuple[Path, SlideRecord]:
     out = tmp_path_factory.mktemp("cmu")
     return out, tile_slide(cmu_slide, out)
 
@@ -78,16 +80,16 @@ def _own_tissue_fraction(rgb: np.ndarray) -> float:
 
 def test_cmu_grid_has_the_mpp_correct_patch_size(cmu_tiled):
     _, record = cmu_tiled
-    assert record["slide_mpp"] == pytest.approx(0.499)
-    assert record["patch_size_level0"] == round(256 * 0.5 / 0.499) == 257
-    width, height = record["dimensions"]
-    assert record["num_candidates"] == (width // 257) * (height // 257)
-    assert 0 < record["num_patches"] < record["num_candidates"]
+    assert record.slide_mpp == pytest.approx(0.499)
+    assert record.patch_size_level0 == round(256 * 0.5 / 0.499) == 257
+    width, height = record.dimensions
+    assert record.num_candidates == (width // 257) * (height // 257)
+    assert 0 < record.num_patches < record.num_candidates
 
 
 def test_cmu_kept_patches_are_tissue_and_background_is_excluded(cmu_tiled, cmu_slide):
     out, record = cmu_tiled
-    kept = {(x, y) for _, x, y in _rows([out / "shards" / s for s in record["shards"]])}
+    kept = {(x, y) for _, x, y in _rows([out / "shards" / s for s in record.shards])}
     with open_slide(cmu_slide) as reader:
         width, height = reader.dimensions
         for y in range(0, height - 256, 257):
@@ -103,7 +105,7 @@ def test_cmu_kept_patches_are_tissue_and_background_is_excluded(cmu_tiled, cmu_s
 
 def test_cmu_patches_read_back_at_their_coordinates(cmu_tiled, cmu_slide):
     out, record = cmu_tiled
-    table = pq.read_table(out / "shards" / record["shards"][0])
+    table = pq.read_table(out / "shards" / record.shards[0])
     assert table.column_names[: len(PATCH_COLUMNS)] == list(PATCH_COLUMNS)
     import tiffslide  # the reference reader, used directly
 
@@ -116,7 +118,7 @@ def test_cmu_patches_read_back_at_their_coordinates(cmu_tiled, cmu_slide):
             (row["x"], row["y"]), row["level"], (row["size"], row["size"]), as_array=True
         )
         np.testing.assert_array_equal(stored, expected)
-    coords = (out / record["coords"]).read_text().splitlines()
+    coords = (out / record.coords).read_text().splitlines()
     assert coords[0] == "x,y,level,size,mpp,tissue_fraction"
     assert [tuple(map(int, line.split(",")[:2])) for line in coords[1:]] == list(
         zip(table["x"].to_pylist(), table["y"].to_pylist(), strict=True)
@@ -125,11 +127,11 @@ def test_cmu_patches_read_back_at_their_coordinates(cmu_tiled, cmu_slide):
 
 def test_cmu_thumbnail_shows_mask_and_grid(cmu_tiled):
     out, record = cmu_tiled
-    thumbnail = Image.open(out / record["thumbnail"])
+    thumbnail = Image.open(out / record.thumbnail)
     assert thumbnail.format == "PNG" and max(thumbnail.size) <= 1024
-    scale = record["dimensions"][0] / thumbnail.size[0]
+    scale = record.dimensions[0] / thumbnail.size[0]
     pixels = np.asarray(thumbnail.convert("RGB"))
-    x, y = map(int, (out / record["coords"]).read_text().splitlines()[1].split(",")[:2])
+    x, y = map(int, (out / record.coords).read_text().splitlines()[1].split(",")[:2])
     # The kept patch's outline is drawn in blue along its top edge.
     edge = pixels[round(y / scale), round(x / scale) + 2 : round((x + 257) / scale) - 2]
     assert (edge == (0, 60, 255)).all(axis=1).mean() > 0.9
@@ -164,9 +166,9 @@ def test_dicom_wsi_opens_and_tiles(shared_data, tmp_path):
         np.testing.assert_array_equal(region, reference.read_region((100, 50), 0, (300, 200), as_array=True))
     # At its coarse resolution the slide can still be tiled, at a matching target.
     record = tile_slide(path, tmp_path, TilingConfig(patch_size=32, target_mpp=32.0))
-    assert record["patch_size_level0"] == round(32 * 32.0 / 28.969) == 35
-    assert record["num_patches"] > 0
-    row = pq.read_table(tmp_path / "shards" / record["shards"][0]).to_pylist()[0]
+    assert record.patch_size_level0 == round(32 * 32.0 / 28.969) == 35
+    assert record.num_patches > 0
+    row = pq.read_table(tmp_path / "shards" / record.shards[0]).to_pylist()[0]
     with WsiDicom.open(path) as reference:
         expected = reference.read_region((row["x"], row["y"]), 0, (35, 35), as_array=True)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(row["image"]["bytes"]))), expected)
@@ -204,7 +206,7 @@ def _keys(dataset) -> list[tuple[str, int, int]]:
 
 def test_two_ranks_get_disjoint_complete_shares(three_slides_tiled):
     manifest = json.loads((three_slides_tiled / "manifest.json").read_text())
-    everything = _rows(completed_shard_files(three_slides_tiled))
+    everything = _rows(resolve_shards(three_slides_tiled))
     assert len(everything) == len(set(everything)) == manifest["num_patches"] == 3 * 28
     assert manifest["num_shards"] == 3 * 6  # 28 patches in shards of at most 5, split evenly
     shares = [_keys(load_patch_dataset(three_slides_tiled, rank=r, world_size=2)) for r in range(2)]
@@ -216,8 +218,8 @@ def test_two_ranks_get_disjoint_complete_shares(three_slides_tiled):
 def test_odd_shard_count_still_splits_without_overlap_or_loss(cmu_slide, tmp_path):
     slides = _slide_copies(cmu_slide, tmp_path / "slides", ["odd"])
     tile_slides(slides, tmp_path / "out", TilingConfig(patches_per_shard=10), progress=False)
-    assert len(completed_shard_files(tmp_path / "out")) == 3
-    everything = _rows(completed_shard_files(tmp_path / "out"))
+    assert len(resolve_shards(tmp_path / "out")) == 3
+    everything = _rows(resolve_shards(tmp_path / "out"))
     shares = [_keys(load_patch_dataset(tmp_path / "out", rank=r, world_size=2)) for r in range(2)]
     assert not set(shares[0]) & set(shares[1])
     assert sorted(shares[0] + shares[1]) == sorted(everything)
@@ -264,7 +266,7 @@ def _crash_on_bad_slide(task):
 
 
 def test_a_worker_crash_is_pinned_on_its_slide_and_the_run_goes_on(tmp_path):
-    from exaonepath_hf.tiling.pipeline import SlideFailure, _run_in_processes, _Task
+    from exaonepath_hf.tiling.pipeline import _run_in_processes, _Task
 
     names = ["a", "b", "bad", "c", "d", "e"]
     tasks = [_Task(f"/slides/{n}.svs", n, str(tmp_path), TilingConfig()) for n in names]
@@ -283,7 +285,7 @@ def test_leftovers_of_an_interrupted_slide_are_replaced(cmu_slide, tmp_path):
     out = tmp_path / "out"
     config = TilingConfig(patches_per_shard=10)
     tile_slides(slides, out, config, progress=False)
-    reference = _rows(completed_shard_files(out))
+    reference = _rows(resolve_shards(out))
     # What a kill during publishing leaves: one shard published, one still staged, no slide record.
     (out / "slides" / "s.json").unlink()
     (out / "shards" / "s-00002.parquet").unlink()

@@ -3,8 +3,8 @@
 `load_grouped_images(data, group_by)` accepts:
 - a folder of images: a `metadata.csv` imagefolder (`file_name` plus any columns: `label`, `slide_id`,
   `center`, ...), or plain files / one subfolder per group (`group_by="folder"` or `"file"`);
-- an `exaonepath-tile` output folder or its `shards/` (only the shards its manifest lists as complete);
-- a parquet file or a parquet glob.
+- an `exaonepath-tile` output folder or its `shards/`, a parquet file or a parquet glob (of a tiling output, only
+  the shards of its complete slides: `tiling.resolve_shards`).
 
 `tile=SIZE` cuts every image into a grid of SIZE x SIZE tiles first (for a few large images per slide). The
 result's `dataset` has the columns `extract_features` reads (`image` undecoded, `label` as an int, -1 when
@@ -26,12 +26,16 @@ from typing import Any
 import datasets
 
 from ...images import image_files, open_rgb
-from ...tiling.shards import complete_shards_only, completed_shard_files, tiling_output_folder
+from ...tiling.output import resolve_shards
 from ..common.data import local_fingerprint
 
-__all__ = ["GroupedImages", "parquet_files", "load_grouped_images"]
+__all__ = ["GroupedImages", "files_fingerprint", "parquet_files", "load_grouped_images"]
 
 logger = logging.getLogger(__name__)
+
+#: The parquet files `--data` names, or None (a folder of images): tiling's one resolver, which keeps only the
+#: shards of the slides a tiling run completed.
+parquet_files = resolve_shards
 
 
 @dataclass
@@ -70,23 +74,6 @@ def _tiles(image: dict[str, Any], size: int) -> list[bytes]:
     return tiles
 
 
-def parquet_files(data: str | os.PathLike) -> list[str] | None:
-    """The parquet files `data` names, or None when it names none (then it is a folder of images).
-
-    An `exaonepath-tile` output folder (or its `shards/`) gives the shards its manifest lists as complete:
-    a run killed while publishing a slide leaves partial shards beside them. A glob inside such a folder is
-    narrowed to the complete shards the same way; a `.parquet` file named explicitly is read as it is.
-    """
-    text = str(data)
-    if tiling_output_folder(text) is not None:
-        return completed_shard_files(text)
-    if glob.has_magic(text):
-        return complete_shards_only(sorted(f for f in glob.glob(text) if f.endswith(".parquet")))
-    if Path(text).suffix == ".parquet":
-        return [text]
-    return None
-
-
 @dataclass
 class _Images:
     """Undecoded images with their group, metadata columns and names, before tiling."""
@@ -102,13 +89,16 @@ def _as_strings(values: list[Any]) -> list[str]:
     return ["" if value is None else str(value) for value in values]
 
 
+def files_fingerprint(files: list[str]) -> str:
+    """A short digest of the names and sizes of `files`: it changes when the set of files or one of them does."""
+    return hashlib.sha256("".join(f"{f}:{os.stat(f).st_size}" for f in files).encode()).hexdigest()[:16]
+
+
 def _parquet_images(files: list[str], group_by: str, data: str | os.PathLike) -> _Images:
     if not files:
         raise ValueError(f"no parquet shards found for {data}")
     table = datasets.load_dataset("parquet", data_files=files, split="train")
-    fingerprint = hashlib.sha256("".join(f"{f}:{os.stat(f).st_size}" for f in files).encode()).hexdigest()[
-        :16
-    ]
+    fingerprint = files_fingerprint(files)
     if group_by not in table.column_names:
         raise ValueError(f"{data}: no column {group_by!r} (has {table.column_names})")
     images = table.cast_column("image", datasets.Image(decode=False))["image"]
@@ -173,7 +163,7 @@ def _tile_images(found: _Images, tile: int) -> _Images:
 
 def load_grouped_images(data: str | os.PathLike, group_by: str, tile: int | None = None) -> GroupedImages:
     """Images of `data` with their group (see the module docstring for the accepted layouts)."""
-    files = parquet_files(data)
+    files = resolve_shards(data)
     if files is not None:
         found = _parquet_images(files, group_by, data)
     elif Path(data).is_dir():

@@ -3,8 +3,6 @@ lab, scanner, staining) and a case, so that "does the encoder follow the site or
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import logging
 import os
 import re
@@ -15,7 +13,9 @@ from typing import Any
 
 import datasets
 
+from ...tiling.output import resolve_shards
 from ..common.data import local_fingerprint
+from .grouped_images import files_fingerprint
 
 __all__ = [
     "RobustnessTaskSpec",
@@ -130,19 +130,19 @@ class RobustnessTaskData:
 def _robustness_source(
     spec: RobustnessTaskSpec, data_dir: str | os.PathLike | None, revision: str | None, cache_dir
 ) -> tuple[datasets.Dataset, str, str]:
-    """The task's rows (hub, or a local copy: a folder laid out like the hub repo, or parquet files)."""
+    """The task's rows (hub, or a local copy: a folder laid out like the hub repo, parquet files, or an
+    `exaonepath-tile` output folder)."""
     if data_dir is None:
         revision = revision or spec.hub_revision
         loaded = datasets.load_dataset(spec.hub_id, split=spec.split, revision=revision, cache_dir=cache_dir)
         return loaded, spec.hub_id, revision or "main"
     text = str(data_dir)
-    if text.endswith(".parquet") or glob.has_magic(text):
-        files = sorted(glob.glob(text))
+    files = resolve_shards(text)  # a tiling output (or a glob into one): only the shards of complete slides
+    if files is not None:
         if not files:
             raise FileNotFoundError(f"no parquet files match {text}")
         loaded = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
-        digest = hashlib.sha256("".join(f"{f}:{os.stat(f).st_size}" for f in files).encode()).hexdigest()[:16]
-        return loaded, os.path.abspath(text), digest
+        return loaded, os.path.abspath(text), files_fingerprint(files)
     root = Path(text)
     if not root.is_dir():
         raise FileNotFoundError(f"local copy of {spec.hub_id} not found: {root}")

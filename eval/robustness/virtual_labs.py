@@ -51,6 +51,7 @@ from ...images import decode_rgb
 
 __all__ = [
     "HED_FROM_RGB",
+    "HED_LABS",
     "RGB_FROM_HED",
     "HedPerturbation",
     "ReinhardTransfer",
@@ -248,10 +249,10 @@ def _tissue_statistics(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 #: One virtual lab: a stain model with a ``name`` and ``apply(uint8 RGB) -> uint8 RGB``.
 VirtualLab = HedPerturbation | ReinhardTransfer
 
-# The two HED labs (natural-log OD units, see HedPerturbation). Tellez et al. draw a scale near 1 and a small
-# bias per stain for every image; a lab here is one such draw, fixed, chosen strong enough to be seen: one lab
-# heavy on haematoxylin, one on eosin.
-_HED_LABS = (
+#: The two fixed HED labs of the protocol (natural-log OD units, see HedPerturbation): one heavy on
+#: haematoxylin, one on eosin. Tellez et al. draw a scale near 1 and a small bias per stain for every image; a
+#: lab here is one such draw, fixed, chosen strong enough to be seen.
+HED_LABS = (
     HedPerturbation("hed-strong-haematoxylin", scale=(1.35, 0.85, 1.0), bias=(0.03, -0.01, 0.0)),
     HedPerturbation("hed-strong-eosin", scale=(0.8, 1.4, 1.0), bias=(-0.01, 0.05, 0.0)),
 )
@@ -261,10 +262,10 @@ _REINHARD_TARGETS = (("reinhard-template3", "template3.png"), ("reinhard-templat
 
 
 def default_virtual_labs(data_dir: str | os.PathLike) -> list[VirtualLab]:
-    """Four labs: the two fixed HED perturbations above and Reinhard transfers toward
+    """Four labs: the two fixed HED perturbations of `HED_LABS` and Reinhard transfers toward
     ``data_dir/stain-templates/template3.png`` and ``template4.png`` (the shared real H&E data folder)."""
     folder = Path(data_dir) / "stain-templates"
-    labs: list[VirtualLab] = list(_HED_LABS)
+    labs: list[VirtualLab] = list(HED_LABS)
     for name, file_name in _REINHARD_TARGETS:
         path = folder / file_name
         if not path.is_file():

@@ -9,7 +9,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from .pipeline import TilingConfig, tile_slides
+from .config import TilingConfig
+from .pipeline import tile_slides
 from .ranks import add_rank_arguments, resolve_rank
 from .slide_io import SLIDE_BACKENDS
 from .tissue import TissueDetectionConfig

@@ -6,23 +6,24 @@ Output folder layout (`out_dir`):
     coords/<slide_id>.csv              kept patches: x, y, level, size, mpp, tissue_fraction
     thumbnails/<slide_id>.png          thumbnail, tissue mask tinted green, kept patches outlined in blue
     slides/<slide_id>.json             a slide's record, written last: its presence marks the slide complete
-    manifest.json                      per-slide counts and shard lists of every complete slide
+    manifest.json                      the settings, and the records of every complete slide
     failures.json                      slides the latest run could not tile, with the reason
     tiling_config.json                 the settings the folder was tiled with (a rerun must match them)
 
 Several processes may tile one slide list into one folder (`rank`/`world_size`, see `ranks.py`): each tiles its
 share and writes `manifest.rank-00003.json` / `failures.rank-00003.json` (rank 3) instead of the shared files,
-so no two processes write one file; readers merge them (`shards.read_manifest`).
+so no two processes write one file; readers merge them (`output.read_manifest`).
 
 Every file is written to a temporary name and renamed into place. A slide's shards are written to
 `.staging/<slide_id>/` and published only once all of them are complete, then its record is written; a rerun
 skips slides with a record and redoes any other slide from scratch, so a killed run (or rank) resumes with no
 duplicated and no missing patch.
+
+The types of the records and the readers of this folder are in `output`.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -35,23 +36,22 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ..atomic_io import atomic_write_bytes, move_files_into, record_folder_settings, write_json
+from .config import TilingConfig
 from .grid import grid_coordinates, level0_patch_size, tissue_fractions
+from .output import SlideFailure, SlideRecord, TilingManifest, write_coords_csv
 from .ranks import record_name, split_for_rank
-from .shards import ImageFormat, PatchRecord, encode_patch, write_shard
-from .slide_io import SLIDE_BACKENDS, SlideReader, open_slide, read_downsampled, read_downsampled_views
+from .shards import PatchRecord, encode_patch, write_shard
+from .slide_io import SlideReader, open_slide, read_downsampled, read_downsampled_views
 from .thumbnail import render_thumbnail
-from .tissue import TissueDetectionConfig, TissueMask, detect_tissue
+from .tissue import TissueMask, detect_tissue
 
 __all__ = [
-    "TilingConfig",
     "PatchPlan",
-    "SlideFailure",
     "TilingSummary",
     "plan_patches",
     "read_patch",
@@ -62,78 +62,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-MANIFEST_VERSION = 1
-
-
-@dataclass(frozen=True)
-class TilingConfig:
-    """How slides are cut into patches and how the patches are stored.
-
-    Attributes:
-        patch_size: patch side in pixels at `target_mpp` (the paper: 256 at 0.5 µm/px).
-        target_mpp: physical resolution (µm/px) that defines the patch's physical size.
-        min_tissue_fraction: a grid patch is kept when at least this fraction of it is tissue.
-        resize_to_target: store patches resized to `patch_size` at `target_mpp` instead of at the slide's
-            native resolution (the paper keeps native size: 512 px on a 0.25 µm/px slide).
-        image_format: "png" (lossless, default) or "jpeg" for the stored patches.
-        jpeg_quality: JPEG quality when image_format is "jpeg".
-        write_images: write image shards; False writes only coordinates, thumbnails and the manifest.
-        patches_per_shard: upper bound on the rows of one shard; a slide's patches are split evenly into
-            ceil(n / patches_per_shard) shards.
-        row_group_size: parquet row group size (the unit a streaming reader holds in memory).
-        thumbnail_size: longest side of the thumbnail PNG.
-        backend: slide reader ("auto", "tiffslide", "openslide", "wsidicom").
-        mpp: level-0 µm/px to use for slides whose metadata has none (the metadata wins when present).
-        tissue: tissue detection parameters.
-    """
-
-    patch_size: int = 256
-    target_mpp: float = 0.5
-    min_tissue_fraction: float = 0.5
-    resize_to_target: bool = False
-    image_format: ImageFormat = "png"
-    jpeg_quality: int = 90
-    write_images: bool = True
-    patches_per_shard: int = 1024
-    row_group_size: int = 64
-    thumbnail_size: int = 1024
-    backend: str = "auto"
-    mpp: float | None = None
-    tissue: TissueDetectionConfig = field(default_factory=TissueDetectionConfig)
-
-    def __post_init__(self):
-        if self.patch_size < 1 or not self.target_mpp > 0:
-            raise ValueError(
-                f"patch_size and target_mpp must be positive ({self.patch_size}, {self.target_mpp})"
-            )
-        if not 0.0 < self.min_tissue_fraction <= 1.0:
-            raise ValueError(f"min_tissue_fraction must be in (0, 1], got {self.min_tissue_fraction}")
-        if self.image_format not in ("png", "jpeg"):
-            raise ValueError(f"image_format must be 'png' or 'jpeg', got {self.image_format!r}")
-        if self.patches_per_shard < 1 or self.row_group_size < 1 or self.thumbnail_size < 16:
-            raise ValueError("patches_per_shard and row_group_size must be >= 1, thumbnail_size >= 16")
-        if self.backend not in SLIDE_BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(SLIDE_BACKENDS)}, got {self.backend!r}")
-        if self.mpp is not None and not self.mpp > 0:
-            raise ValueError(f"mpp must be positive, got {self.mpp}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def output_settings(self) -> dict[str, Any]:
-        """The settings every slide of one output folder must share: those that decide which patches exist
-        and how they are stored. How a slide is read (backend, fallback MPP) may change between runs, e.g. to
-        rerun the slides that failed (each slide's record keeps it), and so may the thumbnail size."""
-        settings = self.to_dict()
-        del settings["backend"], settings["mpp"], settings["thumbnail_size"]
-        return settings
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TilingConfig:
-        values = dict(values)
-        values["tissue"] = TissueDetectionConfig(**values.get("tissue", {}))
-        return cls(**values)
 
 
 @dataclass
@@ -155,16 +83,6 @@ class PatchPlan:
     thumbnail_scale: float  # level-0 pixels per thumbnail_view pixel
 
 
-@dataclass(frozen=True)
-class SlideFailure:
-    """A slide a run could not tile, and why."""
-
-    slide_id: str
-    path: str
-    error: str
-    message: str
-
-
 @dataclass
 class TilingSummary:
     """What a `tile_slides` run did."""
@@ -177,6 +95,8 @@ class TilingSummary:
     seconds: float = 0.0
     rank: int = 0
     world_size: int = 1
+    # the complete slides the run's manifest lists (every slide of the folder; for a rank, of its share)
+    slides: dict[str, SlideRecord] = field(default_factory=dict)
 
     @property
     def manifest_path(self) -> Path:
@@ -281,24 +201,6 @@ def _remove_partial_outputs(out_dir: Path, slide_id: str) -> None:
         part += 1
 
 
-def _coords_csv(plan: PatchPlan) -> bytes:
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["x", "y", "level", "size", "mpp", "tissue_fraction"])
-    for (x, y), fraction in zip(plan.coordinates, plan.tissue_fractions, strict=True):
-        writer.writerow(
-            [
-                int(x),
-                int(y),
-                plan.read_level,
-                plan.patch_size_level0,
-                repr(plan.stored_mpp),
-                f"{fraction:.4f}",
-            ]
-        )
-    return text.getvalue().encode()
-
-
 def _thumbnail_png(plan: PatchPlan, config: TilingConfig) -> bytes:
     image = render_thumbnail(
         plan.thumbnail_view,
@@ -317,14 +219,14 @@ def _slide_record_path(out_dir: Path, slide_id: str) -> Path:
     return out_dir / "slides" / f"{slide_id}.json"
 
 
-def _complete_record(out_dir: Path, slide_id: str) -> dict[str, Any] | None:
+def _complete_record(out_dir: Path, slide_id: str) -> SlideRecord | None:
     """The slide's record when all its outputs exist (the slide is done), else None."""
     path = _slide_record_path(out_dir, slide_id)
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
-    outputs = [out_dir / "shards" / name for name in record["shards"]]
-    outputs += [out_dir / record["coords"], out_dir / record["thumbnail"]]
+    record = SlideRecord.from_dict(json.loads(path.read_text()))
+    outputs = [out_dir / "shards" / name for name in record.shards]
+    outputs += [out_dir / record.coords, out_dir / record.thumbnail]
     return record if all(p.is_file() for p in outputs) else None
 
 
@@ -338,9 +240,46 @@ def _record_folder_config(out_dir: Path, config: TilingConfig) -> None:
     )
 
 
+def _write_shards(
+    reader: SlideReader, plan: PatchPlan, config: TilingConfig, out_dir: Path, slide_id: str
+) -> tuple[list[str], list[int]]:
+    """Write the slide's patches as shards into `.staging/<slide_id>/`, then publish them into `shards/`
+    together; returns the shards' names and rows (none when the config writes no images)."""
+    count = len(plan.coordinates)
+    if not (config.write_images and count):
+        return [], []
+
+    def records(indices: np.ndarray) -> Iterator[PatchRecord]:
+        for i in indices:
+            x, y = (int(v) for v in plan.coordinates[i])
+            yield PatchRecord(
+                image=encode_patch(read_patch(reader, x, y, plan), config.image_format, config.jpeg_quality),
+                slide_id=slide_id,
+                x=x,
+                y=y,
+                level=plan.read_level,
+                size=plan.patch_size_level0,
+                mpp=plan.stored_mpp,
+                tissue_fraction=float(plan.tissue_fractions[i]),
+            )
+
+    shard_names: list[str] = []
+    shard_rows: list[int] = []
+    staging = out_dir / ".staging" / slide_id
+    staging.mkdir(parents=True, exist_ok=True)
+    num_shards = -(-count // config.patches_per_shard)
+    for part, indices in enumerate(np.array_split(np.arange(count), num_shards)):
+        name = _shard_name(slide_id, part)
+        shard_rows.append(write_shard(staging / name, records(indices), config.row_group_size))
+        shard_names.append(name)
+    move_files_into(staging, out_dir / "shards")
+    staging.rmdir()
+    return shard_names, shard_rows
+
+
 def tile_slide(
     path: str | Path, out_dir: str | Path, config: TilingConfig | None = None, slide_id: str | None = None
-) -> dict[str, Any]:
+) -> SlideRecord:
     """Tile one slide into `out_dir` and return its record (see the module docstring for the layout).
 
     Raises on any problem with the slide (missing MPP, unreadable file, ...); `tile_slides` turns those into
@@ -357,64 +296,41 @@ def tile_slide(
 
     with open_slide(path, config.backend) as reader:
         plan = plan_patches(reader, config)
-        count = len(plan.coordinates)
-
-        def records(indices: np.ndarray) -> Iterator[PatchRecord]:
-            for i in indices:
-                x, y = (int(v) for v in plan.coordinates[i])
-                yield PatchRecord(
-                    image=encode_patch(
-                        read_patch(reader, x, y, plan), config.image_format, config.jpeg_quality
-                    ),
-                    slide_id=slide_id,
-                    x=x,
-                    y=y,
-                    level=plan.read_level,
-                    size=plan.patch_size_level0,
-                    mpp=plan.stored_mpp,
-                    tissue_fraction=float(plan.tissue_fractions[i]),
-                )
-
-        shard_names: list[str] = []
-        shard_rows: list[int] = []
-        if config.write_images and count:
-            staging = out_dir / ".staging" / slide_id
-            staging.mkdir(parents=True, exist_ok=True)
-            num_shards = -(-count // config.patches_per_shard)
-            for part, indices in enumerate(np.array_split(np.arange(count), num_shards)):
-                name = _shard_name(slide_id, part)
-                shard_rows.append(write_shard(staging / name, records(indices), config.row_group_size))
-                shard_names.append(name)
-            move_files_into(staging, out_dir / "shards")
-            staging.rmdir()
-
+        shard_names, shard_rows = _write_shards(reader, plan, config, out_dir, slide_id)
         coords_path = Path("coords") / f"{slide_id}.csv"
         thumbnail_path = Path("thumbnails") / f"{slide_id}.png"
-        atomic_write_bytes(out_dir / coords_path, _coords_csv(plan))
+        write_coords_csv(
+            out_dir / coords_path,
+            plan.coordinates,
+            plan.tissue_fractions,
+            plan.read_level,
+            plan.patch_size_level0,
+            plan.stored_mpp,
+        )
         atomic_write_bytes(out_dir / thumbnail_path, _thumbnail_png(plan, config))
-        record = {
-            "slide_id": slide_id,
-            "path": str(Path(path).resolve()),
-            "reader": type(reader).__name__,
-            "dimensions": list(reader.dimensions),
-            "level_count": reader.level_count,
-            "slide_mpp": plan.slide_mpp,
-            "mpp_source": plan.mpp_source,
-            "patch_size_level0": plan.patch_size_level0,
-            "read_level": plan.read_level,
-            "stored_patch_size": plan.stored_size,
-            "stored_mpp": plan.stored_mpp,
-            "num_candidates": plan.num_candidates,
-            "num_patches": count,
-            "tissue_threshold": plan.tissue.threshold,
-            "tissue_area_fraction": round(plan.tissue.tissue_fraction, 6),
-            "shards": shard_names,
-            "shard_rows": shard_rows,
-            "coords": coords_path.as_posix(),
-            "thumbnail": thumbnail_path.as_posix(),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-    write_json(_slide_record_path(out_dir, slide_id), record)
+        record = SlideRecord(
+            slide_id=slide_id,
+            path=str(Path(path).resolve()),
+            reader=type(reader).__name__,
+            dimensions=tuple(reader.dimensions),
+            level_count=reader.level_count,
+            slide_mpp=plan.slide_mpp,
+            mpp_source=plan.mpp_source,
+            patch_size_level0=plan.patch_size_level0,
+            read_level=plan.read_level,
+            stored_patch_size=plan.stored_size,
+            stored_mpp=plan.stored_mpp,
+            num_candidates=plan.num_candidates,
+            num_patches=len(plan.coordinates),
+            tissue_threshold=plan.tissue.threshold,
+            tissue_area_fraction=round(plan.tissue.tissue_fraction, 6),
+            shards=tuple(shard_names),
+            shard_rows=tuple(shard_rows),
+            coords=coords_path.as_posix(),
+            thumbnail=thumbnail_path.as_posix(),
+            seconds=round(time.perf_counter() - start, 3),
+        )
+    write_json(_slide_record_path(out_dir, slide_id), record.to_dict())
     return record
 
 
@@ -426,7 +342,7 @@ class _Task:
     config: TilingConfig
 
 
-_Outcome = dict[str, Any] | SlideFailure
+_Outcome = SlideRecord | SlideFailure
 
 
 def _run_task(task: _Task) -> _Outcome:
@@ -509,31 +425,86 @@ def _run_in_processes(
             on_done(task, _run_isolated(task, context, run))
 
 
-def _write_manifest(summary: TilingSummary, config: TilingConfig, slide_ids: Sequence[str]) -> dict[str, Any]:
+def _write_manifest(summary: TilingSummary, config: TilingConfig, slide_ids: Sequence[str]) -> TilingManifest:
     """Summarise complete slides into the run's manifest: a single process lists every complete slide in the
     folder (not only this run's) in manifest.json; a rank lists the complete slides of its share (`slide_ids`)
     in its own manifest.rank-NNNNN.json, which no other rank writes."""
     out_dir = summary.out_dir
     if summary.world_size == 1:
         slide_ids = [path.stem for path in sorted((out_dir / "slides").glob("*.json"))]
-    slides = {}
-    for slide_id in sorted(slide_ids):
-        record = _complete_record(out_dir, slide_id)
-        if record is not None:
-            slides[record["slide_id"]] = record
-    manifest = {
-        "format_version": MANIFEST_VERSION,
-        "config": config.to_dict(),
-        "num_slides": len(slides),
-        "num_patches": sum(r["num_patches"] for r in slides.values()),
-        "num_shards": sum(len(r["shards"]) for r in slides.values()),
-        "slides": slides,
-        "failures": [asdict(f) for f in summary.failures],
-        "rank": summary.rank,
-        "world_size": summary.world_size,
-    }
-    write_json(summary.manifest_path, manifest)
+    records = [_complete_record(out_dir, slide_id) for slide_id in sorted(slide_ids)]
+    slides = {record.slide_id: record for record in records if record is not None}
+    manifest = TilingManifest(config, slides, list(summary.failures))
+    write_json(
+        summary.manifest_path, {**manifest.to_dict(), "rank": summary.rank, "world_size": summary.world_size}
+    )
     return manifest
+
+
+def _tasks(slides: Sequence[str | Path], out_dir: Path, config: TilingConfig) -> list[_Task]:
+    """A task per slide; raises when two slides would share an id (and so one set of output files)."""
+    tasks = [_Task(str(p), slide_id_from_path(p), str(out_dir), config) for p in slides]
+    ids: dict[str, str] = {}
+    for task in tasks:
+        if task.slide_id in ids:
+            raise ValueError(
+                f"two slides share the id {task.slide_id!r} ({ids[task.slide_id]} and {task.path}); slide ids "
+                "come from file names and must be unique within one output folder: rename one or tile them "
+                "into separate folders"
+            )
+        ids[task.slide_id] = task.path
+    return tasks
+
+
+def _skip_complete(tasks: Sequence[_Task], summary: TilingSummary) -> list[_Task]:
+    """The tasks whose slide is not complete in the output folder; the others count as skipped."""
+    todo = []
+    for task in tasks:
+        record = _complete_record(summary.out_dir, task.slide_id)
+        if record is None:
+            todo.append(task)
+        else:
+            summary.skipped.append(task.slide_id)
+            summary.num_patches += record.num_patches
+    if summary.skipped:
+        logger.info(
+            "%d of %d slides already complete in %s: skipped",
+            len(summary.skipped),
+            len(tasks),
+            summary.out_dir,
+        )
+    return todo
+
+
+def _run_tasks(todo: Sequence[_Task], num_workers: int, summary: TilingSummary, progress: bool) -> None:
+    """Tile the slides of `todo` (in this process or in `num_workers` processes) into `summary`, with a
+    progress bar; failures.json is rewritten at each failure, so that it is current while the run goes on."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="tiling", unit="slide", disable=not progress)
+
+    def on_done(task: _Task, outcome: _Outcome) -> None:
+        if isinstance(outcome, SlideFailure):
+            summary.failures.append(outcome)
+            logger.warning("slide %s failed: %s: %s", task.slide_id, outcome.error, outcome.message)
+            write_json(summary.failures_path, [asdict(f) for f in summary.failures])
+        else:
+            summary.tiled.append(task.slide_id)
+            summary.num_patches += outcome.num_patches
+            logger.debug(
+                "slide %s: %d patches in %.1f s", task.slide_id, outcome.num_patches, outcome.seconds
+            )
+        bar.update(1)
+        bar.set_postfix(patches=summary.num_patches, failed=len(summary.failures))
+
+    try:
+        if num_workers <= 1:
+            for task in todo:
+                on_done(task, _run_task(task))
+        else:
+            _run_in_processes(todo, num_workers, on_done)
+    finally:
+        bar.close()
 
 
 def tile_slides(
@@ -556,68 +527,23 @@ def tile_slides(
     the sorted slide ids; every rank must get the same list) and writes manifest.rank-NNNNN.json and
     failures.rank-NNNNN.json instead of the shared files.
     """
-    from tqdm.auto import tqdm
-
     config = config or TilingConfig()
     out_dir = Path(out_dir)
-    tasks = [_Task(str(p), slide_id_from_path(p), str(out_dir), config) for p in slides]
-    ids: dict[str, str] = {}
-    for task in tasks:
-        if task.slide_id in ids:
-            raise ValueError(
-                f"two slides share the id {task.slide_id!r} ({ids[task.slide_id]} and {task.path}); slide ids "
-                "come from file names and must be unique within one output folder: rename one or tile them "
-                "into separate folders"
-            )
-        ids[task.slide_id] = task.path
-    all_slides = len(tasks)
-    tasks = split_for_rank(tasks, rank, world_size, key=lambda task: task.slide_id)
+    tasks = _tasks(slides, out_dir, config)
+    share = split_for_rank(tasks, rank, world_size, key=lambda task: task.slide_id)
     if world_size > 1:
         logger.info(
-            "rank %d of %d: %d of %d slides are this rank's", rank, world_size, len(tasks), all_slides
+            "rank %d of %d: %d of %d slides are this rank's", rank, world_size, len(share), len(tasks)
         )
     _record_folder_config(out_dir, config)
 
     summary = TilingSummary(out_dir=out_dir, rank=rank, world_size=world_size)
     start = time.perf_counter()
-    todo = []
-    for task in tasks:
-        record = _complete_record(out_dir, task.slide_id)
-        if record is None:
-            todo.append(task)
-        else:
-            summary.skipped.append(task.slide_id)
-            summary.num_patches += record["num_patches"]
-    if summary.skipped:
-        logger.info(
-            "%d of %d slides already complete in %s: skipped", len(summary.skipped), len(tasks), out_dir
-        )
-
-    bar = tqdm(total=len(todo), desc="tiling", unit="slide", disable=not progress)
-
-    def on_done(task: _Task, outcome: _Outcome) -> None:
-        if isinstance(outcome, SlideFailure):
-            summary.failures.append(outcome)
-            logger.warning("slide %s failed: %s: %s", task.slide_id, outcome.error, outcome.message)
-            write_json(summary.failures_path, [asdict(f) for f in summary.failures])
-        else:
-            summary.tiled.append(task.slide_id)
-            summary.num_patches += outcome["num_patches"]
-            logger.debug(
-                "slide %s: %d patches in %.1f s", task.slide_id, outcome["num_patches"], outcome["seconds"]
-            )
-        bar.update(1)
-        bar.set_postfix(patches=summary.num_patches, failed=len(summary.failures))
-
+    todo = _skip_complete(share, summary)
     try:
-        if num_workers <= 1:
-            for task in todo:
-                on_done(task, _run_task(task))
-        else:
-            _run_in_processes(todo, num_workers, on_done)
+        _run_tasks(todo, num_workers, summary, progress)
     finally:
-        bar.close()
         write_json(summary.failures_path, [asdict(f) for f in summary.failures])
-        _write_manifest(summary, config, [task.slide_id for task in tasks])
+        summary.slides = _write_manifest(summary, config, [task.slide_id for task in share]).slides
     summary.seconds = time.perf_counter() - start
     return summary

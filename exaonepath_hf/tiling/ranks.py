@@ -12,7 +12,7 @@ most one, and the order in which slides are given does not matter. Every rank mu
 
 A rank never writes a file another rank writes: a run with more than one process writes its summary to
 `<stem>.rank-00003.json` (rank 3), a single process to `<stem>.json`. `record_files(folder, stem)` lists both
-kinds for a reader to merge (`shards.read_manifest` for tiling manifests).
+kinds for a reader to merge (`output.read_manifest` for tiling manifests).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Parquet patch shards that `datasets` streams, and helpers to load them for distributed training.
+"""Parquet patch shards that `datasets` streams: their schema, and how a slide's patches are written into them.
 
 A shard is a parquet file with the columns `image` (datasets `Image` feature: encoded PNG/JPEG bytes),
 `slide_id`, `x`, `y` (level-0 top-left), `level` (level the pixels were read from), `size` (patch side in
@@ -9,7 +9,7 @@ Shards are the unit of distribution in streaming training: `split_dataset_by_nod
 when their count is a multiple of the world size (otherwise every rank reads every shard and keeps 1 example
 in world_size), and a DataLoader's workers share a rank's shards. Aim for a number of shards that is a
 multiple of world_size and at least world_size x num_workers; `IterableDataset.reshard()` can further split
-each shard into its row groups.
+each shard into its row groups. Which shards of a tiling output are complete, and how they are read: `output`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ..atomic_io import atomic_file
-from .ranks import record_files
 
 __all__ = [
     "PATCH_COLUMNS",
@@ -35,11 +34,6 @@ __all__ = [
     "encode_patch",
     "patch_schema",
     "write_shard",
-    "complete_shards_only",
-    "completed_shard_files",
-    "load_patch_dataset",
-    "read_manifest",
-    "tiling_output_folder",
 ]
 
 ImageFormat = Literal["png", "jpeg"]
@@ -135,101 +129,3 @@ def write_shard(path: Path, records: Iterable[PatchRecord], row_group_size: int)
             writer.write_table(_table(buffer, schema), row_group_size=row_group_size)
             rows += len(buffer)
     return rows
-
-
-def tiling_output_folder(path: str | Path) -> Path | None:
-    """The `exaonepath-tile` output folder that `path` is, or whose `shards/` folder it is; else None."""
-    path = Path(path)
-    for folder in (path, path.parent) if path.name == "shards" else (path,):
-        if record_files(folder, "manifest") and (folder / "shards").is_dir():
-            return folder
-    return None
-
-
-def read_manifest(out_dir: str | Path) -> dict:
-    """The tiling manifest of `out_dir` (or of the folder whose `shards/` it is): manifest.json merged with the
-    manifest.rank-NNNNN.json of every rank that tiled into the folder.
-
-    `slides` is the union of the complete slides the files list; `failures` the failed slides none of them
-    lists as complete. Every reader of tiling output goes through this, so each sees the slides of all ranks.
-    """
-    out_dir = tiling_output_folder(out_dir) or Path(out_dir)
-    paths = record_files(out_dir, "manifest")
-    if not paths:
-        raise FileNotFoundError(
-            f"{out_dir / 'manifest.json'} not found: run exaonepath-tile with --out {out_dir} first"
-        )
-    slides: dict[str, dict] = {}
-    failures: dict[str, dict] = {}
-    config = None
-    for path in paths:
-        manifest = json.loads(path.read_text())
-        slides.update(manifest["slides"])
-        failures.update({failure["slide_id"]: failure for failure in manifest.get("failures", [])})
-        config = config or manifest.get("config")
-    slides = dict(sorted(slides.items()))
-    return {
-        "config": config,
-        "num_slides": len(slides),
-        "num_patches": sum(r.get("num_patches", 0) for r in slides.values()),
-        "num_shards": sum(len(r["shards"]) for r in slides.values()),
-        "slides": slides,
-        "failures": [failures[k] for k in sorted(failures) if k not in slides],
-        "manifest_files": [path.name for path in paths],
-    }
-
-
-def completed_shard_files(out_dir: str | Path) -> list[str]:
-    """The shard files of every slide a tiling run completed, from its manifests, in a stable order.
-
-    Every reader of tiling output (training, evaluation, feature collapse) lists shards with this, never with
-    a glob over `shards/*.parquet`: a run killed while publishing a slide's shards can leave some of them in
-    place until the slide is re-tiled, and only the manifests' shards are complete. `out_dir` may also be the
-    run's `shards/` folder. The manifests of all ranks that tiled into the folder count (`read_manifest`).
-    """
-    out_dir = tiling_output_folder(out_dir) or Path(out_dir)
-    manifest = read_manifest(out_dir)
-    files = [
-        str(out_dir / "shards" / name) for slide in manifest["slides"].values() for name in slide["shards"]
-    ]
-    return sorted(files)
-
-
-def complete_shards_only(files: Sequence[str]) -> list[str]:
-    """`files` (e.g. a glob's matches) without the shards of a tiling output that its manifest does not list as
-    complete; files elsewhere are kept as given. Order is kept."""
-    complete: dict[Path, set[str]] = {}
-    kept = []
-    for file in files:
-        folder = tiling_output_folder(Path(file).parent)
-        if folder is not None and folder not in complete:
-            complete[folder] = {str(Path(f).resolve()) for f in completed_shard_files(folder)}
-        if folder is None or str(Path(file).resolve()) in complete[folder]:
-            kept.append(file)
-    return kept
-
-
-def load_patch_dataset(
-    out_dir: str | Path,
-    rank: int | None = None,
-    world_size: int | None = None,
-    streaming: bool = True,
-):
-    """The tiled patches as a `datasets` dataset (streaming by default), optionally this rank's share.
-
-    With `rank`/`world_size` the stream is split with `datasets.distributed.split_dataset_by_node`: ranks get
-    disjoint shards that together cover every patch. Do not also pass the DataLoader through
-    `accelerator.prepare`, which would shard a second time.
-    """
-    from datasets import load_dataset
-    from datasets.distributed import split_dataset_by_node
-
-    files = completed_shard_files(out_dir)
-    if not files:
-        raise ValueError(f"{out_dir}: the manifest lists no shards (no slide had tissue patches?)")
-    dataset = load_dataset("parquet", data_files={"train": files}, split="train", streaming=streaming)
-    if (rank is None) != (world_size is None):
-        raise ValueError("pass both rank and world_size, or neither")
-    if rank is not None:
-        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-    return dataset
