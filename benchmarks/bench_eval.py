@@ -3,40 +3,37 @@
     python benchmarks/bench_eval.py [--threads 2] [--rows 100000] [--images 64] [--skip_extraction]
 
 Probe: the paper's protocol (SGD, batch 128, 12,500 iterations, validation every 250 steps) on 100k cached
-768-d features (9 classes, plus 20k validation rows), as `exaonepath_hf.eval.patch.probes` runs it, against the usual
-DataLoader(TensorDataset) loop with the same optimizer and against our loop with 2 intra-op threads. The
-two peers run 1,250 iterations and are scaled to 12,500 (marked "extrapolated").
+768-d features (9 classes, plus 20k validation rows), as `exaonepath_hf.eval.patch.probes` runs it, against
+the usual DataLoader(TensorDataset) loop with the same optimizer and against our loop with 2 intra-op threads.
+The two peers run 1,250 iterations and are scaled to 12,500 (marked "extrapolated").
 
-Extraction: images/s of `exaonepath_hf.eval.common.features.extract_features` (PNG decode, Macenko, resize 256, crop 224,
-normalize in one DataLoader worker, then a ViT-B/16 forward) against the bare model on ready tensors, the
-share of extraction time spent in the forward, and the preprocessing alone (the DataLoader without the
-model) with Macenko on and off: preprocessing keeps up when its images/s exceed the model's. Real CRC-VAL-HE-7K tiles from the shared test data, repeated to
-`--images`. Writes benchmarks/results/eval.json and eval.md.
+Extraction: images/s of `exaonepath_hf.eval.common.features.extract_features` (PNG decode, Macenko, resize
+256, crop 224, normalize in one DataLoader worker, then a ViT-B/16 forward) against the bare model on ready
+tensors, the share of extraction time spent in the forward, and the preprocessing alone (the DataLoader
+without the model) with Macenko on and off: preprocessing keeps up when its images/s exceed the model's. Real
+CRC-VAL-HE-7K tiles from the shared test data, repeated to `--images`. Each figure is one timed run, not a
+median over rounds (the bare model's rate is the mean of one measurement before and one after the pipeline's).
+The machine (benchmarks/harness.py) is recorded. Writes benchmarks/results/eval.json and eval.md.
 """
 
 import argparse
 import dataclasses
-import os
+import functools
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import datasets
 import torch
 import torch.nn.functional as F
-from machine import cpu_description, cpu_summary, save_results
+from harness import RESULTS_DIR, data_path, machine_record, machine_summary, save_results
 from torch.utils.data import DataLoader, TensorDataset
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 from exaonepath_hf.eval.common.encoders import Encoder
-from exaonepath_hf.eval.common.features import _Collate, _EncodedImages, cache_key, extract_features
+from exaonepath_hf.eval.common.extraction import ForwardSettings, preprocess_isolating
+from exaonepath_hf.eval.common.features import DatasetImages, cache_key, extract_features
 from exaonepath_hf.eval.patch.probes import PRESETS, FeatureSplit, fit_linear_probe
-
-ROOT = Path(__file__).resolve().parents[1]
-
-RESULTS = Path(__file__).parent / "results"
-DATA = Path(os.environ.get("EXAONEPATH_TEST_DATA", ROOT.parent / "shared" / "data"))
 
 
 def synthetic_features(rows: int, dim: int = 768, classes: int = 9, seed: int = 0) -> FeatureSplit:
@@ -78,7 +75,7 @@ def bench_probe(rows_count: int, peer_iterations: int, threads: int) -> list[dic
     torch.set_num_threads(threads)
     rows.append(
         {
-            "what": "eval.probes paper protocol (ours, 1 intra-op thread)",
+            "what": "eval.patch.probes paper protocol (ours, 1 intra-op thread)",
             "iterations": paper.iterations,
             "seconds_for_12500": round(seconds, 2),
             "extrapolated": False,
@@ -104,7 +101,7 @@ def bench_probe(rows_count: int, peer_iterations: int, threads: int) -> list[dic
     seconds = (time.perf_counter() - started) * paper.iterations / short
     rows.append(
         {
-            "what": f"eval.probes loop with {threads} intra-op threads",
+            "what": f"eval.patch.probes loop with {threads} intra-op threads",
             "iterations": short,
             "seconds_for_12500": round(seconds, 2),
             "extrapolated": True,
@@ -114,13 +111,17 @@ def bench_probe(rows_count: int, peer_iterations: int, threads: int) -> list[dic
 
 
 def crc_tiles(count: int) -> datasets.Dataset:
-    paths = sorted((DATA / "crc-val-he-7k-samples").glob("*.png"))
-    if not paths:
-        raise SystemExit(f"no CRC samples under {DATA}; set EXAONEPATH_TEST_DATA")
+    paths = sorted(data_path("crc-val-he-7k-samples").glob("*.png"))
     chosen = [str(paths[i % len(paths)]) for i in range(count)]
     return datasets.Dataset.from_dict(
         {"image": chosen, "label": [0] * count, "slide_id": [""] * count, "patient_id": [""] * count}
     ).cast_column("image", datasets.Image(decode=False))
+
+
+def preprocess_batch(processor, items: list) -> tuple:
+    """A loader worker's work on the CPU in `extract_features`: the processor over a batch of decoded images."""
+    rows = [row for row, _, _ in items]
+    return preprocess_isolating(processor, rows, [image for _, image, _ in items])
 
 
 def _preprocessing_rates(encoder: Encoder, dataset: datasets.Dataset, batch: int, workers: int) -> list[dict]:
@@ -129,10 +130,10 @@ def _preprocessing_rates(encoder: Encoder, dataset: datasets.Dataset, batch: int
     for stain in (True, False):
         preprocessing = encoder.default_preprocessing(stain_normalize=stain)
         loader = DataLoader(
-            _EncodedImages(dataset, range(len(dataset))),
+            DatasetImages(dataset, range(len(dataset))),
             batch_size=batch,
             num_workers=workers,
-            collate_fn=_Collate(preprocessing.processor()),
+            collate_fn=functools.partial(preprocess_batch, preprocessing.processor()),
         )
         started = time.perf_counter()
         for _ in loader:
@@ -174,9 +175,8 @@ def bench_extraction(images: int, batch: int, workers: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as cache:
         preprocessing = encoder.default_preprocessing(stain_normalize=True)
         key = cache_key(encoder, "bench", "bench", "bench", "test", preprocessing, "fp32")
-        result = extract_features(
-            encoder, dataset, preprocessing, key, cache, batch_size=batch, num_workers=workers
-        )
+        forward = ForwardSettings(batch_size=batch, num_workers=workers, progress=False)
+        result = extract_features(encoder, dataset, preprocessing, key, cache, forward=forward)
     stats = result.stats
     # measured before and after the pipeline runs, averaged: the machine's load drifts
     bare = (before + bare_rate()) / 2
@@ -185,13 +185,13 @@ def bench_extraction(images: int, batch: int, workers: int) -> list[dict]:
         {
             "what": f"extract_features, Macenko on, {workers} worker(s) (ours)",
             "images_per_second": stats["images_per_second"],
-            "model_share_of_wall_time": round(stats["forward_seconds"] / stats["seconds"], 3),
+            "model_share_of_wall_time": round(stats["compute_seconds"] / stats["seconds"], 3),
         }
     )
     rows.append(
         {
             "what": "  of which the model forward alone, inside extract_features",
-            "images_per_second": round(stats["images_extracted"] / stats["forward_seconds"], 2),
+            "images_per_second": round(stats["images_extracted"] / stats["compute_seconds"], 2),
         }
     )
     return rows
@@ -199,7 +199,7 @@ def bench_extraction(images: int, batch: int, workers: int) -> list[dict]:
 
 def write_markdown(report: dict) -> str:
     lines = [
-        f"Measured on {cpu_summary(report['cpu'])}, torch {report['torch']}, {report['threads']} threads.",
+        f"Measured on {machine_summary(report['machine'])}; {report['threads']} threads.",
         "",
         "| Probe training (100k x 768 cached features, 9 classes) | Seconds for 12,500 iterations |",
         "|---|---|",
@@ -231,8 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = {
-        "cpu": cpu_description(),
-        "torch": torch.__version__,
+        "machine": machine_record("torch", "transformers", "pillow"),
         "threads": args.threads,
         "batch": args.batch,
         "probe": bench_probe(args.rows, args.peer_iterations, args.threads),
@@ -241,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else bench_extraction(args.images, args.batch, args.workers),
     }
     table = write_markdown(report)
-    save_results(RESULTS, "eval", report, table)
+    save_results(RESULTS_DIR, "eval", report, table)
     print(table)
     return 0
 

@@ -7,7 +7,7 @@ copied under `--copies` names and tiled once with `exaonepath-tile`'s defaults (
 Model: EXAONEPath's ViT-B/16 built from its config with random weights (the released model's architecture and
 cost, no download), saved once with `save_pretrained`; fp32 on the CPU with torch's default intra-op threads.
 
-Each timed call is `eval.slide_features.extract_slide_features` (what `exaonepath-extract TILES --model DIR`
+Each timed call is `eval.slide.features.extract_slide_features` (what `exaonepath-extract TILES --model DIR`
 runs) into a fresh output folder, once with Macenko (the default) and once without. Its own report gives the
 figures: end to end (`seconds`: loading the model, reading and decoding the shards, the processor, the
 forward passes, writing the HDF5 files) and the time in the encoder's forward (`forward_seconds`); the
@@ -16,16 +16,14 @@ identify them) is timed apart once per round, to show how much of the end-to-end
 spends on it. `--num_workers 0` (the default here) reads and preprocesses in the extracting process: on 2
 cores DataLoader workers would compete with the forward's threads, and serially every non-model cost shows in
 the share. Rounds interleave the settings (alternating which goes first), after one warm-up extraction;
-reported: medians over `--rounds` (at least 5) and the range over the rounds. The CPU, library versions and the
-load average are recorded. Writes benchmarks/results/extract.json and extract.md.
+reported: medians over `--rounds` (at least 5) and the range over the rounds. The machine
+(benchmarks/harness.py) and the load average are recorded. Writes benchmarks/results/extract.json and extract.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -34,15 +32,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from machine import cpu_description, cpu_summary, save_results
+from harness import RESULTS_DIR, add_rounds_argument, machine_record, machine_summary, save_results
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
+from exaonepath_hf.demo import sample_slide
 from exaonepath_hf.eval.common.encoders import load_encoder
+from exaonepath_hf.eval.common.extraction import ForwardSettings
 from exaonepath_hf.eval.slide.features import SlideExtractionSettings, extract_slide_features
 from exaonepath_hf.tiling import TilingConfig, tile_slides
 
-RESULTS = Path(__file__).parent / "results"
-SAMPLE_SLIDE = Path(__file__).resolve().parents[1] / "exaonepath_hf" / "data" / "CMU-1-Small-Region.svs"
 SETTINGS = {"Macenko on": True, "Macenko off": False}
 PACKAGES = ("torch", "transformers", "numpy", "h5py", "pyarrow", "tiffslide", "pillow")
 
@@ -54,7 +52,7 @@ def tile_copies(folder: Path, copies: int) -> tuple[Path, int]:
     for index in range(copies):
         slides.append(folder / "slides" / f"copy-{index}.svs")
         slides[-1].parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(SAMPLE_SLIDE, slides[-1])
+        shutil.copyfile(sample_slide(), slides[-1])
     summary = tile_slides(slides, folder / "tiles", TilingConfig(), progress=False)
     if not summary.ok:
         raise RuntimeError(f"tiling the bundled slide failed: {summary.failures}")
@@ -69,9 +67,7 @@ def extract(tiles: Path, model: Path, out: Path, stain_normalize: bool, args) ->
             model=str(model),
             output_dir=out,
             stain_normalize=stain_normalize,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            progress=False,
+            forward=ForwardSettings(batch_size=args.batch_size, num_workers=args.num_workers, progress=False),
         )
     )
     if not summary.ok or summary.skipped:
@@ -84,12 +80,26 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
 
+def summarize(runs: list[dict], num_patches: int) -> dict:
+    """One setting's medians over its rounds, and every round's report."""
+    assert all(run["num_patches"] == num_patches for run in runs)
+    return {
+        "patches_per_second": median_of(runs, "patches_per_second"),
+        "seconds": median_of(runs, "seconds"),
+        "forward_seconds": median_of(runs, "forward_seconds"),
+        "model_bound_share": statistics.median(run["forward_seconds"] / run["seconds"] for run in runs),
+        "forward_patches_per_second": statistics.median(
+            run["num_patches"] / run["forward_seconds"] for run in runs
+        ),
+        "by_round": runs,
+    }
+
+
 def markdown(record: dict) -> str:
     """The results table of a run's record (what extract.md holds)."""
-    versions = ", ".join(f"{name} {version}" for name, version in record["versions"].items())
     workers = f"{record['num_workers']} loader worker{'s' if record['num_workers'] != 1 else ''}"
     lines = [
-        f"{cpu_summary(record['cpu'])}; {versions}; python {record['python']}. 1-min load average "
+        f"{machine_summary(record['machine'])}. 1-min load average "
         f"{record['load_average_at_start'][0]:.1f} at the start, {record['load_average_at_end'][0]:.1f} at the "
         f"end; median of {record['rounds']} interleaved rounds (range over the rounds in brackets); "
         f"{record['date']}.",
@@ -119,15 +129,13 @@ def markdown(record: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=2, help="copies of the bundled slide (28 patches each)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median; at least 5)")
-    parser.add_argument("--batch_size", type=int, default=SlideExtractionSettings.batch_size)
+    add_rounds_argument(parser)
+    parser.add_argument("--batch_size", type=int, default=ForwardSettings.batch_size)
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers of the extraction")
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run with a 2-block 64-d ViT: printed, not saved"
     )
     args = parser.parse_args()
-    if args.rounds < 5:
-        parser.error("--rounds must be at least 5: the figures are medians over rounds")
 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_at_start = os.getloadavg()
@@ -158,25 +166,12 @@ def main() -> None:
             load_seconds.append(time.perf_counter() - loading)
             print(f"round {round_index + 1}/{args.rounds}: {time.perf_counter() - started:.0f} s", flush=True)
 
-    results = {}
-    for name, values in runs.items():
-        assert all(run["num_patches"] == num_patches for run in values)
-        results[name] = {
-            "patches_per_second": median_of(values, "patches_per_second"),
-            "seconds": median_of(values, "seconds"),
-            "forward_seconds": median_of(values, "forward_seconds"),
-            "model_bound_share": statistics.median(run["forward_seconds"] / run["seconds"] for run in values),
-            "forward_patches_per_second": statistics.median(
-                run["num_patches"] / run["forward_seconds"] for run in values
-            ),
-            "by_round": values,
-        }
-    cpu = cpu_description()
+    results = {name: summarize(values, num_patches) for name, values in runs.items()}
     record = {
-        "what": "eval.slide_features.extract_slide_features on an exaonepath-tile folder (PNG shards)",
+        "what": "eval.slide.features.extract_slide_features on an exaonepath-tile folder (PNG shards)",
         "model": "EXAONEPath ViT-B/16, random weights" if not args.quick else "2-block 64-d ViT (quick)",
         "model_config": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "patch_size")},
-        "slide": SAMPLE_SLIDE.name,
+        "slide": sample_slide().name,
         "copies": args.copies,
         "patches": num_patches,
         "batch_size": args.batch_size,
@@ -189,10 +184,7 @@ def main() -> None:
         "results": results,
         "load_encoder_seconds": statistics.median(load_seconds),
         "load_encoder_seconds_by_round": load_seconds,
-        "cpu": cpu,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": {name: importlib.metadata.version(name) for name in PACKAGES},
+        "machine": machine_record(*PACKAGES),
         "date": started_at,
         "load_average_at_start": list(load_at_start),
         "load_average_at_end": list(os.getloadavg()),
@@ -202,7 +194,7 @@ def main() -> None:
 
     table = markdown(record)
     if not args.quick:
-        save_results(RESULTS, "extract", record, table)
+        save_results(RESULTS_DIR, "extract", record, table)
     print(table)
 
 

@@ -3,23 +3,23 @@
     python benchmarks/bench_robustness.py [--size 100000] [--dim 768] [--rounds 5] [--baseline_rounds 1]
         [--threads 2]
 
-Times `robustness_index(k=11, bootstrap=1000)` followed by `paired_retrieval` (ks 1 and 10) on the same features
-object, end to end, as `eval.robustness` calls them. The features are synthetic but shaped like a virtual-labs
-run: `--size` unit vectors of `--dim`, `--centres` labs (default 4) each holding the same size / centres tiles
-(every tile paired under every lab), 8 tissue classes, cases of 100 tiles shared by all labs (the same source
-image re-stained per lab); a tile is a common direction + its class + its case + its own morphology (mostly in a
-low-dimensional subspace, so that tiles have close neighbours) + its lab's shift + per-lab noise. The mix is
-tuned so that the metrics land mid-range (robustness index about 0.8, paired top-1 about 0.9), where neighbour
-lists are neither trivial nor random.
+Times `robustness_index(k=11, bootstrap=1000)` followed by `paired_retrieval` (ks 1 and 10) on one
+`NeighbourIndex`, end to end, as `eval.robustness.run` calls them. The features are synthetic but shaped like a
+virtual-labs run: `--size` unit vectors of `--dim`, `--centres` labs (default 4) each holding the same size /
+centres tiles (every tile paired under every lab), 8 tissue classes, cases of 100 tiles shared by all labs (the
+same source image re-stained per lab); a tile is a common direction + its class + its case + its own morphology
+(mostly in a low-dimensional subspace, so that tiles have close neighbours) + its lab's shift + per-lab noise.
+The mix is tuned so that the metrics land mid-range (robustness index about 0.8, paired top-1 about 0.9), where
+neighbour lists are neither trivial nor random.
 
 Rounds: `--rounds` (at least 5) of the fast path (median and range reported) and `--baseline_rounds` of the
 plain path (the float32 blocked search of every query row, the code before the fast path; one round takes about
 five minutes at 100k, so one is the default), interleaved: the baseline runs after the first fast round. Every
 fast round's metrics are compared with the baseline's, and where the two paths chose different neighbours, float64
-similarities say which is right (`compare_neighbours`). The CPU (benchmarks/machine.py), the dtype of the
-approximate products (bfloat16 where torch multiplies it natively), torch's version, the threads and the load
-average before and after every round are recorded. Writes benchmarks/results/robustness.json and robustness.md.
-For a quick look: `--size 50000 --rounds 3`.
+similarities say which is right (`compare_neighbours`). The machine (benchmarks/harness.py), the dtype of the
+approximate products (bfloat16 where torch multiplies it natively), the threads and the load average before and
+after every round are recorded. Writes benchmarks/results/robustness.json and robustness.md. For a quick look:
+`--size 50000 --baseline_rounds 0` (the fast path only).
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_description, cpu_summary, save_results
+from harness import RESULTS_DIR, add_rounds_argument, machine_record, machine_summary, save_results
 
-from exaonepath_hf.eval.robustness import metrics as robustness_metrics
+from exaonepath_hf.eval.robustness.fast_search import approximate_dtype
 from exaonepath_hf.eval.robustness.metrics import paired_retrieval, robustness_index
+from exaonepath_hf.eval.robustness.neighbours import NeighbourIndex
 
-RESULTS = Path(__file__).parent / "results"
 TARGET_SECONDS = 60
 
 
@@ -75,43 +75,33 @@ def synthetic_features(
 
 
 def one_round(data: dict, fast: bool) -> tuple[dict, dict]:
-    """Both metrics on a fresh copy of the features (as a new run would have), timed; the plain path when not
-    ``fast``. Also returns the neighbours behind the metrics (for `compare_neighbours`), recorded on the way."""
-    saved = robustness_metrics._FAST_SEARCH_MIN_SAMPLES
-    recorded: dict = {"nearest": [], "ranks": None, "top_k": None}
-    names = {"_plain_nearest": "nearest", "_exact_top_k": "top_k", "_paired_ranks": "ranks"}
-    originals = {name: getattr(robustness_metrics, name) for name in names}
+    """Both metrics on one neighbour index built on a fresh copy of the features (as a new run would build it),
+    timed; the plain path when not ``fast``. Also returns the neighbours behind the metrics (for
+    `compare_neighbours`), recorded on the way: every `top_k` answer (the robustness index's first, then the
+    plain path's pools) and the fast path's counterpart ranks."""
+    recorded: dict = {"nearest": [], "ranks": None}
+    top_k, counterpart_ranks = NeighbourIndex.top_k, NeighbourIndex.counterpart_ranks
 
-    def recording(name: str):
-        def call(*args, **kwargs):
-            result = originals[name](*args, **kwargs)
-            if names[name] == "nearest":
-                recorded["nearest"].append(result)
-            else:
-                recorded[names[name]] = result
-            return result
+    def recording_top_k(index: NeighbourIndex, *args, **kwargs):
+        recorded["nearest"].append(top_k(index, *args, **kwargs))
+        return recorded["nearest"][-1]
 
-        return call
+    def recording_ranks(index: NeighbourIndex, *args, **kwargs):
+        recorded["ranks"] = counterpart_ranks(index, *args, **kwargs)
+        return recorded["ranks"]
 
-    for name in names:
-        setattr(robustness_metrics, name, recording(name))
-    if not fast:
-        robustness_metrics._FAST_SEARCH_MIN_SAMPLES = 1 << 62
+    NeighbourIndex.top_k, NeighbourIndex.counterpart_ranks = recording_top_k, recording_ranks
     features = data["features"].clone()
     load_before = os.getloadavg()
     try:
         start = time.perf_counter()
-        ri = robustness_index(
-            features, data["labels"], data["centers"], data["case_ids"], k=11, bootstrap=1000
-        )
+        index = NeighbourIndex(features, fast_path=fast)
+        ri = robustness_index(index, data["labels"], data["centers"], data["case_ids"], k=11, bootstrap=1000)
         middle = time.perf_counter()
-        paired = paired_retrieval(features, data["pair_ids"], data["centers"])
+        paired = paired_retrieval(index, data["pair_ids"], data["centers"])
         end = time.perf_counter()
     finally:
-        robustness_metrics._FAST_SEARCH_MIN_SAMPLES = saved
-        robustness_metrics._SHARED.clear()
-        for name, function in originals.items():
-            setattr(robustness_metrics, name, function)
+        NeighbourIndex.top_k, NeighbourIndex.counterpart_ranks = top_k, counterpart_ranks
     entry = {
         "path": "fast" if fast else "plain",
         "robustness_index_s": round(middle - start, 2),
@@ -139,7 +129,7 @@ def compare_neighbours(data: dict, fast: dict, plain: dict) -> dict:
         "paired_tiles_differing": 0,
         "float64_sides_with": [],
     }
-    fast_top, plain_top = fast["top_k"], plain["nearest"][0]
+    fast_top, plain_top = fast["nearest"][0], plain["nearest"][0]
     for row in np.flatnonzero([set(a) != set(b) for a, b in zip(fast_top, plain_top, strict=True)]):
         similarity = (wide @ wide[row]).numpy()
         similarity[cases == cases[row]] = -np.inf
@@ -189,18 +179,16 @@ def _summary(rounds: list[dict]) -> dict:
 def run_benchmark(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     data = synthetic_features(args.size, args.dim, args.centres)
-    dtype = robustness_metrics._fast_search_dtype(torch.device("cpu"))
+    dtype = approximate_dtype(torch.device("cpu"))
     results: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "load_average_at_start": [round(value, 2) for value in os.getloadavg()],
-        "cpu": cpu_description(),
+        "machine": machine_record("torch", "numpy"),
         "approximate_products": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
         "threads": args.threads,
         "features": f"{args.size} x {args.dim} float32, {args.centres} labs x {args.size // args.centres} "
         "paired tiles, 8 classes, cases of 100 tiles shared by the labs (synthetic)",
-        "calls": "robustness_index(k=11, bootstrap=1000) then paired_retrieval(ks=(1, 10)) on the same features",
+        "calls": "robustness_index(k=11, bootstrap=1000) then paired_retrieval(ks=(1, 10)) on one NeighbourIndex",
         "target_s": TARGET_SECONDS,
     }
     order = ["fast"] + ["plain"] * args.baseline_rounds + ["fast"] * (args.rounds - 1)
@@ -241,8 +229,8 @@ def markdown(results: dict) -> str:
     others = results["load_average_at_start"][0]
     lines = [
         f"{results['features']}; {results['calls']}; {results['threads']} threads, "
-        f"{cpu_summary(results['cpu'])}, approximate products in {results['approximate_products']}, "
-        f"torch {results['torch']}; fast path: median of {counts['fast']} rounds (range in brackets), plain path: "
+        f"{machine_summary(results['machine'])}; approximate products in {results['approximate_products']}; "
+        f"fast path: median of {counts['fast']} rounds (range in brackets), plain path: "
         f"{counts['plain']} round(s), interleaved; 1-min load average {others:.1f} at the start (the rounds' own "
         f"{results['threads']} threads then add about {results['threads']}); {results['date']}.",
         "",
@@ -295,13 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--centres", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of the fast path (median reported)")
+    add_rounds_argument(parser, "rounds of the fast path")
     parser.add_argument("--baseline_rounds", type=int, default=1, help="rounds of the plain path (slow)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    if args.rounds < 5:
-        parser.error("--rounds must be at least 5: a median of fewer rounds is too noisy on a shared machine")
     results = run_benchmark(args)
     table = markdown(results)
     save_results(args.out, "robustness", results, table)

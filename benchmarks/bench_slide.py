@@ -4,7 +4,7 @@
 
 The training set is 1,000 synthetic bags of 2,000 patches of 768 features, each bag a reference into a pool of
 `--pool` bags generated once in float16 (the 1,000 distinct bags would take 3 GB in float16, 6 GB in float32;
-the collate reads and pads the same amount either way). Each timed call is `eval.slide_probe.fit_head`, the
+the collate reads and pads the same amount either way). Each timed call is `eval.slide.probe.fit_head`, the
 code `exaonepath-slide-probe` runs, for `--steps` optimizer steps at eva's batch of 32 bags under Accelerate
 on the CPU; timed is its training loop (`HeadFit.train_seconds`: collate, i.e. pad and cast to float32;
 forward; backward; AdamW; cosine schedule), not its set-up nor its validation. Heads: `mean` and `abmil`
@@ -12,10 +12,9 @@ forward; backward; AdamW; cosine schedule), not its set-up nor its validation. H
 default `--max_patches`, as eva does), with 1 and with 2 intra-op threads (the CLI's `--cpu_threads`).
 
 Rounds interleave the configurations, so a change of load on the machine hits all alike; reported: the
-median over `--rounds` (at least 5) of seconds per step, times the 32 steps of one epoch (1,000 / 32 bags,
-rounded up), and the 100 epochs (3,200 steps, eva's cap; below its 12,500 steps) of one seed. The CPU (vendor,
-family, model, SIMD flags), the versions and the load average are recorded. Writes
-benchmarks/results/slide.json and slide.md.
+median over `--rounds` (at least 5) of seconds per step, times the steps of one epoch (the slides / 32 bags,
+rounded up), and the 100 epochs (eva's epoch cap, below its step cap at this size) of one seed. The machine
+(benchmarks/harness.py) and the load average are recorded. Writes benchmarks/results/slide.json and slide.md.
 """
 
 from __future__ import annotations
@@ -25,17 +24,14 @@ import math
 import os
 import statistics
 import time
-from pathlib import Path
 
-import accelerate
 import torch
 from accelerate import Accelerator
-from machine import cpu_description, cpu_summary, save_results
+from harness import RESULTS_DIR, add_rounds_argument, machine_record, machine_summary, save_results
 
 from exaonepath_hf.eval.slide.data import Bag
 from exaonepath_hf.eval.slide.probe import HeadTrainingConfig, fit_head
 
-RESULTS = Path(__file__).parent / "results"
 SLIDES, PATCHES, DIM, BATCH, EPOCHS = 1_000, 2_000, 768, 32, 100
 HEADS = ("mean", "abmil")
 
@@ -64,20 +60,43 @@ def label(head: str, max_patches: int | None, threads: int, patches: int) -> str
     return f"{head}, {kept} patches per bag, {threads} thread{'s' if threads > 1 else ''}"
 
 
+def markdown(record: dict) -> str:
+    """The results table of a run's record (what slide.md holds)."""
+    slides, patches, steps_per_epoch = (
+        record["slides"],
+        record["patches_per_slide"],
+        record["steps_per_epoch"],
+    )
+    load = ", ".join(f"{value:.1f}" for value in record["load_average"])
+    lines = [
+        f"{machine_summary(record['machine'])}; load average {load} (1, 5, 15 min, at the end); median of "
+        f"{record['rounds']} interleaved rounds of {record['steps_per_round']} steps.",
+        "",
+        f"| head ({slides:,} slides × {patches:,} patches × {record['feature_dim']}-d, batch "
+        f"{record['batch_size']}, fp32 on CPU) | s / step | s / epoch ({steps_per_epoch} steps) "
+        f"| {record['epochs_for_full_run']} epochs, one seed |",
+        "|---|---:|---:|---:|",
+    ]
+    for config, step in record["seconds_per_step"].items():
+        epoch = step * steps_per_epoch
+        lines.append(
+            f"| {config} | {step:.2f} | {epoch:.1f} | {epoch * record['epochs_for_full_run'] / 60:.1f} min |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts to compare"
     )
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median; at least 5)")
+    add_rounds_argument(parser)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration and round")
     parser.add_argument("--pool", type=int, default=64, help="distinct float16 bags the 1,000 cycle through")
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: 100 slides of 200 patches, printed, not saved"
     )
     args = parser.parse_args()
-    if args.rounds < 5:
-        parser.error("--rounds must be at least 5: the figures are medians over rounds")
     slides, patches = (100, 200) if args.quick else (SLIDES, PATCHES)
     train = synthetic_bags(slides, min(args.pool, slides), patches, DIM)
     val = train[:2]
@@ -102,7 +121,6 @@ def main() -> None:
         print(f"round {round_index + 1}/{args.rounds}: {time.perf_counter() - started:.0f} s", flush=True)
     per_step = {name: statistics.median(values) for name, values in seconds.items()}
 
-    cpu = cpu_description()
     record = {
         "slides": slides,
         "patches_per_slide": patches,
@@ -117,31 +135,16 @@ def main() -> None:
         "quick": args.quick,
         "statistic": "median over interleaved rounds of seconds per step of fit_head's training loop "
         "(HeadFit.train_seconds: collate, forward, backward, AdamW, schedule; no set-up, no validation)",
-        "torch": torch.__version__,
-        "accelerate": accelerate.__version__,
-        "cpu": cpu,
+        "machine": machine_record("torch", "accelerate"),
         "load_average": os.getloadavg(),
         "seconds_per_step": per_step,
         "seconds_per_epoch": {name: s * steps_per_epoch for name, s in per_step.items()},
         "seconds_per_step_by_round": seconds,
         "total_seconds": time.perf_counter() - started,
     }
-    load = ", ".join(f"{value:.1f}" for value in record["load_average"])
-    lines = [
-        f"{cpu_summary(cpu)}; torch {torch.__version__}, accelerate {accelerate.__version__}; load average "
-        f"{load} (1, 5, 15 min, at the end); median of {args.rounds} interleaved rounds of {args.steps} "
-        "steps.",
-        "",
-        f"| head ({slides:,} slides × {patches:,} patches × {DIM}-d, batch {BATCH}, fp32 on CPU) "
-        f"| s / step | s / epoch ({steps_per_epoch} steps) | {EPOCHS} epochs, one seed |",
-        "|---|---:|---:|---:|",
-    ]
-    for config, step in per_step.items():
-        epoch = step * steps_per_epoch
-        lines.append(f"| {config} | {step:.2f} | {epoch:.1f} | {epoch * EPOCHS / 60:.1f} min |")
-    table = "\n".join(lines) + "\n"
+    table = markdown(record)
     if not args.quick:
-        save_results(RESULTS, "slide", record, table)
+        save_results(RESULTS_DIR, "slide", record, table)
     print(table)
 
 

@@ -1,8 +1,8 @@
 """Macenko stain normalization and end-to-end preprocessing throughput against the peers, in one run.
 
-    python benchmarks/bench_stain.py [--threads 2] [--count 256] [--mixed 48] [--repeats 5]
+    python benchmarks/bench_stain.py [--threads 2] [--count 256] [--mixed 48] [--rounds 5]
 
-The same `--count` real H&E patches of 224x224 (cut from the images in ../shared/data, round-robin over the
+The same `--count` real H&E patches of 224x224 (cut from the images of the shared test data, round-robin over the
 source images so that every stain, tissue type and the background crops are represented) go through:
 
 1. Macenko only (patches/s): ours (one batched call), torchstain's torch normalizer (the release's algorithm,
@@ -23,10 +23,10 @@ Peers: `pip install -e ".[bench]"` (torchstain, macenko-pca), then, as their pin
 `pip install --no-deps torch-staintools==1.0.7 kornia==0.8.2 kornia-rs staintools==2.1.2 spams-bin
 opencv-python-headless`.
 
-Each method runs `--repeats` (at least 5) timed passes (after a warm-up on 8 images; the median is reported;
-the passes of the methods are interleaved) with `torch.set_num_threads(--threads)`. The CPU (vendor, family,
-model, SIMD flags), torch's version, numpy's version and its dispatch targets (baseline, compiled, active) and
-the load average are recorded with the figures. Writes benchmarks/results/stain.json and stain.md.
+Each method runs `--rounds` (at least 5) timed passes (after a warm-up on 8 images; the median is reported;
+the passes of the methods are interleaved) with `torch.set_num_threads(--threads)`. The machine
+(benchmarks/harness.py), numpy's dispatch targets (baseline, compiled, active) and the load average are
+recorded with the figures. Writes benchmarks/results/stain.json and stain.md.
 `real_patches()` is also the patch set of the parity tests, `mixed_size_tiles()` that of the processor's
 mixed-size test.
 """
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,12 +45,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_description, cpu_summary, save_results
+from harness import DATA_DIR, RESULTS_DIR, add_rounds_argument, machine_record, machine_summary, save_results
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
-DATA = Path(os.environ.get("EXAONEPATH_TEST_DATA", ROOT.parent / "shared" / "data"))
 PATCH = 224
 # source folders of the patch set, in order; within a folder files are sorted by name
 PATCH_SOURCES = (
@@ -75,7 +71,7 @@ def _source_images(data_dir: Path) -> list[Path]:
     return files
 
 
-def real_patches(data_dir: Path = DATA, count: int = 256, size: int = PATCH) -> list[torch.Tensor]:
+def real_patches(data_dir: Path = DATA_DIR, count: int = 256, size: int = PATCH) -> list[torch.Tensor]:
     """`count` real uint8 3×size×size patches: the non-overlapping grid crops of every source image, taken
     round-robin over the images (one crop of each image, then the second of each, ...)."""
     grids = []
@@ -102,7 +98,7 @@ def real_patches(data_dir: Path = DATA, count: int = 256, size: int = PATCH) -> 
     return patches[:count]
 
 
-def load_target(data_dir: Path = DATA) -> torch.Tensor:
+def load_target(data_dir: Path = DATA_DIR) -> torch.Tensor:
     with Image.open(data_dir / TARGET) as image:
         return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
@@ -110,7 +106,7 @@ def load_target(data_dir: Path = DATA) -> torch.Tensor:
 MIXED_SIZES = (224, 256, 320, 384, 448, 512, 768, 1024)
 
 
-def mixed_size_tiles(data_dir: Path = DATA, count: int = 48) -> list[torch.Tensor]:
+def mixed_size_tiles(data_dir: Path = DATA_DIR, count: int = 48) -> list[torch.Tensor]:
     """`count` real uint8 3×s×s tiles with s cycling through MIXED_SIZES (224 to 1024, as tiles cut at different
     magnifications come): the i-th is cut from the next source image (round-robin) that is at least s×s, at an
     offset drawn from `random.Random(i)`, so the set is the same on every run."""
@@ -278,8 +274,8 @@ END_TO_END_METHODS = {
 }
 
 
-def time_methods(builds: dict[str, Callable], target: torch.Tensor, inputs: list, repeats: int) -> dict:
-    """Median of `repeats` timed passes per method (one pass is ~0.2 s for the fast methods, too short to trust
+def time_methods(builds: dict[str, Callable], target: torch.Tensor, inputs: list, rounds: int) -> dict:
+    """Median of `rounds` timed passes per method (one pass is ~0.2 s for the fast methods, too short to trust
     alone). The passes are interleaved, one per method in turn, so that a change in the machine's speed during
     the run (other tenants, thermal state) weighs on every method alike. A method that fails is skipped."""
     results, runs = {}, {}
@@ -290,7 +286,7 @@ def time_methods(builds: dict[str, Callable], target: torch.Tensor, inputs: list
         except Exception as error:
             results[name] = {"skipped": f"failed: {error!r}"}
     passes: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, run in list(runs.items()):
             start = time.perf_counter()
             try:
@@ -342,13 +338,13 @@ def _with_speedups(entries: dict, reference: str, key: str) -> dict:
     return entries
 
 
-def measure(threads: int, count: int, repeats: int, mixed_count: int, peers: bool) -> dict:
+def measure(threads: int, count: int, rounds: int, mixed_count: int, peers: bool) -> dict:
     """Macenko on the equal-size patches, and end to end on them and on the mixed-size tiles, in this process
     (with the numpy dispatch it was started with). Without `peers` only ours and torchstain run for Macenko."""
     torch.set_num_threads(threads)
-    patches = real_patches(DATA, count)
-    tiles = mixed_size_tiles(DATA, mixed_count)
-    target = load_target(DATA)
+    patches = real_patches(DATA_DIR, count)
+    tiles = mixed_size_tiles(DATA_DIR, mixed_count)
+    target = load_target(DATA_DIR)
     macenko: dict = {}
     builds = {}
     for name, (build, module) in MACENKO_METHODS.items():
@@ -360,17 +356,17 @@ def measure(threads: int, count: int, repeats: int, mixed_count: int, peers: boo
             macenko[name] = {"skipped": f"not installable/importable here: {error!r}"}
             continue
         builds[name] = build
-    macenko.update(time_methods(builds, target, patches, repeats))
+    macenko.update(time_methods(builds, target, patches, rounds))
     macenko = {name: macenko[name] for name in MACENKO_METHODS if name in macenko}
     to_pil = lambda images: [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]  # noqa: E731
     return {
         "numpy": numpy_dispatch(),
         "macenko": _with_speedups(macenko, TORCHSTAIN, "speedup_vs_torchstain"),
         "end_to_end": _with_speedups(
-            time_methods(END_TO_END_METHODS, target, to_pil(patches), repeats), RELEASE, "speedup_vs_release"
+            time_methods(END_TO_END_METHODS, target, to_pil(patches), rounds), RELEASE, "speedup_vs_release"
         ),
         "end_to_end_mixed": _with_speedups(
-            time_methods(END_TO_END_METHODS, target, to_pil(tiles), repeats), RELEASE, "speedup_vs_release"
+            time_methods(END_TO_END_METHODS, target, to_pil(tiles), rounds), RELEASE, "speedup_vs_release"
         ),
     }
 
@@ -383,7 +379,7 @@ def measure_in_child(args: argparse.Namespace, disabled: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "child.json"
         command = [sys.executable, __file__, "--child", str(output), "--threads", str(args.threads)]
-        command += ["--count", str(args.count), "--repeats", str(args.repeats), "--mixed", str(args.mixed)]
+        command += ["--count", str(args.count), "--rounds", str(args.rounds), "--mixed", str(args.mixed)]
         subprocess.run(command, check=True, env={**os.environ, "NPY_DISABLE_CPU_FEATURES": disabled})
         return json.loads(output.read_text(encoding="utf-8"))
 
@@ -392,20 +388,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     sizes = ", ".join(str(size) for size in MIXED_SIZES)
     results: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "load_average_at_start": list(os.getloadavg()),
-        "cpu": cpu_description(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
+        "machine": machine_record("torch", "numpy"),
         "threads": args.threads,
-        "repeats": args.repeats,
-        "statistic": "median of repeats",
+        "rounds": args.rounds,
+        "statistic": "median of the rounds' timed passes",
         "patches": f"{args.count} real {PATCH}x{PATCH} H&E patches from {', '.join(PATCH_SOURCES)}",
         "mixed_tiles": f"{args.mixed} real square H&E tiles of {sizes} px cut from the same images",
         "target": TARGET,
-        "dispatch_paths": {
-            "default": measure(args.threads, args.count, args.repeats, args.mixed, peers=True)
-        },
+        "dispatch_paths": {"default": measure(args.threads, args.count, args.rounds, args.mixed, peers=True)},
     }
     results["dispatch_paths"]["avx2"] = measure_in_child(args, AVX2_PATH)
     results["load_average_at_end"] = list(os.getloadavg())
@@ -421,17 +412,16 @@ def _cell(entry: dict | None, key: str) -> str:
 
 
 def markdown(results: dict) -> str:
-    cpu = cpu_summary(results["cpu"])
     default, avx2 = results["dispatch_paths"]["default"], results["dispatch_paths"]["avx2"]
     paths = (
-        f"numpy {results['numpy']} dispatch: default = {' '.join(default['numpy']['dispatch_active'])}; "
+        f"numpy dispatch: default = {' '.join(default['numpy']['dispatch_active'])}; "
         f'AVX2 path = NPY_DISABLE_CPU_FEATURES="{avx2["numpy"]["NPY_DISABLE_CPU_FEATURES"]}" '
         f"({' '.join(avx2['numpy']['dispatch_active'])}), in a child process"
     )
     lines = [
         f"Stain normalization, {results['patches']}; mixed set: {results['mixed_tiles']}; {results['threads']} "
-        f"threads, median of {results['repeats']} interleaved passes, {cpu}, "
-        f"torch {results['torch']}, {paths}; load average at start {results['load_average_at_start'][0]:.1f}, "
+        f"threads, median of {results['rounds']} interleaved passes, {machine_summary(results['machine'])}, "
+        f"{paths}; load average at start {results['load_average_at_start'][0]:.1f}, "
         f"at end {results['load_average_at_end'][0]:.1f}; {results['date']}.",
         "",
         "| Macenko (equal-size patches) | patches/s, numpy default | vs torchstain | patches/s, numpy AVX2 "
@@ -462,16 +452,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--count", type=int, default=256)
     parser.add_argument("--mixed", type=int, default=48, help="tiles in the mixed-size set")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes per method (median reported)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_rounds_argument(parser, "timed passes per method, interleaved")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # measure() only, into this JSON file
     args = parser.parse_args(argv)
-    if args.repeats < 5:
-        parser.error(
-            "--repeats must be at least 5: a median of fewer passes is too noisy on a shared machine"
-        )
     if args.child is not None:
-        measured = measure(args.threads, args.count, args.repeats, args.mixed, peers=False)
+        measured = measure(args.threads, args.count, args.rounds, args.mixed, peers=False)
         args.child.write_text(json.dumps(measured), encoding="utf-8")
         return
     results = run_benchmark(args)

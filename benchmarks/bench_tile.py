@@ -1,15 +1,16 @@
 """Whole-slide tiling throughput and peak memory on CMU-1-Small-Region.svs, 1 and 2 worker processes.
 
-    python benchmarks/bench_tile.py [--copies 24] [--repeats 5] [--baseline PATH]
+    python benchmarks/bench_tile.py [--copies 24] [--rounds 5] [--baseline PATH]
 
 The slide (2220x2967 px, 0.499 µm/px, 28 tissue patches of 257 px) is tiled as `--copies` symlinked copies,
 so that two workers have slides to share. Every configuration runs in a fresh interpreter, round-robin over
-the repeats so that load changes on the machine hit all alike. Peak memory is the largest summed PSS of the
+the rounds so that load changes on the machine hit all alike. Peak memory is the largest summed PSS of the
 process tree (sampled every 0.2 s; PSS splits pages shared between processes, so the sum is the real total),
 next to the RSS after imports (importing the package pulls in torch and transformers). With 2 workers the
 fork server is started before the clock starts (a one-off cost, reported in its own column). The peer is the
 bare work the tiler cannot avoid: tiffslide `read_region` plus PNG encoding of the same patches in one loop,
-without tissue detection, thumbnails, shards or bookkeeping. Every figure is the median over the repeats.
+without tissue detection, thumbnails, shards or bookkeeping. Every figure is the median over `--rounds` (at
+least 5).
 
 Start-up: the wall time of `exaonepath-tile --help` in a fresh interpreter and the memory of a fresh interpreter
 after importing what each worker imports (`exaonepath_hf.tiling.pipeline`: RSS, and USS, the pages no other
@@ -20,7 +21,6 @@ add /tmp/baseline <revision>`), interleaved. Writes benchmarks/results/tile.json
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,15 +30,17 @@ import time
 from pathlib import Path
 
 import psutil
-from machine import cpu_description, cpu_summary, save_results
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
-SLIDE = (
-    Path(os.environ.get("EXAONEPATH_TEST_DATA", ROOT.parent / "shared" / "data"))
-    / "wsi"
-    / "CMU-1-Small-Region.svs"
+from harness import (
+    REPOSITORY,
+    RESULTS_DIR,
+    add_rounds_argument,
+    data_path,
+    machine_record,
+    machine_summary,
+    save_results,
 )
+
+SLIDE = "wsi/CMU-1-Small-Region.svs"
 
 CONFIGS = {
     "exaonepath-tile, 1 worker (tiffslide, PNG)": {"workers": 1, "backend": "tiffslide", "format": "png"},
@@ -65,17 +67,16 @@ def run_one(spec: dict) -> dict:
         import tiffslide
         from PIL import Image
 
-        coordinates = [tuple(map(int, line.split(",")[:2])) for line in spec["coords"]]
         start = time.perf_counter()
         for path in slides:
             slide = tiffslide.TiffSlide(path)
-            for x, y in coordinates:
+            for x, y in spec["coords"]:
                 pixels = slide.read_region((x, y), 0, (257, 257), as_array=True)
                 Image.fromarray(pixels).save(io.BytesIO(), format="PNG")
             slide.close()
         return {
             "seconds": time.perf_counter() - start,
-            "patches": len(coordinates) * len(slides),
+            "patches": len(spec["coords"]) * len(slides),
             "import_rss": import_rss,
             "startup_seconds": 0.0,
         }
@@ -105,7 +106,10 @@ def run_one(spec: dict) -> dict:
 def measure(spec: dict) -> dict:
     """Run `spec` in a fresh interpreter while sampling the RSS of its whole process tree."""
     child = subprocess.Popen(
-        [sys.executable, __file__, "--run-one", json.dumps(spec)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        [sys.executable, __file__, "--run_one", json.dumps(spec)],
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     peak = 0
     done = threading.Event()
@@ -167,9 +171,9 @@ def measure_startup(tree: Path) -> dict:
     return {"help_seconds": seconds, **json.loads(output)}
 
 
-def startup_rows(trees: dict[str, Path], repeats: int) -> dict:
+def startup_rows(trees: dict[str, Path], rounds: int) -> dict:
     runs = {name: [] for name in trees}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, tree in trees.items():
             runs[name].append(measure_startup(tree))
     return {
@@ -183,90 +187,58 @@ def startup_rows(trees: dict[str, Path], repeats: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--copies", type=int, default=24, help="symlinked copies of the slide to tile")
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="interleaved rounds per configuration (median)"
-    )
-    parser.add_argument(
-        "--baseline", type=Path, help="another checkout of the package to compare start-up with"
-    )
-    parser.add_argument("--run_one", "--run-one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.run_one:
-        print(json.dumps(run_one(json.loads(args.run_one))))
-        return
-    if not SLIDE.is_file():
-        sys.exit(f"{SLIDE} not found; set EXAONEPATH_TEST_DATA to the shared data folder")
-    try:
-        import openslide  # noqa: F401
-    except ImportError:
-        CONFIGS.pop("exaonepath-tile, 1 worker (openslide, PNG)")
-
+def tiling_rows(slide: Path, copies: int, rounds: int) -> dict:
+    """Every configuration of CONFIGS over `copies` symlinked copies of `slide`, `rounds` interleaved times;
+    the medians per configuration."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        (tmp / "slides").mkdir()
         slides = []
-        for i in range(args.copies):
-            (tmp / "slides").mkdir(exist_ok=True)
+        for i in range(copies):
             slides.append(tmp / "slides" / f"copy_{i:03d}.svs")
-            os.symlink(SLIDE, slides[-1])
-        from exaonepath_hf.tiling import tile_slide
+            os.symlink(slide, slides[-1])
+        from exaonepath_hf.tiling import read_coords_csv, tile_slide
 
-        coords = (
-            (tmp / "reference" / tile_slide(SLIDE, tmp / "reference")["coords"]).read_text().splitlines()[1:]
-        )
+        reference = tile_slide(slide, tmp / "reference")
+        coords = read_coords_csv(tmp / "reference" / reference.coords).xy.tolist()
         runs = {name: [] for name in CONFIGS}
-        for repeat in range(args.repeats):
+        for round_index in range(rounds):
             for index, (name, options) in enumerate(CONFIGS.items()):
                 spec = {
                     **options,
                     "slides": [str(s) for s in slides],
-                    "out": str(tmp / f"out_{index}_{repeat}"),
+                    "out": str(tmp / f"out_{index}_{round_index}"),
                 }
                 if options.get("bare"):
                     spec["coords"] = coords
                 runs[name].append(measure(spec))
                 print(name, runs[name][-1], flush=True)
-        rows = {}
-        for name, measured in runs.items():
-            seconds = statistics.median(r["seconds"] for r in measured)
-            rows[name] = {
-                "patches": measured[0]["patches"],
-                "seconds": round(seconds, 3),
-                "patches_per_second": round(measured[0]["patches"] / seconds, 1),
-                "peak_pss_mb": round(statistics.median(r["peak_pss"] for r in measured) / 2**20),
-                "import_rss_mb": round(statistics.median(r["import_rss"] for r in measured) / 2**20),
-                "worker_startup_seconds": round(statistics.median(r["startup_seconds"] for r in measured), 2),
-            }
-    trees = {"this tree": ROOT}
-    if args.baseline:
-        revision = subprocess.run(
-            ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-        trees[f"baseline {revision or args.baseline}"] = args.baseline.resolve()
-    startup = startup_rows(trees, args.repeats)
+    rows = {}
+    for name, measured in runs.items():
+        seconds = statistics.median(r["seconds"] for r in measured)
+        rows[name] = {
+            "patches": measured[0]["patches"],
+            "seconds": round(seconds, 3),
+            "patches_per_second": round(measured[0]["patches"] / seconds, 1),
+            "peak_pss_mb": round(statistics.median(r["peak_pss"] for r in measured) / 2**20),
+            "import_rss_mb": round(statistics.median(r["import_rss"] for r in measured) / 2**20),
+            "worker_startup_seconds": round(statistics.median(r["startup_seconds"] for r in measured), 2),
+        }
+    return rows
 
-    record = {
-        "slide": SLIDE.name,
-        "copies": args.copies,
-        "repeats": args.repeats,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "cpu": cpu_description(),
-        "results": rows,
-        "startup": startup,
-    }
+
+def markdown(record: dict) -> str:
+    """The results tables of a run's record (what tile.md holds)."""
     lines = [
-        f"Tiling `{SLIDE.name}` x {args.copies} copies (256 px at 0.5 µm/px = 257 px at level 0, 28 patches per "
-        f"copy), {cpu_summary(record['cpu'])}, median of {args.repeats} interleaved rounds. The "
-        "one-off start of the worker fork server is not in the time but in its own column.",
+        f"Tiling `{record['slide']}` x {record['copies']} copies (256 px at 0.5 µm/px = 257 px at level 0, 28 "
+        f"patches per copy), {machine_summary(record['machine'])}, median of {record['rounds']} interleaved "
+        "rounds. The one-off start of the worker fork server is not in the time but in its own column.",
         "",
         "| configuration | patches/s | seconds | worker start-up (s) | peak PSS, process tree (MB) "
         "| RSS after imports (MB) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, row in rows.items():
+    for name, row in record["results"].items():
         lines.append(
             f"| {name} | {row['patches_per_second']} | {row['seconds']} | {row['worker_startup_seconds']} "
             f"| {row['peak_pss_mb']} | {row['import_rss_mb']} |"
@@ -277,13 +249,49 @@ def main() -> None:
         "| imports torch or transformers |",
         "|---|---:|---:|---:|---|",
     ]
-    for name, row in startup.items():
+    for name, row in record["startup"].items():
         lines.append(
             f"| {name} | {row['help_seconds']} | {row['worker_rss_mb']} | {row['worker_uss_mb']} "
             f"| {'yes' if row['imports_torch_or_transformers'] else 'no'} |"
         )
-    save_results(RESULTS, "tile", record, "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=24, help="symlinked copies of the slide to tile")
+    add_rounds_argument(parser, "interleaved rounds per configuration")
+    parser.add_argument(
+        "--baseline", type=Path, help="another checkout of the package to compare start-up with"
+    )
+    parser.add_argument("--run_one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_one:
+        print(json.dumps(run_one(json.loads(args.run_one))))
+        return
+    slide = data_path(SLIDE)
+    try:
+        import openslide  # noqa: F401
+    except ImportError:
+        CONFIGS.pop("exaonepath-tile, 1 worker (openslide, PNG)")
+    rows = tiling_rows(slide, args.copies, args.rounds)
+    trees = {"this tree": REPOSITORY}
+    if args.baseline:
+        revision = subprocess.run(
+            ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        trees[f"baseline {revision or args.baseline}"] = args.baseline.resolve()
+    record = {
+        "slide": slide.name,
+        "copies": args.copies,
+        "rounds": args.rounds,
+        "machine": machine_record("psutil", "tiffslide", "pillow"),
+        "results": rows,
+        "startup": startup_rows(trees, args.rounds),
+    }
+    table = markdown(record)
+    save_results(RESULTS_DIR, "tile", record, table)
+    print(table)
 
 
 if __name__ == "__main__":

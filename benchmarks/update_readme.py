@@ -4,19 +4,21 @@ model_card.md (the card the package ships and writes into every converted folder
 python benchmarks/update_readme.py
 """
 
+import argparse
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import REPOSITORY, RESULTS_DIR
+
 # document -> whether it must hold a section for every table
 DOCUMENTS = {"README.md": True, "model_card.md": False}
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     for document, every_table in DOCUMENTS.items():
-        path = ROOT / document
+        path = REPOSITORY / document
         text = path.read_text(encoding="utf-8")
-        for table in sorted((ROOT / "benchmarks" / "results").glob("*.md")):
+        for table in sorted(RESULTS_DIR.glob("*.md")):
             name = table.stem
             pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(<!-- /bench:{name} -->)", re.DOTALL)
             if not pattern.search(text):

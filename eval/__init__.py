@@ -1,25 +1,29 @@
-"""Evaluation of pathology encoders: linear probing on the EXAONEPath paper's six benchmarks and robustness to
-the site (does the encoder follow the tissue or the slide, lab, scanner?).
+"""Evaluation of pathology encoders, in four rooms: what every evaluation shares, and three concerns built on it.
 
-- `tasks`: registry of PCAM, MHIST, CRC-100K, TIL, MSI-CRC, MSI-STAD (pinned labels, seeded splits)
-  and local imagefolders, and the robustness tasks (PathoROB camelyon, PLISM); `converters`: original
-  archives -> imagefolder with metadata.csv.
-- `backbones`: EXAONEPath, any `AutoModel` image encoder or timm model, and the explicit preprocessing.
-- `features`: extraction once per (model, dataset revision, split, preprocessing), cached, resumable,
-  distributed with `accelerate launch`.
-- `slide_features`: per-slide feature bags (HDF5, TRIDENT's layout: `features` [N, D], level-0 `coords`) from
-  slides or `exaonepath-tile` output, resumable, split across processes; `load_slide_features` reads them.
-- `slide_data` (a labels CSV joined to the bags, patient-level splits), `mil` (mean-pooling and gated
-  attention MIL heads) and `slide_probe` (`run_slide_probe`, `exaonepath-slide-probe`: heads trained with
-  Accelerate over seeds, run record, report, attention heatmaps with top patches).
-- `probes`: the paper's SGD protocol, an eva-style AdamW preset, L-BFGS logistic regression.
-- `metrics/pathology_metrics.py`: the `evaluate` metric module (top-1, balanced accuracy, macro-F1, AUROC).
-- `report`: run records and the Table 1 report.
-- `linear_probe` (`run_linear_probe`) and `robustness` (`run_robustness`, `assess_robustness`; data layouts in
-  `grouped_images`): the two evaluations as library functions taking typed settings.
-- Command lines: `exaonepath-probe`, `exaonepath-robustness`, `exaonepath-report`, `exaonepath-convert-dataset`
-  (or `python -m exaonepath_hf.eval.<module>`; `accelerate launch -m exaonepath_hf.eval.patch.linear_probe`).
+- `common`: encoders (`encoders`: EXAONEPath, any `AutoModel` image encoder or timm model, and the explicit
+  preprocessing), feature extraction once per (model, dataset revision, split, preprocessing), cached,
+  resumable and distributed with `accelerate launch` (`features`), data conventions such as split names
+  (`data`), run records and summaries over seeds (`records`), the `evaluate` metric module (`metrics`) and
+  the flags every evaluation command spells the same way (`cli`).
+- `patch`: linear probing on the EXAONEPath paper's six benchmarks. The registry of PCAM, MHIST, CRC-100K, TIL,
+  MSI-CRC, MSI-STAD and local imagefolders (`tasks`), original archives to imagefolders (`converters`), the
+  paper's SGD protocol, an eva-style preset and L-BFGS logistic regression (`probes`), the run
+  (`linear_probe`: `run_linear_probe`, `exaonepath-probe`) and the Table 1 report (`report`).
+- `robustness`: does an encoder follow the tissue or the slide, lab, scanner? The PathoROB and PLISM tasks
+  (`tasks`) and grouped image folders (`grouped_images`), virtual labs (`virtual_labs`), the exact neighbour
+  search (`neighbours`), the field's metrics (`metrics`) and the run (`run`: `run_robustness`,
+  `exaonepath-robustness`).
+- `slide`: per-slide feature bags, one HDF5 file per slide in TRIDENT's layout (`bags`: `load_slide_features`),
+  extracted from slides or `exaonepath-tile` output (`features`: `exaonepath-extract`), a labels CSV joined to
+  the bags with patient-level splits (`data`), mean-pooling and gated attention MIL heads (`mil`), the slide
+  probe (`probe`: `run_slide_probe`, `exaonepath-slide-probe`) and its attention heatmaps (`heatmaps`).
 
-This package imports the core model, the helpers (`atomic_io`, `images`), `convert` and `tiling`; never
-`exaonepath_hf.train` or the demo.
+`patch`, `robustness` and `slide` never import each other: each uses only `common` and the layers below
+(the core model, the helpers, `convert`, `tiling`), never `exaonepath_hf.train` or the demo; `common` imports
+none of the three. `lint-imports` checks both rules (the contracts in `setup.cfg`), so one concern can change
+without breaking another; what two of them need goes into `common`.
+
+Every command is also a module: `python -m exaonepath_hf.eval.patch.linear_probe`,
+`python -m exaonepath_hf.eval.robustness.run`, `python -m exaonepath_hf.eval.slide.probe`, ... (the entry
+points in `setup.cfg`), and `accelerate launch -m exaonepath_hf.eval.patch.linear_probe` across processes.
 """

@@ -1,19 +1,23 @@
 """exaonepath-hf: EXAONEPath (arXiv 2408.00380) as a Hugging Face model, with Macenko built in.
 
-Importing the package registers the classes with the transformers Auto classes, so
-`AutoModel.from_pretrained(folder)` and `AutoImageProcessor.from_pretrained(folder)` work on a converted
-folder without `trust_remote_code`.
+The package root imports neither torch nor transformers: `exaonepath-tile` and each of its worker processes import
+`exaonepath_hf.tiling`, which runs this file first and needs neither. The public classes are attributes resolved on
+first use (PEP 562 `__getattr__`).
 
-The package root itself imports neither torch nor transformers: `exaonepath-tile` and each of its worker
-processes import `exaonepath_hf.tiling`, which runs this file first and needs neither. So
+The package's one import-time side effect: importing it arranges for `register_auto_classes()` to run, which
+registers the classes with transformers' Auto classes, so that after `import exaonepath_hf`,
+`AutoModel.from_pretrained(folder)`, `AutoImageProcessor.from_pretrained(folder)` and `pipeline(...)` work on a
+converted folder without `trust_remote_code`, whatever was imported first. Why at import and not only on an explicit
+call: that one import is how users of a transformers model package expect to enable it (tests/test_architecture.py
+pins every import order); and it cannot simply run here, since it imports transformers, which the root must not
+(above).
 
-- the public classes are attributes resolved on first use (PEP 562 `__getattr__`), and
-- the Auto registration waits for transformers' Auto classes: it runs at once when they are already
-  imported, and otherwise the moment `transformers.models.auto` is first imported (which every
-  `AutoModel`, `AutoImageProcessor` or `pipeline` call does), through an import hook that removes itself
-  once done. Registering in the middle of an import would meet half-executed modules, so the hook waits for
-  the outermost import of transformers or of the core modules to finish. `register_auto_classes()` does it
-  explicitly.
+How: when transformers' Auto classes are already imported, the registration runs at once. Otherwise a finder goes
+first on `sys.meta_path`; it finds nothing itself, but wraps the loaders of transformers' modules and of the core
+modules so that the registration runs when `transformers.models.auto` has been imported (which every `AutoModel`,
+`AutoImageProcessor` or `pipeline` call does) and the outermost of those imports has finished (registering in the
+middle of an import would meet half-executed modules); then it removes itself from `sys.meta_path`.
+`register_auto_classes()` also does it explicitly, once, at a point of the caller's choosing.
 """
 
 from __future__ import annotations
@@ -86,7 +90,8 @@ _registered = False
 def register_auto_classes() -> None:
     """Register EXAONEPath with AutoConfig, AutoModel, AutoModelForImageClassification, AutoImageProcessor.
 
-    Idempotent. Importing the package arranges for this to run as soon as transformers' Auto classes load.
+    Idempotent. Importing the package arranges for this to run as soon as transformers' Auto classes load (the
+    module docstring says how); calling it registers at once, importing transformers if need be.
     """
     global _registered
     with _registration_lock:

@@ -4,7 +4,15 @@
 chunks of a batch of equally sized images, on worker threads, and keeps the chunk function's scratch memory
 (:class:`Buffers`) and the memory of outputs the caller has freed (:class:`_OutputMemory`) for later calls.
 Everything it keeps belongs to the engine instance, i.e. to the ``MacenkoNormalizer`` that owns it, and is freed
-with it: there is no process-wide state, no fork hook and no process-wide setting changed.
+with it. One thing it registers outside the instance: every CPU output gets a ``weakref.finalize`` on the numpy
+window its tensor wraps, and CPython keeps each finalizer in ``weakref.finalize``'s class-level registry, shared
+by the whole process, until the output dies; the finalizer then queues the output's block for reuse and leaves
+the registry. That is sound because an entry lives exactly as long as the caller's output and holds only that
+output's block and the engine's queue of returned blocks, never the engine itself (an output that outlives its
+engine frees its block as usual); what the engine keeps between calls is capped at ``max_cached_bytes``
+(``DEFAULT_MAX_CACHED_BYTES`` unless set); in a forked child the engine drops what it inherited on first use, and
+a pickled or copied engine carries only its cap; the finalizers do not run at interpreter exit. No fork hook is
+installed and no process-wide setting (torch's thread counts among them) is changed.
 
 This file is shipped with saved processors (``trust_remote_code``): it imports only the standard library and torch.
 """

@@ -1,17 +1,20 @@
 """`exaonepath-slide-probe` end to end on small synthetic feature folders in TRIDENT's layout: the record, its
-metrics against scikit-learn on the saved predictions, the report, and attention heatmaps plus top patches
-drawn on the bundled CMU-1-Small-Region slide."""
+metrics against scikit-learn on the saved predictions, the report, the head selection of `fit_head`, and
+attention heatmaps plus top patches drawn on the bundled CMU-1-Small-Region slide."""
 
 import json
 
 import numpy as np
 import pytest
+import torch
+from accelerate import Accelerator
 from safetensors import safe_open
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from test_slide_data import write_csv, write_trident_h5
 
 from exaonepath_hf.demo import sample_slide
-from exaonepath_hf.eval.slide.probe import main
+from exaonepath_hf.eval.slide.data import Bag
+from exaonepath_hf.eval.slide.probe import HeadTrainingConfig, fit_head, main
 from exaonepath_hf.images import decode_rgb
 from exaonepath_hf.tiling import TilingConfig, open_slide, plan_patches
 
@@ -115,6 +118,45 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     assert "heatmaps need an attention head" in capsys.readouterr().err
     assert main([*common, "--heatmaps", *FAST]) == 2
     assert "--heatmaps needs --slides" in capsys.readouterr().err
+
+
+def test_fit_head_restores_the_best_validation_head_and_stops_after_patience():
+    """Validation labels unrelated to the features make the score wander: training stops `patience`
+    evaluations after the best one (highest balanced accuracy, then lowest loss, the first of equals), and
+    the head handed back is that evaluation's."""
+    generator = np.random.default_rng(1)
+
+    def bags(count: int, labels) -> list[Bag]:
+        made = []
+        for i, label in zip(range(count), labels, strict=False):
+            features, _ = planted_features(generator, 20, i % 2)
+            made.append(Bag(f"B{i}", int(label), torch.from_numpy(features).float()))
+        return made
+
+    train, val = bags(16, [i % 2 for i in range(16)]), bags(8, generator.integers(0, 2, 8))
+    config = HeadTrainingConfig(
+        head="mean", lr=0.05, batch_size=4, max_epochs=200, patience=3, max_patches=None, seeds=(0,)
+    )
+    fit = fit_head(train, val, config, num_classes=2, seed=0, accelerator=Accelerator(cpu=True))
+
+    ranked = sorted(
+        range(len(fit.history)),
+        key=lambda i: (-fit.history[i]["val_balanced_accuracy"], fit.history[i]["val_loss"], i),
+    )
+    best = fit.history[ranked[0]]
+    assert fit.stopped_early and len(fit.history) == ranked[0] + 1 + config.patience
+    assert (fit.selected_step, fit.selected_val_score) == (best["step"], best["val_balanced_accuracy"])
+    with torch.no_grad():
+        logits = torch.cat(
+            [fit.head(bag.features[None], torch.ones(1, len(bag), dtype=torch.bool)).logits for bag in val]
+        )
+    labels = torch.tensor([bag.label for bag in val])
+    assert torch.nn.functional.cross_entropy(logits, labels).item() == pytest.approx(
+        best["val_loss"], rel=1e-5
+    )
+    assert balanced_accuracy_score(labels, logits.argmax(dim=1)) == pytest.approx(
+        best["val_balanced_accuracy"]
+    )
 
 
 def test_heatmap_and_top_patches_on_the_bundled_slide(tmp_path):

@@ -1,10 +1,10 @@
 """Slide-level datasets: a labels CSV joined to a folder of per-slide feature files, split by patient.
 
 The CSV has one row per slide, with the columns `slide_id`, `patient_id`, `label` and optionally `split`
-(train / val / test; the aliases of `eval.tasks` such as `validation` or `testing` work too). The feature
-folder holds `<slide_id>.h5` files in TRIDENT's layout (`eval.slide_features`). Every labelled slide needs a
-file; a file without a row is an error too unless `allow_extra_features` (a cohort's folder serving a task
-that labels only some of its slides).
+(train / val / test; the aliases of `eval.common.data` such as `validation` or `testing` work too). The
+feature folder holds `<slide_id>.h5` files in TRIDENT's layout (`eval.slide.bags`). Every labelled slide needs a
+file; a file without a row is an error too unless `allow_extra_features` (a cohort's folder serving a task that
+labels only some of its slides).
 
 Splits are by patient, so no patient's slides are in two splits:
 
@@ -39,7 +39,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from tqdm.auto import tqdm
 
 from ..common.data import SPLIT_ALIASES, SPLIT_NAMES
-from .features import load_slide_features
+from .bags import load_slide_features
 
 __all__ = [
     "FEATURE_SUFFIX",

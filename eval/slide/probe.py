@@ -5,9 +5,9 @@
     accelerate launch -m exaonepath_hf.eval.slide.probe ...     # data-parallel across processes / GPUs
 
 `--features` is a folder of `<slide_id>.h5` feature bags (exaonepath-extract or TRIDENT); `--labels` a CSV
-with slide_id, patient_id, label[, split] (see `eval.slide_data`: patient-level splits, `--level patient`
-pools a patient's slides). Heads (`eval.mil`): `abmil`, gated attention MIL, or `mean`, mean pooling plus a
-linear layer. Training follows eva's slide protocol: AdamW (lr 1e-3), batch 32, at most 12,500 steps and
+with slide_id, patient_id, label[, split] (see `eval.slide.data`: patient-level splits, `--level patient`
+pools a patient's slides). Heads (`eval.slide.mil`): `abmil`, gated attention MIL, or `mean`, mean pooling
+plus a linear layer. Training follows eva's slide protocol: AdamW (lr 1e-3), batch 32, at most 12,500 steps and
 100 epochs, a fixed number of patches sampled per training bag (`--max_patches`; all of them at evaluation),
 a cosine schedule with linear warmup, and the head that scores the best validation balanced accuracy
 (evaluated every epoch; between equal scores the lower validation loss wins) restored before testing;
@@ -16,15 +16,14 @@ training stops after `--patience` evaluations without improvement. Every seed tr
 Writes to OUT: `<head>.slide_record.json` (settings, splits, metrics per seed, and under `test` the
 balanced accuracy, AUROC, macro-F1 and top-1 as mean and sd over seeds), `<head>.predictions.safetensors`
 (test probabilities per seed), `<head>.heads.safetensors` (each seed's selected head), `report.md` (every
-slide record in OUT) and with `--heatmaps` `heatmaps/<slide_id>.png` plus `heatmaps/<slide_id>/top*.png`.
-In Python: `run_slide_probe(SlideProbeSettings(...))`.
+slide record in OUT) and with `--heatmaps` `heatmaps/<slide_id>.png` plus `heatmaps/<slide_id>/top*.png`
+(`eval.slide.heatmaps`). In Python: `run_slide_probe(SlideProbeSettings(...))`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import logging
 import math
@@ -39,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -47,26 +45,22 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ...atomic_io import atomic_save_tensors, atomic_write_bytes, write_json
 from ...cli import run_command
-from ...tiling import open_slide, read_downsampled, slide_id_from_path
 from ...tiling.slide_io import SLIDE_BACKENDS
-from ...tiling.thumbnail import render_thumbnail
 from ..common.cli import add_cpu_threads_argument, apply_cpu_threads
 from ..common.metrics import METRIC_KEYS, METRIC_PATH, load_metric
 from ..common.metrics.pathology_metrics import classification_metrics
 from ..common.records import environment, summarize_seeds, summary_cell
 from .data import Bag, SlideDataset, SlideDataSettings, load_bags, load_slide_dataset
+from .heatmaps import HeatmapSettings, write_heatmaps
 from .mil import HEADS, BagCollator, build_head
 
 __all__ = [
     "SLIDE_RECORD_SUFFIX",
     "HeadTrainingConfig",
-    "HeatmapSettings",
     "SlideProbeSettings",
     "HeadFit",
     "fit_head",
     "predict_bags",
-    "attention_heatmap",
-    "write_heatmaps",
     "write_slide_report",
     "run_slide_probe",
     "main",
@@ -75,9 +69,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SLIDE_RECORD_SUFFIX = ".slide_record.json"
-_HEATMAP_ALPHA = 0.55
-_HEATMAP_COLORMAP = "inferno"
-_COLORBAR_HEIGHT = 12
 
 
 @dataclass(frozen=True)
@@ -122,22 +113,6 @@ class HeadTrainingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class HeatmapSettings:
-    """Attention heatmaps of the test slides: where the slides are, how many top patches, thumbnail size."""
-
-    slides_dir: Path
-    top_k: int = 8
-    thumbnail_size: int = 1024
-    backend: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.top_k < 0 or self.thumbnail_size < 16:
-            raise ValueError("top_k must be >= 0 and thumbnail_size >= 16")
-        if self.backend not in SLIDE_BACKENDS:
-            raise ValueError(f"unknown slide backend {self.backend!r}; choose one of {SLIDE_BACKENDS}")
 
 
 @dataclass(frozen=True)
@@ -220,18 +195,28 @@ def _loader(
     )
 
 
-def fit_head(
+@dataclass
+class _Training:
+    """One head's training state under Accelerate: the prepared head, optimizer and loaders, the schedule, and
+    the optimizer steps taken out of `total`."""
+
+    head: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    total: int
+    step: int = 0
+
+
+def _prepare_training(
     train: Sequence[Bag],
     val: Sequence[Bag],
     config: HeadTrainingConfig,
     num_classes: int,
     seed: int,
     accelerator: Accelerator,
-) -> HeadFit:
-    """Train one head of `config` with `seed`; select it on `val` balanced accuracy (module docstring)."""
-    if not train or not val:
-        raise ValueError(f"training needs bags in train and val; got {len(train)} and {len(val)}")
-    set_seed(seed)
+) -> _Training:
     in_dim = train[0].features.shape[1]
     head = build_head(config.head, in_dim, num_classes, hidden_dim=config.hidden_dim, dropout=config.dropout)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -247,61 +232,106 @@ def fit_head(
     total = min(config.max_steps, config.max_epochs * len(train_loader))
     # built on the prepared optimizer and stepped by hand: one step per optimizer step of this process
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_fraction * total), total)
+    return _Training(head, optimizer, scheduler, train_loader, val_loader, total)
 
-    best_score, best_loss, best_step, best_state = -math.inf, math.inf, 0, None
-    history, step, epoch, stale, stopped_early, train_seconds = [], 0, 0, 0, False, 0.0
+
+def _train_epoch(training: _Training, accelerator: Accelerator, bar: tqdm) -> list[float]:
+    """One pass over the training bags, or what is left of the step budget; the loss of every step."""
+    training.head.train()
+    losses = []
+    for batch in training.train_loader:
+        logits = training.head(batch["features"], batch["mask"]).logits.float()
+        loss = F.cross_entropy(logits, batch["labels"])
+        accelerator.backward(loss)
+        training.optimizer.step()
+        training.scheduler.step()
+        training.optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        training.step += 1
+        bar.update()
+        if training.step == training.total:
+            break
+    return losses
+
+
+def _validate(training: _Training, accelerator: Accelerator, num_classes: int) -> tuple[float, float]:
+    """Balanced accuracy and mean cross-entropy of the head on the validation bags."""
+    probabilities, labels = predict_bags(training.head, training.val_loader, accelerator)
+    score = classification_metrics(
+        probabilities.argmax(dim=1).numpy(), labels.numpy(), num_classes=num_classes
+    )["balanced_accuracy"]
+    return score, F.nll_loss(probabilities.clamp_min(1e-12).log(), labels).item()
+
+
+@dataclass
+class _Selection:
+    """The best head so far on validation, and how many evaluations have passed without a better one."""
+
+    score: float = -math.inf
+    loss: float = math.inf
+    step: int = 0
+    state: dict[str, torch.Tensor] | None = None
+    stale: int = 0
+
+    def offer(self, score: float, loss: float, step: int, head: nn.Module) -> bool:
+        """Keep a copy of `head` if it is the best so far; whether it was."""
+        # balanced accuracy moves in steps of 1 / (class size) on a small validation set; between equal
+        # scores the lower loss is the better-trained head
+        if score > self.score or (score == self.score and loss < self.loss):
+            self.score, self.loss, self.step, self.stale = score, loss, step, 0
+            self.state = copy.deepcopy(head.state_dict())
+            return True
+        self.stale += 1
+        return False
+
+
+def fit_head(
+    train: Sequence[Bag],
+    val: Sequence[Bag],
+    config: HeadTrainingConfig,
+    num_classes: int,
+    seed: int,
+    accelerator: Accelerator,
+) -> HeadFit:
+    """Train one head of `config` with `seed`; select it on `val` balanced accuracy (module docstring)."""
+    if not train or not val:
+        raise ValueError(f"training needs bags in train and val; got {len(train)} and {len(val)}")
+    set_seed(seed)
+    training = _prepare_training(train, val, config, num_classes, seed, accelerator)
+    selection, history, epoch, stopped_early, train_seconds = _Selection(), [], 0, False, 0.0
     with tqdm(
-        total=total,
+        total=training.total,
         desc=f"{config.head} seed {seed}",
         unit="step",
         disable=not accelerator.is_local_main_process,
     ) as bar:
-        while step < total and not stopped_early:
-            head.train()
-            losses, epoch_started = [], time.perf_counter()
-            for batch in train_loader:
-                loss = F.cross_entropy(head(batch["features"], batch["mask"]).logits.float(), batch["labels"])
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                step += 1
-                bar.update()
-                if step == total:
-                    break
+        while training.step < training.total and not stopped_early:
+            epoch_started = time.perf_counter()
+            losses = _train_epoch(training, accelerator, bar)
             train_seconds += time.perf_counter() - epoch_started
             epoch += 1
-            if epoch % config.eval_every_epochs and step < total:
+            if epoch % config.eval_every_epochs and training.step < training.total:
                 continue
-            probabilities, labels = predict_bags(head, val_loader, accelerator)
-            score = classification_metrics(
-                probabilities.argmax(dim=1).numpy(), labels.numpy(), num_classes=num_classes
-            )["balanced_accuracy"]
-            val_loss = F.nll_loss(probabilities.clamp_min(1e-12).log(), labels).item()
+            score, val_loss = _validate(training, accelerator, num_classes)
             history.append(
                 {
                     "epoch": epoch,
-                    "step": step,
+                    "step": training.step,
                     "train_loss": float(np.mean(losses)),
                     "val_balanced_accuracy": score,
                     "val_loss": val_loss,
                 }
             )
             bar.set_postfix(val_bacc=f"{score:.3f}", val_loss=f"{val_loss:.3f}")
-            # balanced accuracy moves in steps of 1 / (class size) on a small validation set; between equal
-            # scores the lower loss is the better-trained head
-            if score > best_score or (score == best_score and val_loss < best_loss):
-                best_score, best_loss, best_step, stale = score, val_loss, step, 0
-                best_state = copy.deepcopy(accelerator.unwrap_model(head).state_dict())
-            else:
-                stale += 1
-                stopped_early = config.patience is not None and stale >= config.patience
-    trained = accelerator.unwrap_model(head)
-    trained.load_state_dict(best_state)
+            if not selection.offer(score, val_loss, training.step, accelerator.unwrap_model(training.head)):
+                stopped_early = config.patience is not None and selection.stale >= config.patience
+    trained = accelerator.unwrap_model(training.head)
+    trained.load_state_dict(selection.state)
     trained.eval()
     accelerator.free_memory()
-    return HeadFit(trained, seed, best_step, best_score, step, stopped_early, history, train_seconds)
+    return HeadFit(
+        trained, seed, selection.step, selection.score, training.step, stopped_early, history, train_seconds
+    )
 
 
 def _patch_stats(bags: Sequence[Bag]) -> dict[str, Any]:
@@ -313,125 +343,6 @@ def _patch_stats(bags: Sequence[Bag]) -> dict[str, Any]:
         "patches_max": int(counts.max()),
         "patches_total": int(counts.sum()),
     }
-
-
-def attention_heatmap(
-    view: np.ndarray,
-    view_scale: float,
-    coords: np.ndarray,
-    patch_size_level0: int,
-    attention: np.ndarray,
-    max_side: int,
-) -> Image.Image:
-    """The slide's thumbnail (`view`, `view_scale` level-0 pixels per pixel) with each patch (level-0
-    top-left `coords`, side `patch_size_level0`) filled by the colour of its attention rank within the slide
-    (inferno: dark = lowest, yellow = highest), and a colour bar from low to high beneath."""
-    import matplotlib
-
-    base = render_thumbnail(
-        view, view_scale, np.zeros(view.shape[:2], dtype=bool), np.empty((0, 2)), 1, max_side
-    )
-    scale = view_scale * view.shape[1] / base.width  # level-0 pixels per thumbnail pixel
-    rgb = np.asarray(base, dtype=np.float32).copy()
-    ranks = np.argsort(np.argsort(attention, kind="stable"), kind="stable") / max(1, len(attention) - 1)
-    colormap = matplotlib.colormaps[_HEATMAP_COLORMAP]
-    colours = colormap(ranks)[:, :3].astype(np.float32) * 255
-    overlay, covered = np.zeros_like(rgb), np.zeros(rgb.shape[:2], dtype=bool)
-    # lowest first, so where patches overlap the higher attention shows
-    for index in np.argsort(attention, kind="stable"):
-        x, y = coords[index]
-        left, top = max(0, round(x / scale)), max(0, round(y / scale))
-        right, bottom = (
-            max(left + 1, round((x + patch_size_level0) / scale)),
-            max(top + 1, round((y + patch_size_level0) / scale)),
-        )
-        overlay[top:bottom, left:right] = colours[index]
-        covered[top:bottom, left:right] = True
-    rgb[covered] = rgb[covered] * (1 - _HEATMAP_ALPHA) + overlay[covered] * _HEATMAP_ALPHA
-    bar = colormap(np.linspace(0, 1, rgb.shape[1]))[:, :3].astype(np.float32) * 255
-    bar = np.broadcast_to(bar, (_COLORBAR_HEIGHT, *bar.shape))
-    return Image.fromarray(np.rint(np.concatenate([rgb, bar])).astype(np.uint8))
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@torch.no_grad()
-def _attention(head: nn.Module, bag: Bag) -> np.ndarray:
-    device = next(head.parameters()).device
-    features = bag.features[None].to(device, torch.float32)
-    return (
-        head(features, torch.ones(features.shape[:2], dtype=torch.bool, device=device))
-        .attention[0]
-        .float()
-        .cpu()
-        .numpy()
-    )
-
-
-def write_heatmaps(
-    head: nn.Module, bags: Sequence[Bag], settings: HeatmapSettings, out_dir: Path
-) -> dict[str, Any]:
-    """For each slide of `bags`: `out_dir/<slide_id>.png` (attention over the thumbnail) and its `top_k`
-    patches by attention, read from the slide, as `out_dir/<slide_id>/top<rank>.png`.
-
-    A bag pooled over a patient's slides has one attention distribution over all of them; each slide's
-    heatmap shows its part (ranked within the slide). Slides not found in `settings.slides_dir` are listed
-    in the returned summary and skipped."""
-    slides_dir = Path(settings.slides_dir)
-    if not slides_dir.is_dir():
-        raise FileNotFoundError(f"slides folder not found: {slides_dir} (--slides)")
-    paths = {slide_id_from_path(p): p for p in sorted(slides_dir.iterdir()) if not p.name.startswith(".")}
-    written, missing, attention_of = [], [], {}
-    segments = [(bag, segment) for bag in bags for segment in bag.segments]
-    for bag, segment in tqdm(segments, desc="heatmaps", unit="slide", disable=len(segments) < 2):
-        if segment.slide_id not in paths:
-            missing.append(segment.slide_id)
-            continue
-        if bag.bag_id not in attention_of:
-            attention_of = {bag.bag_id: _attention(head, bag)}  # a bag's slides are consecutive
-        side = segment.attributes.get("patch_size_level0")
-        if not side:
-            raise ValueError(
-                f"{segment.slide_id}: its feature file has no patch_size_level0 attribute on coords; "
-                "heatmaps need the patch size in level-0 pixels (exaonepath-extract and TRIDENT write it)"
-            )
-        side = int(side)
-        attention = attention_of[bag.bag_id][segment.start : segment.stop]
-        with open_slide(paths[segment.slide_id], settings.backend) as reader:
-            view, view_scale = read_downsampled(
-                reader, max(1.0, max(reader.dimensions) / settings.thumbnail_size)
-            )
-            image = attention_heatmap(
-                view, view_scale, segment.coords, side, attention, settings.thumbnail_size
-            )
-            atomic_write_bytes(out_dir / f"{segment.slide_id}.png", _png(image))
-            top = []
-            stored = int(segment.attributes.get("patch_size") or side)
-            for rank, index in enumerate(np.argsort(-attention, kind="stable")[: settings.top_k], start=1):
-                x, y = (int(v) for v in segment.coords[index])
-                patch = Image.fromarray(reader.read_region((x, y), 0, (side, side)))
-                if stored != side:
-                    patch = patch.resize((stored, stored), Image.Resampling.BICUBIC)
-                name = f"{segment.slide_id}/top{rank:02d}.png"
-                atomic_write_bytes(out_dir / name, _png(patch))
-                top.append({"rank": rank, "file": name, "x": x, "y": y, "attention": float(attention[index])})
-        written.append(
-            {
-                "slide_id": segment.slide_id,
-                "bag_id": bag.bag_id,
-                "heatmap": f"{segment.slide_id}.png",
-                "top_patches": top,
-            }
-        )
-    if missing:
-        logger.warning(
-            "no slide file in %s for %d test slide(s): %s", slides_dir, len(missing), ", ".join(missing[:10])
-        )
-    return {"slides_dir": str(slides_dir.resolve()), "written": written, "missing_slides": missing}
 
 
 def load_slide_records(root: str | Path) -> list[dict[str, Any]]:
@@ -509,18 +420,29 @@ def _test_metrics(fit: HeadFit, test_loader: DataLoader, accelerator: Accelerato
     return result, probabilities, labels
 
 
-def run_slide_probe(settings: SlideProbeSettings, accelerator: Accelerator | None = None) -> Path | None:
-    """Load the bags, train the head for every seed, test, write the record, predictions, heads, report and
-    heatmaps. Returns the record path (None on processes other than the main one)."""
-    accelerator = accelerator or Accelerator(cpu=settings.cpu, mixed_precision=settings.mixed_precision)
-    config = settings.training
-    dataset: SlideDataset = load_slide_dataset(settings.features, settings.labels, settings.data)
+@dataclass
+class _SeedRuns:
+    """Every seed's head, its test metrics and test probabilities [seeds, N, C], with the test labels [N]."""
+
+    per_seed: list[dict[str, Any]]
+    heads: dict[int, nn.Module]
+    probabilities: torch.Tensor
+    labels: torch.Tensor
+
+
+def _split_bags(dataset: SlideDataset) -> dict[str, list[Bag]]:
     bags = {name: load_bags(dataset.split(name), desc=f"{name} bags") for name in ("train", "val", "test")}
     if not all(bags.values()):
         raise ValueError(
             f"a split has no bags ({ {k: len(v) for k, v in bags.items()} }); label more patients"
         )
-    num_classes = len(dataset.class_names)
+    return bags
+
+
+def _train_and_test(
+    bags: dict[str, list[Bag]], config: HeadTrainingConfig, num_classes: int, accelerator: Accelerator
+) -> _SeedRuns:
+    """A head per seed, trained on train, selected on val, scored on test."""
     metric = load_metric()
     per_seed, probabilities, heads = [], [], {}
     for seed in config.seeds:
@@ -540,38 +462,56 @@ def run_slide_probe(settings: SlideProbeSettings, accelerator: Accelerator | Non
         probabilities.append(probs)
         heads[seed] = fit.head
         logger.info("%s seed %d: test balanced accuracy %.4f", config.head, seed, result["balanced_accuracy"])
-    if not accelerator.is_main_process:
-        return None
+    return _SeedRuns(per_seed, heads, torch.stack(probabilities), labels)
 
-    out_dir = Path(settings.output_dir)
-    first = heads[config.seeds[0]]
-    name = settings.name or settings.labels.stem
+
+def _save_heads_and_predictions(
+    out_dir: Path, config: HeadTrainingConfig, runs: _SeedRuns, bags: dict[str, list[Bag]], class_names
+) -> None:
+    """`<head>.heads.safetensors` (every seed's head, with what rebuilds it) and
+    `<head>.predictions.safetensors` (test probabilities per seed, labels, bag ids)."""
     metadata = {
         "head": config.head,
         "in_dim": str(bags["train"][0].features.shape[1]),
-        "num_classes": str(num_classes),
-        "class_names": json.dumps(list(dataset.class_names)),
+        "num_classes": str(len(class_names)),
+        "class_names": json.dumps(list(class_names)),
         "config": json.dumps(config.to_dict()),
     }
     atomic_save_tensors(
         out_dir / f"{config.head}.heads.safetensors",
         {
             f"seed{seed}.{key}": value.detach().cpu()
-            for seed, head in heads.items()
+            for seed, head in runs.heads.items()
             for key, value in head.state_dict().items()
         },
         metadata=metadata,
     )
     atomic_save_tensors(
         out_dir / f"{config.head}.predictions.safetensors",
-        {"probabilities": torch.stack(probabilities), "labels": labels},
+        {"probabilities": runs.probabilities, "labels": runs.labels},
         metadata={
             "bag_ids": json.dumps([b.bag_id for b in bags["test"]]),
             "seeds": json.dumps(list(config.seeds)),
         },
     )
-    record = {
-        "task": {"name": name, "class_names": list(dataset.class_names), "level": settings.data.level},
+
+
+def _slide_record(
+    settings: SlideProbeSettings,
+    dataset: SlideDataset,
+    bags: dict[str, list[Bag]],
+    runs: _SeedRuns,
+    accelerator: Accelerator,
+) -> dict[str, Any]:
+    """The run's record (module docstring), heatmaps not yet drawn."""
+    config = settings.training
+    first = runs.heads[config.seeds[0]]
+    return {
+        "task": {
+            "name": settings.name or settings.labels.stem,
+            "class_names": list(dataset.class_names),
+            "level": settings.data.level,
+        },
         "data": {
             **dataset.provenance(),
             "feature_dim": int(bags["train"][0].features.shape[1]),
@@ -592,8 +532,8 @@ def run_slide_probe(settings: SlideProbeSettings, accelerator: Accelerator | Non
             "device": str(accelerator.device),
             "mixed_precision": settings.mixed_precision,
         },
-        "test": summarize_seeds(per_seed, METRIC_KEYS),
-        "per_seed": per_seed,
+        "test": summarize_seeds(runs.per_seed, METRIC_KEYS),
+        "per_seed": runs.per_seed,
         "heatmaps": None,
         "outputs": {
             "predictions": f"{config.head}.predictions.safetensors",
@@ -601,16 +541,33 @@ def run_slide_probe(settings: SlideProbeSettings, accelerator: Accelerator | Non
         },
         "environment": environment(),
     }
+
+
+def run_slide_probe(settings: SlideProbeSettings, accelerator: Accelerator | None = None) -> Path | None:
+    """Load the bags, train the head for every seed, test, write the record, predictions, heads, report and
+    heatmaps. Returns the record path (None on processes other than the main one)."""
+    accelerator = accelerator or Accelerator(cpu=settings.cpu, mixed_precision=settings.mixed_precision)
+    config = settings.training
+    dataset: SlideDataset = load_slide_dataset(settings.features, settings.labels, settings.data)
+    bags = _split_bags(dataset)
+    runs = _train_and_test(bags, config, len(dataset.class_names), accelerator)
+    if not accelerator.is_main_process:
+        return None
+
+    out_dir = Path(settings.output_dir)
+    _save_heads_and_predictions(out_dir, config, runs, bags, dataset.class_names)
+    record = _slide_record(settings, dataset, bags, runs, accelerator)
     record_path = out_dir / f"{config.head}{SLIDE_RECORD_SUFFIX}"
     write_json(record_path, record)  # before the heatmaps: a slide that cannot be drawn loses no training
     if settings.heatmaps is not None:
+        first = runs.heads[config.seeds[0]]
         drawn = write_heatmaps(first, bags["test"], settings.heatmaps, out_dir / "heatmaps")
         record["heatmaps"] = {"seed": config.seeds[0], **drawn}
         write_json(record_path, record)
     report = write_slide_report(out_dir)
     summary = record["test"]
     print(
-        f"{name} [{config.head}] "
+        f"{record['task']['name']} [{config.head}] "
         + ", ".join(
             f"{k} {summary[k]['mean']:.4f}±{summary[k]['sd']:.4f}"
             for k in ("balanced_accuracy", "macro_f1", "auroc")
