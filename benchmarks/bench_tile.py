@@ -86,10 +86,10 @@ def run_one(spec: dict) -> dict:
         # of slides this one-off cost vanishes. It is reported in its own column.
         from concurrent.futures import ProcessPoolExecutor
 
-        from exaonepath_hf.tiling.pipeline import _process_context
+        from exaonepath_hf.tiling.pipeline import worker_process_context
 
         start = time.perf_counter()
-        with ProcessPoolExecutor(1, mp_context=_process_context()) as pool:
+        with ProcessPoolExecutor(1, mp_context=worker_process_context()) as pool:
             pool.submit(os.getpid).result()
         startup = time.perf_counter() - start
     config = TilingConfig(backend=spec["backend"], image_format=spec["format"])

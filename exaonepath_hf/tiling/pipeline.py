@@ -59,6 +59,7 @@ __all__ = [
     "slide_id_from_path",
     "tile_slide",
     "tile_slides",
+    "worker_process_context",
 ]
 
 logger = logging.getLogger(__name__)
@@ -355,7 +356,7 @@ def _run_task(task: _Task) -> _Outcome:
         return SlideFailure(task.slide_id, task.path, type(error).__name__, str(error))
 
 
-def _process_context() -> multiprocessing.context.BaseContext:
+def worker_process_context() -> multiprocessing.context.BaseContext:
     """forkserver where available, else spawn; never plain fork, which is unsafe once slide readers
     (zarr's I/O thread) have started threads in the parent.
 
@@ -397,7 +398,7 @@ def _run_in_processes(
     slides whose fate is unknown to the ones in flight: each of those is retried alone, the rest go on in a
     fresh pool.
     """
-    context = _process_context()
+    context = worker_process_context()
     queue = list(reversed(tasks))
     while queue:
         suspects: list[_Task] = []
