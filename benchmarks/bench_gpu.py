@@ -75,11 +75,12 @@ class Sizes:
     extract_patches: int = 10_000
     extract_batch: int = 512
     dino_steps: int = 200
+    dino_reference_steps: int = 60
 
 
 DRY_SIZES = Sizes(
     macenko=8, torchstain=2, processor=8, model_batch=2, model_batches=1, extract_patches=8, extract_batch=4,
-    dino_steps=2,
+    dino_steps=2, dino_reference_steps=2,
 )  # fmt: skip
 
 
@@ -180,8 +181,10 @@ def bench_processor(device: torch.device, sizes: Sizes, rounds: int) -> dict:
     }
 
 
-def bench_model(device: torch.device, sizes: Sizes, rounds: int, compile_model: bool) -> dict:
-    models = {name: model.to(device) for name, model in build_models().items() if "eager" not in name}
+def bench_model(device: torch.device, sizes: Sizes, rounds: int, compile_model: bool, dry_run: bool) -> dict:
+    tiny = {"timm_name": "vit_tiny_patch16_224", "hidden_size": 192, "num_attention_heads": 3}
+    built = build_models(**tiny) if dry_run else build_models()
+    models = {name: model.to(device) for name, model in built.items() if "eager" not in name}
     if compile_model:
         ours_name = next(name for name in models if name.startswith("exaonepath"))
         models[f"{ours_name}, torch.compile"] = torch.compile(models[ours_name], dynamic=False)
@@ -201,6 +204,7 @@ def bench_model(device: torch.device, sizes: Sizes, rounds: int, compile_model: 
     rates = {name: images / value for name, value in seconds.items()}
     timm_rate = next(rate for name, rate in rates.items() if name.startswith("timm"))
     return {
+        "architecture": "ViT-Ti/16" if dry_run else "ViT-B/16",
         "batch": sizes.model_batch,
         "precision": "bf16" if bf16 else "fp32",
         "images_per_second": rates,
@@ -277,15 +281,28 @@ def bench_extract(tiles: Path, model_dir: Path, work: Path, sizes: Sizes, rounds
     }
 
 
-def bench_dino(device: torch.device, sizes: Sizes, dry_run: bool) -> dict:
+def bench_dino(tiles: Path, sizes: Sizes, dry_run: bool, workers: int) -> dict:
+    """DINO steps of the `one_gpu` recipe on the tiler's real patches: the loader augmenting on the CPU (the
+    default), and Macenko plus the crops on the GPU under torch.compile. One run of each (its own mean over
+    `dino_steps` steps after warm-up); the second also profiles a few steps."""
     from exaonepath_hf.train.dino.throughput import measure_dino_throughput
 
-    return measure_dino_throughput(
-        config="cpu_smoke" if dry_run else "one_gpu",
-        source=str(DATA_DIR / "he-images"),
-        steps=sizes.dino_steps,
-        device=str(device),
-    )
+    common = {
+        "config": "cpu_smoke" if dry_run else "one_gpu",
+        "source": str(tiles),
+        "steps": sizes.dino_steps,
+        "warmup_steps": 1 if dry_run else 10,
+        "overrides": [f"data.num_workers={workers}"],
+    }
+    runs = {
+        "loader augments on the CPU": measure_dino_throughput(
+            **{**common, "steps": sizes.dino_reference_steps}, augment_on="cpu", compile=False
+        ),
+        "augments on the GPU, torch.compile": measure_dino_throughput(
+            **common, augment_on="gpu", compile=not dry_run, profile_steps=0 if dry_run else 3
+        ),
+    }
+    return {"config": common["config"], "runs": runs}
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -335,7 +352,7 @@ def _rows(record: dict) -> list[str]:
         ]
     if "model" in record:
         model = record["model"]
-        where = f"backbone ViT-B/16 {model['precision']}, batch {model['batch']}"
+        where = f"backbone {model['architecture']} {model['precision']}, batch {model['batch']}"
         rows += [
             f"| {where} | {name} | {rate:,.0f} images/s |"
             for name, rate in model["images_per_second"].items()
@@ -354,11 +371,12 @@ def _rows(record: dict) -> list[str]:
         ]
         rows.append(f"| exaonepath-extract --help | wall time | {extract['help_seconds']:.2f} s |")
     if "dino" in record:
-        dino = record["dino"]
-        rows.append(
-            f"| DINO `{dino['config']}`, batch {dino['batch_size']}, {dino['steps']} steps | data wait "
-            f"{dino['data_wait_fraction']:.1%} | {dino['images_per_second']:,.0f} images/s |"
-        )
+        rows += [
+            f"| DINO `{record['dino']['config']}`, batch {run['batch_size']}, {run['steps']} steps, "
+            f"{run['num_workers']} workers | {name} (data wait {run['data_wait_fraction']:.1%}) | "
+            f"{run['images_per_s']:,.0f} images/s |"
+            for name, run in record["dino"]["runs"].items()
+        ]
     return rows
 
 
@@ -419,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_gpu: no CUDA GPU here; run with --dry_run to check the script", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.dry_run else "cuda")
+    if args.dry_run:
+        torch.set_num_threads(1)  # a dry run checks the script; one thread keeps it quick on a busy machine
     sizes = DRY_SIZES if args.dry_run else Sizes()
     workers = (
         args.extract_workers if args.extract_workers is not None else max(1, min(15, (_cpus() or 2) - 1))
@@ -432,15 +452,22 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as temporary:
         work = Path(temporary)
+
+        def tiles() -> Path:
+            return args.tiles or (
+                work / "sample-tiles" if (work / "sample-tiles").is_dir() else sample_tiles(work)
+            )
+
         stages = {
             "macenko": lambda: bench_macenko(device, sizes, args.rounds),
             "processor": lambda: bench_processor(device, sizes, args.rounds),
-            "model": lambda: bench_model(device, sizes, args.rounds, not args.no_compile and not args.dry_run),
-            "extract": lambda: bench_extract(
-                args.tiles or sample_tiles(work), save_model(work / "model", args.dry_run), work, sizes,
-                args.rounds, workers,
+            "model": lambda: bench_model(
+                device, sizes, args.rounds, not args.no_compile and not args.dry_run, args.dry_run
             ),
-            "dino": lambda: bench_dino(device, sizes, args.dry_run),
+            "extract": lambda: bench_extract(
+                tiles(), save_model(work / "model", args.dry_run), work, sizes, args.rounds, workers
+            ),
+            "dino": lambda: bench_dino(tiles(), sizes, args.dry_run, workers),
         }  # fmt: skip
         for name, stage in stages.items():
             if name in args.skip:
@@ -448,9 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             record[name] = stage()
             print(f"{name}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-    table = markdown(record)
-    save_results(args.out, "gpu", record, table)
-    print(table)
+            save_results(args.out, "gpu", record, markdown(record))  # a run cut short keeps its stages
+    print(markdown(record))
     return 0
 
 

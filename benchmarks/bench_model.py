@@ -20,12 +20,14 @@ from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 REFERENCE = "timm vit_base_patch16_224"
 
 
-def build_models() -> dict[str, torch.nn.Module]:
+def build_models(timm_name: str = "vit_base_patch16_224", **config) -> dict[str, torch.nn.Module]:
+    """timm's ViT and ours (SDPA and eager attention) with the same weights; `config`: ExaonePathConfig fields
+    that match `timm_name` (e.g. ViT-Ti/16: `vit_tiny_patch16_224`, hidden_size=192, num_attention_heads=3)."""
     torch.manual_seed(0)
-    reference = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0).eval()
-    models = {REFERENCE: reference}
+    reference = timm.create_model(timm_name, pretrained=False, num_classes=0).eval()
+    models = {f"timm {timm_name}": reference}
     for implementation in ("sdpa", "eager"):
-        ours = ExaonePathModel(ExaonePathConfig(attn_implementation=implementation)).eval()
+        ours = ExaonePathModel(ExaonePathConfig(attn_implementation=implementation, **config)).eval()
         ours.load_state_dict(reference.state_dict())
         models[f"exaonepath-hf ({implementation})"] = ours
     return models

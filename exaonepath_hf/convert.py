@@ -16,12 +16,10 @@ files are read only with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,7 +28,6 @@ import torch
 from safetensors.torch import load_file
 
 from .atomic_io import atomic_directory
-from .cli import run_command
 from .configuration_exaonepath import ExaonePathConfig
 from .image_processing_exaonepath import ExaonePathImageProcessor
 from .modeling_exaonepath import ExaonePathModel
@@ -263,28 +260,6 @@ def push_folder_to_hub(
     return str(getattr(commit, "commit_url", commit))
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="exaonepath-convert",
-        description="Convert the EXAONEPath release, its hub layout, or timm/DINO ViT weights to a "
-        "save_pretrained folder (safetensors, remote code, processor, model card).",
-    )
-    parser.add_argument("source", help="EXAONEPath.ckpt, a release/hub folder, or a timm/DINO weights file")
-    parser.add_argument("--out", required=True, help="output folder (written atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument(
-        "--num_attention_heads",
-        "--num-attention-heads",
-        type=int,
-        help="heads, when the source has no config (default: hidden size / 64)",
-    )
-    parser.add_argument(
-        "--push_to_hub", "--push-to-hub", metavar="REPO", help="also upload the folder to this hub model repo"
-    )
-    parser.add_argument("--private", action="store_true", help="create the hub repo as private")
-    return parser.parse_args(argv)
-
-
 def convert(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -307,20 +282,7 @@ def convert(
     return out_dir
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_command(
-        "exaonepath-convert",
-        lambda: convert(
-            args.source,
-            args.out,
-            overwrite=args.overwrite,
-            num_attention_heads=args.num_attention_heads,
-            push_to_hub=args.push_to_hub,
-            private=args.private or None,
-        ),
-    )
-
-
 if __name__ == "__main__":
+    from .convert_cli import main
+
     raise SystemExit(main())

@@ -1,31 +1,14 @@
-"""`exaonepath-demo`: the whole EXAONEPath idea on a real slide, offline, in minutes on a laptop CPU.
-
-1. Tile the bundled CC0 slide CMU-1-Small-Region.svs at 0.5 µm/px into 256 px tissue patches (thumbnail with
-   the tissue grid).
-2. Re-stain every patch as virtual labs would (`exaonepath_hf.eval.robustness.virtual_labs`): the patch as scanned, two
-   fixed stain perturbations in Ruifrok-Johnston HED space and two Reinhard colour transfers toward real
-   images of other labs. Not Macenko: Macenko input would undo a Macenko re-staining by construction. With `--data`, labelled tiles (class subfolders or a metadata.csv) are re-stained instead of
-   the slide's patches, which gives the robustness index the tissue classes it needs.
-3. Get an EXAONEPath-architecture model: the released weights when `--model` points at a converted folder or
-   hub repo; otherwise a small ViT pretrained here for a few minutes with the package's own DINO loop on the
-   Macenko-normalized patches (clearly a demo model, not EXAONEPath).
-4. Extract features from raw and from Macenko-normalized input and measure them the field's way
-   (`exaonepath_hf.eval.robustness.run`): paired cosine and top-10 retrieval of a patch's re-stainings, the
-   robustness index when there are classes, how much the features cluster by lab; t-SNE coloured by lab.
-
-    exaonepath-demo --out exaonepath-demo                      # demo model, a few minutes on a CPU
-    exaonepath-demo --out exaonepath-demo --model path/to/exaonepath-vitb16
-    exaonepath-demo --out exaonepath-demo --data labelled-tiles   # tiles in class subfolders: defines the RI
+"""`exaonepath-demo` as a library: `run_demo(DemoSettings(...))` tiles the bundled slide, re-stains its
+patches as virtual labs would, gets an EXAONEPath-architecture model (the released weights, or a demo ViT
+pretrained here) and measures its robustness on raw and Macenko input. The steps and the command line:
+`demo_cli` (`DEMO_DESCRIPTION`, which `exaonepath-demo --help` prints).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
-import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -199,33 +182,6 @@ class DemoSettings:
     device: str = "cpu"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="exaonepath-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", default="exaonepath-demo", help="output folder (default: %(default)s)")
-    parser.add_argument(
-        "--model", help="converted EXAONEPath folder or hub repo; default: pretrain a demo model"
-    )
-    parser.add_argument(
-        "--data",
-        type=Path,
-        help="labelled tiles to re-stain instead of the slide's patches (class subfolders "
-        "or a metadata.csv with file_name,label): defines the robustness index",
-    )
-    parser.add_argument(
-        "--lab_data",
-        type=Path,
-        help="fit the Reinhard labs on DIR/stain-templates/ (default: the packaged fit on the shared data)",
-    )
-    parser.add_argument(
-        "--train_steps", "--train-steps", type=int, default=40, help="DINO steps of the demo model"
-    )
-    parser.add_argument("--workers", type=int, default=1, help="tiling processes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser
-
-
 def print_summary(
     minutes: float, model_name: str, what: str, labs: list[str], fallbacks: int, metrics: dict, out: Path
 ):
@@ -260,8 +216,8 @@ def print_summary(
 
 
 def run_demo(settings: DemoSettings) -> dict:
-    """Tile, re-stain as virtual labs, get a model, measure robustness (see the module docstring); returns
-    `{setting: (metrics, reasons)}` for the raw and Macenko input."""
+    """Tile, re-stain as virtual labs, get a model, measure robustness (the steps: `demo_cli.DEMO_DESCRIPTION`);
+    returns `{setting: (metrics, reasons)}` for the raw and Macenko input."""
     from .eval.robustness.protocol import labelled_images
 
     start = time.perf_counter()
@@ -303,25 +259,7 @@ def run_demo(settings: DemoSettings) -> dict:
     return metrics
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    problem = missing_extras()
-    if problem:
-        print(problem, file=sys.stderr)
-        return 1
-    settings = DemoSettings(
-        out=Path(args.out),
-        model=args.model,
-        data=args.data,
-        lab_data=args.lab_data,
-        train_steps=args.train_steps,
-        workers=args.workers,
-        device=args.device,
-    )
-    run_demo(settings)
-    return 0
-
-
 if __name__ == "__main__":
+    from .demo_cli import main
+
     raise SystemExit(main())

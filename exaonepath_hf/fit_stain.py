@@ -4,15 +4,13 @@ Fits the stain reference to one or more H&E target images (pooled, like a single
 an :class:`ExaonePathImageProcessor` with that reference to ``DIR`` (``preprocessor_config.json`` plus the
 processor's code, so ``AutoImageProcessor.from_pretrained(DIR, trust_remote_code=True)`` loads it anywhere).
 The reference is also printed as JSON. Start from an existing processor folder with ``--processor``.
+The command line: :mod:`exaonepath_hf.fit_stain_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,32 +18,11 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from .atomic_io import move_files_into
-from .cli import run_command
 from .image_processing_exaonepath import ExaonePathImageProcessor
 from .images import open_rgb
 from .stain_normalization import StainReference
 
 logger = logging.getLogger(__name__)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="exaonepath-fit-stain",
-        description="Fit a Macenko stain reference to H&E target image(s) and save an EXAONEPath image processor.",
-    )
-    parser.add_argument("targets", nargs="+", type=Path, help="target image file(s) (PNG, JPEG, TIFF, ...)")
-    parser.add_argument("--out", required=True, type=Path, help="folder to write the processor to")
-    parser.add_argument(
-        "--processor",
-        type=Path,
-        default=None,
-        help="start from this saved processor (default: the release's)",
-    )
-    parser.add_argument("--io", type=float, default=None, help="transmitted light intensity (default 240)")
-    parser.add_argument("--alpha", type=float, default=None, help="stain angle percentile in %% (default 1)")
-    parser.add_argument("--beta", type=float, default=None, help="background OD threshold (default 0.15)")
-    parser.add_argument("--device", default=None, help="fit on this device, e.g. cuda (default cpu)")
-    return parser
 
 
 def _load_target(path: Path) -> Image.Image:
@@ -86,23 +63,7 @@ def fit_stain(
     return reference
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = {"stain_io": args.io, "stain_alpha": args.alpha, "stain_beta": args.beta}
-
-    def fit_and_print() -> None:
-        reference = fit_stain(
-            args.targets,
-            args.out,
-            processor=args.processor,
-            device=args.device,
-            **{key: value for key, value in settings.items() if value is not None},
-        )
-        json.dump(reference.to_dict(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-
-    return run_command("exaonepath-fit-stain", fit_and_print)
-
-
 if __name__ == "__main__":
+    from .fit_stain_cli import main
+
     raise SystemExit(main())

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from exaonepath_hf import ExaonePathConfig, ExaonePathImageProcessor, ExaonePathModel
-from exaonepath_hf.convert import CheckpointMismatchError, load_backbone, main, push_folder_to_hub
+from exaonepath_hf.convert import CheckpointMismatchError, load_backbone, push_folder_to_hub
+from exaonepath_hf.convert_cli import main as convert_main
 
 RELEASE_HUB_CONFIG = {
     "img_size": [224],
@@ -75,7 +76,7 @@ def release_ckpt(timm_vit, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def converted(release_ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("converted") / "exaonepath"
-    assert main([str(release_ckpt), "--out", str(out)]) == 0
+    assert convert_main([str(release_ckpt), "--out", str(out)]) == 0
     return out
 
 
@@ -201,7 +202,7 @@ def test_pickles_with_code_are_refused(tmp_path):
 
 def test_existing_output_is_not_overwritten_silently(converted, release_ckpt, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in converted.iterdir()}
-    assert main([str(release_ckpt), "--out", str(converted)]) == 2
+    assert convert_main([str(release_ckpt), "--out", str(converted)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in converted.iterdir()} == before
 

@@ -11,8 +11,8 @@ import time
 import pytest
 from safetensors import safe_open
 
+from exaonepath_hf.eval.robustness.cli import robustness_main
 from exaonepath_hf.eval.robustness.metrics import paired_retrieval
-from exaonepath_hf.eval.robustness.run import main as robustness_main
 from exaonepath_hf.eval.robustness.run import virtual_labs_for
 
 LABS = [lab.name for lab in virtual_labs_for()]

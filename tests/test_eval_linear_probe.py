@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from exaonepath_hf.eval.patch.linear_probe import LinearProbeSettings, main, probe_configs, run_linear_probe
+from exaonepath_hf.eval.patch.cli import probe_main
+from exaonepath_hf.eval.patch.linear_probe import LinearProbeSettings, probe_configs, run_linear_probe
 
 CLASSES = ("ADI", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 
@@ -38,12 +39,12 @@ def test_end_to_end_on_crc_samples(crc_imagefolder, tiny_model_dir, tmp_path, ca
         "--num_workers", "1", "--batch_size", "8",
     ]  # fmt: skip
     task_dir = tmp_path / "out" / "tiny-exaonepath" / "imagefolder"
-    assert main(argv) == 0
+    assert probe_main(argv) == 0
     assert sorted(p.name for p in task_dir.glob("*.record.json")) == ["eva.record.json", "paper.record.json"]
     record = json.loads((task_dir / "paper.record.json").read_text())
     assert all(not s["cache_hit"] and s["forward_batches"] > 0 for s in record["extraction"].values())
 
-    assert main(argv) == 0
+    assert probe_main(argv) == 0
     record = json.loads((task_dir / "paper.record.json").read_text())
     extraction = record["extraction"]
     assert all(s["cache_hit"] and s["forward_batches"] == 0 for s in extraction.values())
@@ -99,7 +100,7 @@ def test_end_to_end_on_crc_samples(crc_imagefolder, tiny_model_dir, tmp_path, ca
 
 
 def test_local_task_without_data_explains_the_converter(tiny_model_dir, tmp_path, capsys):
-    code = main(["--model", str(tiny_model_dir), "--task", "msi_crc", "--cache_dir", str(tmp_path)])
+    code = probe_main(["--model", str(tiny_model_dir), "--task", "msi_crc", "--cache_dir", str(tmp_path)])
     assert code == 2
     assert "exaonepath-convert-dataset msi_crc" in capsys.readouterr().err
 

@@ -20,7 +20,7 @@ from transformers import AutoImageProcessor, BatchFeature
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.processing_utils import ImagesKwargs
 
-from exaonepath_hf.fit_stain import main as fit_stain_main
+from exaonepath_hf.fit_stain_cli import main as fit_stain_main
 from exaonepath_hf.image_processing_exaonepath import ExaonePathImageProcessor, _on_device
 from exaonepath_hf.stain_normalization import DEFAULT_STAIN_REFERENCE, MacenkoNormalizer, StainReference
 

@@ -20,6 +20,7 @@ from exaonepath_hf import ExaonePathConfig, ExaonePathModel
 from exaonepath_hf.eval.common.encoders import Encoder
 from exaonepath_hf.eval.common.extraction import ForwardSettings
 from exaonepath_hf.eval.common.features import cache_key, extract_features
+from exaonepath_hf.eval.robustness.cli import build_robustness_parser, robustness_main
 from exaonepath_hf.eval.robustness.grouped_images import load_grouped_images, parquet_files
 from exaonepath_hf.eval.robustness.measures import MetricOptions
 from exaonepath_hf.eval.robustness.metrics import between_group_variance_share, paired_retrieval
@@ -29,7 +30,6 @@ from exaonepath_hf.eval.robustness.protocol import (
     virtual_labs_for,
 )
 from exaonepath_hf.eval.robustness.report import RobustnessInput, assess_robustness
-from exaonepath_hf.eval.robustness.run import build_parser, main
 from exaonepath_hf.eval.robustness.samples import SampleTable, load_robustness_samples
 from exaonepath_hf.eval.robustness.tasks import get_robustness_task, load_robustness_task
 
@@ -92,7 +92,7 @@ def cli_run(shared_data, tiny_models, tmp_path_factory):
         "--output_dir", str(out / "out"), "--cache_dir", str(out / "cache"), "--num_workers", "0",
         "--batch_size", "40", "--save_features", "--bootstrap", "200", "--restarts", "2",
     ]  # fmt: skip
-    assert main(argv) == 0
+    assert robustness_main(argv) == 0
     return out / "out"
 
 
@@ -256,7 +256,9 @@ def _folder(tmp_path, shared_data, header, rows):
 )
 def test_missing_column_is_named_with_its_file(tmp_path, shared_data, capsys, header, missing):
     folder = _folder(tmp_path, shared_data, header, lambda name: [name] + ["x"] * (len(header) - 1))
-    code = main(["--model", "unused", "--data", str(folder), "--output_dir", str(tmp_path / "out")])
+    code = robustness_main(
+        ["--model", "unused", "--data", str(folder), "--output_dir", str(tmp_path / "out")]
+    )
     error = capsys.readouterr().err
     assert code == 2 and missing in error and str(folder / "metadata.csv") in error
 
@@ -335,7 +337,7 @@ def test_cli_on_the_pathorob_standin(pathorob_standin, tiny_models, tmp_path):
         "--settings", "raw", "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
         "--num_workers", "0", "--bootstrap", "0", "--restarts", "1",
     ]  # fmt: skip
-    assert main(argv) == 0
+    assert robustness_main(argv) == 0
     (record,) = json.loads((tmp_path / "out" / "robustness.json").read_text())
     assert record["metrics"]["robustness_index_k"] == 11 and _is_number(record["metrics"]["robustness_index"])
     assert record["metrics"]["paired_top10"] is None and "no pairs" in record["reasons"]["paired_top10"]
@@ -520,16 +522,18 @@ def test_macenko_removes_stain_driven_slide_identity(shared_data, tmp_path):
 
 
 def test_cli_flags_take_underscores():
-    args = build_parser().parse_args(
+    args = build_robustness_parser().parse_args(
         ["--model", "m", "--data", "d", "--output_dir", "o", "--save_features", "--virtual_labs", "--k", "7"]
     )
     assert args.save_features and args.virtual_labs and args.k == 7 and args.batch_size == 64
 
 
 def test_cli_reports_bad_input_with_an_exit_code(tmp_path, capsys):
-    code = main(["--model", "m", "--data", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")])
+    code = robustness_main(
+        ["--model", "m", "--data", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")]
+    )
     assert code == 2 and "neither a folder, parquet shards nor a registered task" in capsys.readouterr().err
-    code = main(
+    code = robustness_main(
         ["--model", "m", "--model", "x/m", "--data", str(tmp_path), "--output_dir", str(tmp_path / "o")]
     )
     assert code == 2 and "share a name" in capsys.readouterr().err

@@ -15,7 +15,8 @@ from conftest import SAMPLE_SLIDE, SAMPLE_SLIDE_PATCHES, extraction_argv, extrac
 from exaonepath_hf import ExaonePathModel
 from exaonepath_hf.eval.common.encoders import Preprocessing
 from exaonepath_hf.eval.slide.bags import load_slide_features, patch_geometry, write_slide_features
-from exaonepath_hf.eval.slide.features import extract_slide_features, main
+from exaonepath_hf.eval.slide.cli import extract_main
+from exaonepath_hf.eval.slide.features import extract_slide_features
 from exaonepath_hf.images import open_rgb
 from exaonepath_hf.tiling import TilingConfig, tile_slides
 
@@ -182,7 +183,7 @@ def test_a_rerun_skips_the_complete_slide(tiles, extracted, tiny_model_dir):
 
 def test_other_settings_in_the_same_folder_are_refused(tiles, extracted, tiny_model_dir, capsys):
     out, _ = extracted
-    code = main(
+    code = extract_main(
         [str(tiles), "--model", str(tiny_model_dir), "--output_dir", str(out), "--no_stain_normalization"]
     )
     assert code == 2 and "preprocessing differ" in capsys.readouterr().err
@@ -196,7 +197,7 @@ def test_a_corrupt_slide_is_reported_and_the_good_one_written(extracted, tiny_mo
     (slides / "corrupt.svs").write_bytes(SAMPLE_SLIDE.read_bytes()[:20000])
     out = tmp_path / "features"
     argv = extraction_argv([slides], tiny_model_dir, out)
-    assert main(argv) == 1
+    assert extract_main(argv) == 1
     assert "corrupt.svs" in capsys.readouterr().err
 
     report = json.loads((out / "extraction_report.json").read_text())
@@ -213,7 +214,7 @@ def test_a_corrupt_slide_is_reported_and_the_good_one_written(extracted, tiny_mo
     assert not list((out / "tiles" / "shards").iterdir())  # coordinates only
 
     (slides / "corrupt.svs").unlink()  # the user removes the bad slide: the rerun is clean
-    assert main(argv) == 0
+    assert extract_main(argv) == 0
 
 
 def test_cls_plus_mean_doubles_the_feature(tiles, extracted, tiny_model_dir, tmp_path):
@@ -234,7 +235,9 @@ def test_cls_plus_mean_doubles_the_feature(tiles, extracted, tiny_model_dir, tmp
 
 def test_bad_input_is_named(tiny_model_dir, tmp_path, capsys):
     missing = tmp_path / "nowhere.svs"
-    assert main([str(missing), "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / "o")]) == 2
+    assert (
+        extract_main([str(missing), "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / "o")]) == 2
+    )
     assert "nowhere.svs" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -119,11 +119,11 @@ def test_read_manifest_merges_ranks_and_drops_failures_a_later_run_completed(tmp
 # ----------------------------------------------------------------------------------------------------------
 # Two processes into one folder
 
-# the command each stage runs, and the function a killed rank dies in on its second call (module, name)
+# the command each stage runs (module, function), and the function a killed rank dies in on its second call
 STAGES = {
-    "tiling": ("exaonepath_hf.tiling.cli", ("exaonepath_hf.tiling.pipeline", "tile_slide")),
+    "tiling": (("exaonepath_hf.tiling.cli", "main"), ("exaonepath_hf.tiling.pipeline", "tile_slide")),
     "extraction": (
-        "exaonepath_hf.eval.slide.features",
+        ("exaonepath_hf.eval.slide.cli", "extract_main"),
         ("exaonepath_hf.eval.slide.features", "write_slide_features"),
     ),
 }
@@ -145,9 +145,11 @@ setattr(module, {name!r}, first_call_only)
 
 def _start(stage: str, argv: list[str], rank: int, kill: bool = False) -> subprocess.Popen:
     """A rank of a 2-process run, as torchrun starts it (RANK / WORLD_SIZE in the environment)."""
-    command, (module, name) = STAGES[stage]
+    (command, function), (module, name) = STAGES[stage]
     kill_code = KILL_ON_SECOND_CALL.format(module=module, name=name) if kill else ""
-    script = f"import os, sys\n{kill_code}\nfrom {command} import main\nsys.exit(main({argv!r}))\n"
+    script = (
+        f"import os, sys\n{kill_code}\nfrom {command} import {function}\nsys.exit({function}({argv!r}))\n"
+    )
     env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
         [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

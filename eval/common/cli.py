@@ -1,5 +1,6 @@
 """Command-line flags every evaluation command spells the same way, defined without importing torch: a command
-answers `--help` and argument errors at once, and imports the library only when it runs.
+(each room's `cli` module) answers `--help` and argument errors at once, and imports the library only when
+it runs; the functions that read the flags back into typed settings import it then.
 
 Library functions never change process-wide state; a command owns its process, so the thread count a user
 asks for is applied by `main`, before any work starts.
@@ -8,14 +9,29 @@ asks for is applied by `main`, before any work starts.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ...stain_normalization import StainReference
     from .extraction import ForwardSettings
+    from .features import ExtractionSettings
 
-__all__ = ["add_cpu_threads_argument", "add_forward_arguments", "apply_cpu_threads", "forward_settings"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "add_cpu_threads_argument",
+    "add_extraction_arguments",
+    "add_forward_arguments",
+    "apply_cpu_threads",
+    "extraction_settings",
+    "forward_settings",
+    "read_stain_reference",
+]
 
 Parser = argparse.ArgumentParser | argparse._ArgumentGroup
+
+#: Rows per resumable feature-cache chunk (`ExtractionSettings.chunk_size` and `--chunk_size`).
+DEFAULT_CHUNK_SIZE = 4096
 
 
 def _positive_int(text: str) -> int:
@@ -82,3 +98,35 @@ def forward_settings(args: argparse.Namespace, **extra) -> ForwardSettings:
         progress=not getattr(args, "quiet", False),
         **extra,
     )
+
+
+def add_extraction_arguments(parser: argparse.ArgumentParser, num_workers: int) -> None:
+    """The feature-extraction flags every evaluation command shares; `extraction_settings` reads them back."""
+    group = parser.add_argument_group("feature extraction")
+    group.add_argument(
+        "--cache_dir", type=Path, default=None, help="feature cache (default $EXAONEPATH_FEATURE_CACHE)"
+    )
+    add_forward_arguments(group, num_workers)
+    group.add_argument(
+        "--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE, help="rows per resumable cache chunk"
+    )
+
+
+def extraction_settings(args: argparse.Namespace) -> ExtractionSettings:
+    """The flags of `add_extraction_arguments` as typed settings (for a command's `main`)."""
+    from .features import ExtractionSettings
+
+    return ExtractionSettings(
+        cache_dir=args.cache_dir, forward=forward_settings(args), chunk_size=args.chunk_size
+    )
+
+
+def read_stain_reference(path: Path | None) -> StainReference | None:
+    """The `--stain_reference` JSON file (`stain_matrix`, `max_concentrations`) as a `StainReference`."""
+    if path is None:
+        return None
+    import json
+
+    from ...stain_normalization import StainReference
+
+    return StainReference.from_dict(json.loads(Path(path).read_text()))

@@ -91,21 +91,33 @@ class ForwardTimes:
     wait_seconds: float = 0.0
     compute_seconds: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+    # when the first batch was done, and its images: the rate after it is the steady state, without the
+    # start of the loader workers and the first (compiling, allocating) forward pass
+    first_batch_at: float | None = None
+    first_batch_images: int = 0
 
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
+    def steady_images_per_second(self) -> float | None:
+        if self.first_batch_at is None or self.images <= self.first_batch_images:
+            return None
+        return (self.images - self.first_batch_images) / (time.perf_counter() - self.first_batch_at)
+
     def to_dict(self) -> dict[str, Any]:
-        seconds = self.seconds
+        seconds, steady = self.seconds, self.steady_images_per_second()
+        first = None if self.first_batch_at is None else self.first_batch_at - self.started
         return {
             "images": self.images,
             "batches": self.batches,
             "seconds": round(seconds, 3),
+            "first_batch_seconds": None if first is None else round(first, 3),
             "wait_seconds": round(self.wait_seconds, 3),
             "compute_seconds": round(self.compute_seconds, 3),
             "data_wait_fraction": round(self.wait_seconds / seconds, 4) if seconds > 0 else None,
             "images_per_second": round(self.images / seconds, 2) if seconds > 0 and self.images else None,
+            "steady_images_per_second": None if steady is None else round(steady, 2),
         }
 
 
@@ -266,5 +278,7 @@ def stream_features(
             times.compute_seconds += waited - started
             times.batches += 1
             times.images += len(result.keys)
+            if times.first_batch_at is None:
+                times.first_batch_at, times.first_batch_images = waited, times.images
             bar.update(len(result.keys) + len(result.failed))
             yield result

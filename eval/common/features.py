@@ -18,7 +18,6 @@ out; one bad file never stops a job.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -37,7 +36,7 @@ from torch.utils.data import Dataset
 
 from ...atomic_io import atomic_save_tensors, write_json
 from ...images import open_rgb, source_name
-from .cli import add_forward_arguments, forward_settings
+from .cli import DEFAULT_CHUNK_SIZE
 from .encoders import Encoder, Preprocessing
 from .extraction import FeatureBatch, ForwardSettings, ForwardTimes, stream_features
 
@@ -236,7 +235,7 @@ class ExtractionSettings:
 
     cache_dir: Path | None = None
     forward: ForwardSettings = field(default_factory=ForwardSettings)
-    chunk_size: int = 4096
+    chunk_size: int = DEFAULT_CHUNK_SIZE
 
     @property
     def cache_root(self) -> Path:
@@ -253,25 +252,6 @@ class ExtractionSettings:
         return extract_features(
             encoder, dataset, preprocessing, key, self.cache_root, self.forward, self.chunk_size, state
         )
-
-
-def add_extraction_arguments(parser: argparse.ArgumentParser, num_workers: int) -> None:
-    """The feature-extraction flags every evaluation command shares; `extraction_settings` reads them back."""
-    group = parser.add_argument_group("feature extraction")
-    group.add_argument(
-        "--cache_dir", type=Path, default=None, help="feature cache (default $EXAONEPATH_FEATURE_CACHE)"
-    )
-    add_forward_arguments(group, num_workers)
-    group.add_argument(
-        "--chunk_size", type=int, default=ExtractionSettings.chunk_size, help="rows per resumable cache chunk"
-    )
-
-
-def extraction_settings(args: argparse.Namespace) -> ExtractionSettings:
-    """The flags of `add_extraction_arguments` as typed settings (for a command's `main`)."""
-    return ExtractionSettings(
-        cache_dir=args.cache_dir, forward=forward_settings(args), chunk_size=args.chunk_size
-    )
 
 
 class _ChunkWriter:

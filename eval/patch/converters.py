@@ -19,15 +19,13 @@ Source layouts (as distributed):
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import logging
 import os
 import shutil
-import sys
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,30 +214,7 @@ def convert_dataset(dataset: str, src: Path, out_dir: Path, link: str = "symlink
     return CONVERTERS[dataset](Path(src), Path(out_dir), link=link)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="exaonepath-convert-dataset",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("dataset", choices=sorted(CONVERTERS))
-    parser.add_argument("src", type=Path, help="folder with the downloaded original files")
-    parser.add_argument("out", type=Path, help="imagefolder to write (metadata.csv + images/)")
-    parser.add_argument("--link", choices=LINK_MODES, default="symlink")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        path = convert_dataset(args.dataset, args.src, args.out, link=args.link)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"exaonepath-convert-dataset: error: {error}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import convert_dataset_main
+
+    raise SystemExit(convert_dataset_main())

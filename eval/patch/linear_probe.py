@@ -1,22 +1,13 @@
-"""Linear probing of a frozen encoder on the paper's six benchmarks or any local imagefolder.
-
-    exaonepath-probe --model PATH_OR_HUB_ID --task crc100k
-    exaonepath-probe --model PATH --task all --data_root /data/benchmarks   # mhist/ til/ msi_crc/ msi_stad/
-    exaonepath-probe --model PATH --task imagefolder --data_dir DIR --test_fraction 0.25
-    accelerate launch -m exaonepath_hf.eval.patch.linear_probe ...     # feature extraction across processes / nodes
-
-Features are extracted once per (model, dataset revision, split, preprocessing) into the feature cache,
-then each protocol (`--protocol paper eva lbfgs`) trains on the cache. Each (task, protocol) writes
-`OUTPUT/<model>/<task>/<protocol>.record.json` (every setting, versions, revisions, metrics per seed,
-mean ± sd) and `<protocol>.predictions.safetensors`; `OUTPUT/report.md` renders the paper's Table 1.
-In Python: `run_linear_probe(LinearProbeSettings(...))`.
+"""Linear probing of a frozen encoder on the paper's six benchmarks or any local imagefolder:
+`run_linear_probe(LinearProbeSettings(...))` extracts features once per (model, dataset revision, split,
+preprocessing) into the feature cache, trains each protocol on the cache and writes one record per (task,
+protocol) and the Table 1 report. The command line (`exaonepath-probe`, its usage and every flag):
+`cli`; `python -m` / `accelerate launch -m exaonepath_hf.eval.patch.linear_probe` runs it too.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -29,19 +20,10 @@ import torch
 from accelerate import PartialState
 
 from ...atomic_io import atomic_save_tensors, write_json
-from ...cli import run_command
 from ...stain_normalization import StainReference
-from ..common.cli import add_cpu_threads_argument, apply_cpu_threads
 from ..common.data import SPLIT_NAMES
 from ..common.encoders import Encoder, Pooling, Preprocessing, load_encoder
-from ..common.features import (
-    ExtractionSettings,
-    FeatureSet,
-    add_extraction_arguments,
-    cache_key,
-    distributed_state,
-    extraction_settings,
-)
+from ..common.features import ExtractionSettings, FeatureSet, cache_key, distributed_state
 from ..common.metrics import METRIC_KEYS, METRIC_PATH, load_metric
 from ..common.records import environment, summarize_seeds
 from .probes import PRESETS, FeatureSplit, ProbeConfig, fit_linear_probe, predict
@@ -56,7 +38,6 @@ __all__ = [
     "run_probe",
     "probe_task",
     "run_linear_probe",
-    "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -347,89 +328,7 @@ def run_linear_probe(settings: LinearProbeSettings, state: PartialState | None =
     return written
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="exaonepath-probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model", required=True, help="folder, hub id, .ckpt/state-dict file, timm:NAME or hf-hub:ORG/NAME"
-    )
-    parser.add_argument("--revision", default=None, help="model revision on the hub")
-    parser.add_argument("--label", default=None, help="model name in the report (default: folder / id name)")
-    parser.add_argument("--pooling", choices=("auto", "pooler", "cls", "mean"), default="auto")
-    parser.add_argument("--task", required=True, choices=(*PAPER_TASK_ORDER, "all", "imagefolder"))
-    parser.add_argument(
-        "--data_dir", type=Path, help="imagefolder of a local task (or of --task imagefolder)"
-    )
-    parser.add_argument(
-        "--data_root", type=Path, help="with --task all: folder holding mhist/ til/ msi_crc/ msi_stad/"
-    )
-    parser.add_argument("--dataset_revision", default=None, help="hub dataset revision")
-    parser.add_argument("--class_names", default=None, help="imagefolder: comma-separated label order to pin")
-    parser.add_argument(
-        "--val_fraction", type=float, default=0.2, help="imagefolder without val: share of train"
-    )
-    parser.add_argument(
-        "--test_fraction", type=float, default=None, help="imagefolder without test: share held out"
-    )
-    parser.add_argument("--split_seed", type=int, default=42)
-    parser.add_argument(
-        "--stain_normalize",
-        choices=("on", "off"),
-        default="on",
-        help="Macenko before resize/crop (the paper: on, also for already-normalized sets)",
-    )
-    parser.add_argument(
-        "--stain_reference", type=Path, default=None, help="JSON with stain_matrix, max_concentrations"
-    )
-    parser.add_argument("--protocol", nargs="+", choices=sorted(PRESETS), default=["paper"])
-    parser.add_argument("--iterations", type=int, default=None, help="override the protocol's iterations")
-    parser.add_argument("--eval_every", type=int, default=None, help="override the validation interval")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the protocol's seeds")
-    add_cpu_threads_argument(parser)
-    parser.add_argument("--output_dir", type=Path, default=Path("results/linear_probe"))
-    add_extraction_arguments(parser, num_workers=4)
-    parser.add_argument(
-        "--probe_device", default=None, help="device for probe training (default: cuda if available)"
-    )
-    return parser
-
-
-def settings_from_args(args: argparse.Namespace) -> LinearProbeSettings:
-    """The parsed command line as typed settings (reads the `--stain_reference` JSON)."""
-    reference = None
-    if args.stain_reference is not None:
-        reference = StainReference.from_dict(json.loads(args.stain_reference.read_text()))
-    return LinearProbeSettings(
-        model=args.model,
-        task=args.task,
-        revision=args.revision,
-        label=args.label,
-        pooling=args.pooling,
-        data_dir=args.data_dir,
-        data_root=args.data_root,
-        dataset_revision=args.dataset_revision,
-        class_names=tuple(args.class_names.split(",")) if args.class_names else None,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        split_seed=args.split_seed,
-        stain_normalize=args.stain_normalize == "on",
-        stain_reference=reference,
-        protocols=tuple(args.protocol),
-        iterations=args.iterations,
-        eval_every=args.eval_every,
-        seeds=tuple(args.seeds) if args.seeds is not None else None,
-        output_dir=args.output_dir,
-        probe_device=args.probe_device,
-        extraction=extraction_settings(args),
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    apply_cpu_threads(args.cpu_threads)
-    return run_command("exaonepath-probe", lambda: run_linear_probe(settings_from_args(args)))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import probe_main
+
+    raise SystemExit(probe_main())

@@ -1,16 +1,13 @@
 """Run records and the Table 1 report (the paper's numbers beside ours, with the difference).
 
-Each probing run writes one JSON record (`exaonepath-probe`); this module renders a directory of them:
-
-    exaonepath-report results/linear_probe            # prints and writes results/linear_probe/report.md
+Each probing run writes one JSON record (`exaonepath-probe`); `write_report` renders a directory of them
+(`exaonepath-report`, whose command line is in `cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -98,25 +95,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     return target
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="exaonepath-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("results", type=Path, help="directory with *.record.json files")
-    parser.add_argument("--out", type=Path, default=None, help="markdown file (default RESULTS/report.md)")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        target = write_report(args.results, args.out)
-    except FileNotFoundError as error:
-        print(f"exaonepath-report: error: {error}", file=sys.stderr)
-        return 2
-    print(target.read_text())
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import report_main
+
+    raise SystemExit(report_main())

@@ -1,43 +1,11 @@
-"""Does the encoder follow the tissue or the site? The field's robustness measures, raw vs Macenko input, model
-beside model.
-
-For every model and input setting (raw, Macenko-normalized through the same `Preprocessing` as every other
-evaluation) the features of `--data` are extracted (cached) and measured (`measures`, `metrics`):
-
-- robustness index (PathoROB, Kömen et al., arXiv 2507.17845): among each query's k nearest samples of other
-  cases, the share of "same class, other centre" in "same class, other centre" + "other class, same centre";
-- clustering score (PathoROB): ARI(k-means, class) - ARI(k-means, centre);
-- paired cosine and top-1 / top-10 retrieval of the same tissue under another condition (PLISM);
-- within- minus cross-slide kNN class accuracy and the own slide's share of the 50 nearest neighbours
-  (PANDA-PLUS-Bench, arXiv 2512.14922);
-- secondary, the package's earlier collapse measures (they do not condition on the class): kNN slide
-  identity, silhouette by slide, the share of variance between slides and between centres.
-
-A metric the data cannot define (no labels, one centre, no pairs) is null, with its reason in the report.
-
-    exaonepath-robustness --model A --model B --data crc-samples --virtual_labs --output_dir OUT
-    exaonepath-robustness --model A --task pathorob-camelyon --output_dir OUT --save_features
-    exaonepath-robustness --model A --data my-tiles --output_dir OUT      # folder with a metadata.csv
-
-`--data` is a folder with a `metadata.csv` (`file_name`, `label`, `center`, `slide_id` or `case_id`,
-optional `pair_id`), an `exaonepath-tile` output or parquet shards (`slide_id`; `label`, `center`, `case_id`,
-`pair_id` when present), a registered task name (`pathorob-camelyon`, `plism`), or with `--task` a local copy
-of that task's data. `--virtual_labs` takes labelled images (class subfolders, or a metadata.csv with `label`)
-and first re-stains each of them as several virtual labs would (HED perturbations and Reinhard transfers, not
-Macenko: see `virtual_labs`), giving centres and pairs with known truth; it tests stain only, not scanner
-or tissue-processing differences.
-
-Writes `OUT/robustness.json` (one record per model and setting: `{"model", "setting", "metrics", "reasons",
-"results", "details"}`), `OUT/robustness.md`, `OUT/tsne_by_center.png` and `OUT/tsne_by_class.png`, `OUT/run.json`
-(data, settings, environment), and with `--save_features` `OUT/features.safetensors` (one [N, D] tensor per
-model and setting, named `<model>/<setting>`) with `OUT/samples.csv` (its rows' `file_name`, `label`,
-`center`, `case_id`, `pair_id`, `slide_id`), so that anyone can recompute the numbers. In Python:
-`run_robustness(RobustnessSettings(...))`, or `report.assess_robustness` on features you already have.
+"""Does the encoder follow the tissue or the site? `run_robustness(RobustnessSettings(...))` extracts (cached)
+the features of every model under every input setting (raw, Macenko-normalized) and measures them the field's
+way (`measures`, `metrics`, `report.assess_robustness`). The measures, the data layouts, the outputs and the
+command line (`exaonepath-robustness`): `cli` (`ROBUSTNESS_DESCRIPTION`, which `--help` prints).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Sequence
@@ -49,17 +17,9 @@ import torch
 from accelerate import PartialState
 
 from ...atomic_io import write_json
-from ...cli import run_command
 from ..common.encoders import Pooling, load_encoder
 from ..common.extraction import ForwardSettings
-from ..common.features import (
-    ExtractionSettings,
-    FeatureSet,
-    add_extraction_arguments,
-    cache_key,
-    distributed_state,
-    extraction_settings,
-)
+from ..common.features import ExtractionSettings, FeatureSet, cache_key, distributed_state
 from ..common.records import environment
 from .measures import MetricOptions
 from .protocol import VIRTUAL_LABS_NOTE, as_virtual_slides, build_virtual_labs, virtual_labs_for
@@ -67,7 +27,7 @@ from .report import RobustnessInput, RobustnessOutputs, assess_robustness
 from .samples import RobustnessSamples, load_robustness_samples
 from .tasks import ROBUSTNESS_TASKS, get_robustness_task
 
-__all__ = ["SETTINGS", "RobustnessSettings", "run_robustness", "build_parser", "settings_from_args", "main"]
+__all__ = ["SETTINGS", "RobustnessSettings", "run_robustness"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +37,8 @@ SETTINGS = {"raw": False, "macenko": True}
 
 @dataclass(frozen=True)
 class RobustnessSettings:
-    """One `exaonepath-robustness` run (see the module docstring); `names` label the models in the outputs.
+    """One `exaonepath-robustness` run (see `cli.ROBUSTNESS_DESCRIPTION`); `names` label the models in the
+    outputs.
 
     `k=None` takes the task's robustness-index k (PathoROB's), else 11.
     """
@@ -175,8 +136,8 @@ def _aligned(features: FeatureSet, rows: Sequence[int]) -> torch.Tensor:
 def run_robustness(
     settings: RobustnessSettings, state: PartialState | None = None
 ) -> RobustnessOutputs | None:
-    """Extract, measure and report (see the module docstring); returns the outputs (None on the other
-    processes under `accelerate launch`)."""
+    """Extract, measure and report (see `cli.ROBUSTNESS_DESCRIPTION`); returns the outputs (None on the
+    other processes under `accelerate launch`)."""
     settings.validate()
     names = settings.model_names()
     state = state or distributed_state()
@@ -228,81 +189,7 @@ def run_robustness(
     return outputs
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="exaonepath-robustness",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--model", action="append", required=True, help="repeat to compare models side by side"
-    )
-    parser.add_argument("--name", action="append", default=None, help="display name per --model")
-    parser.add_argument(
-        "--data",
-        default=None,
-        help="folder with metadata.csv, exaonepath-tile output, parquet, or a task name",
-    )
-    parser.add_argument(
-        "--task",
-        choices=sorted(ROBUSTNESS_TASKS),
-        default=None,
-        help="registered task (--data: a local copy)",
-    )
-    parser.add_argument(
-        "--virtual_labs",
-        action="store_true",
-        help="re-stain the labelled images of --data as virtual labs first",
-    )
-    parser.add_argument(
-        "--lab_data",
-        default=None,
-        help="folder with stain-templates/: adds the Reinhard labs of --virtual_labs",
-    )
-    parser.add_argument("--tile", type=int, default=None, help="cut each image into SIZE x SIZE tiles first")
-    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["raw", "macenko"])
-    parser.add_argument(
-        "--k", type=int, default=None, help="robustness-index k (default: the task's, else 11)"
-    )
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the RI interval")
-    parser.add_argument("--neighbours", type=int, default=5, help="kNN k of the slide gap and slide identity")
-    parser.add_argument("--restarts", type=int, default=10, help="k-means restarts of the clustering score")
-    parser.add_argument("--pooling", choices=("auto", "pooler", "cls", "mean"), default="auto")
-    parser.add_argument("--output_dir", type=Path, default=Path("results/robustness"))
-    parser.add_argument(
-        "--save_features", action="store_true", help="also write features.safetensors and samples.csv"
-    )
-    add_extraction_arguments(parser, num_workers=2)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser
-
-
-def settings_from_args(args: argparse.Namespace) -> RobustnessSettings:
-    return RobustnessSettings(
-        models=tuple(args.model),
-        data=args.data,
-        task=args.task,
-        names=tuple(args.name) if args.name else None,
-        virtual_labs=args.virtual_labs,
-        lab_data=args.lab_data,
-        tile=args.tile,
-        input_settings=tuple(args.settings),
-        k=args.k,
-        bootstrap=args.bootstrap,
-        neighbours=args.neighbours,
-        restarts=args.restarts,
-        pooling=args.pooling,
-        output_dir=args.output_dir,
-        save_features=args.save_features,
-        seed=args.seed,
-        extraction=extraction_settings(args),
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command("exaonepath-robustness", lambda: run_robustness(settings_from_args(args)))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import robustness_main
+
+    raise SystemExit(robustness_main())

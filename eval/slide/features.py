@@ -1,7 +1,7 @@
 """Per-slide feature bags: every tissue patch of a slide through a frozen encoder, one HDF5 file per slide.
 
     exaonepath-extract TILES_OR_SLIDES... --model MODEL --output_dir DIR [--tokens cls|cls+mean]
-    python -m exaonepath_hf.eval.slide.features ...        (same flags)
+    python -m exaonepath_hf.eval.slide.features ...        (same flags; the parser: `cli`)
 
 Inputs are `exaonepath-tile` output folders (their complete slides, as their manifests list them) and slide
 files or folders of slides, which are tiled on the way into `DIR/tiles/` (coordinates and thumbnails only; the
@@ -25,9 +25,7 @@ Bags are written as `eval.slide.bags` lays them out (TRIDENT's layout: `features
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -41,7 +39,6 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ...atomic_io import record_folder_settings, write_json
-from ...cli import run_command
 from ...stain_normalization import StainReference
 from ...tiling import (
     RankInfo,
@@ -57,16 +54,8 @@ from ...tiling import (
     tile_slides,
     tiling_output_folder,
 )
-from ...tiling.cli import (
-    add_patch_arguments,
-    add_tissue_arguments,
-    print_failures,
-    slide_paths,
-    tissue_config_from_args,
-)
-from ...tiling.ranks import add_rank_arguments, record_name
+from ...tiling.ranks import record_name
 from ...tiling.slide_io import SLIDE_SUFFIXES
-from ..common.cli import add_forward_arguments, forward_settings
 from ..common.encoders import Encoder, Pooling, Preprocessing, load_encoder
 from ..common.extraction import FeatureBatch, ForwardSettings, ForwardTimes, stream_features
 from .bags import patch_geometry, write_slide_features
@@ -74,10 +63,7 @@ from .bags import patch_geometry, write_slide_features
 __all__ = [
     "SlideExtractionSettings",
     "SlideExtractionSummary",
-    "build_parser",
     "extract_slide_features",
-    "main",
-    "settings_from_args",
 ]
 
 logger = logging.getLogger(__name__)
@@ -133,6 +119,8 @@ class SlideExtractionSummary:
     seconds: float = 0.0
     forward_seconds: float = 0.0  # preprocessing on the device and the encoder's forward pass
     wait_seconds: float = 0.0  # waiting for the loader workers
+    startup_seconds: float | None = None  # from the start to the first batch's features (imports not counted)
+    steady_patches_per_second: float | None = None  # after the first batch
 
     @property
     def ok(self) -> bool:
@@ -155,6 +143,10 @@ class SlideExtractionSummary:
             "seconds": round(self.seconds, 3),
             "forward_seconds": round(self.forward_seconds, 3),
             "wait_seconds": round(self.wait_seconds, 3),
+            "startup_seconds": None if self.startup_seconds is None else round(self.startup_seconds, 3),
+            "steady_patches_per_second": None
+            if self.steady_patches_per_second is None
+            else round(self.steady_patches_per_second, 2),
             "patches_per_second": round(self.num_patches / self.seconds, 2) if self.seconds > 0 else None,
         }
 
@@ -437,6 +429,9 @@ def extract_slide_features(settings: SlideExtractionSettings) -> SlideExtraction
     finally:
         summary.seconds = time.perf_counter() - started
         summary.forward_seconds, summary.wait_seconds = times.compute_seconds, times.wait_seconds
+        if times.first_batch_at is not None:
+            summary.startup_seconds = times.first_batch_at - started
+        summary.steady_patches_per_second = times.steady_images_per_second()
         write_json(summary.report_path, {**summary.to_dict(), "settings": _settings_record(settings)})
     return summary
 
@@ -488,115 +483,7 @@ def _settings_record(settings: SlideExtractionSettings) -> dict[str, Any]:
     return record
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="exaonepath-extract",
-        description=(
-            "Per-slide patch features (HDF5, TRIDENT's layout: features [N, D], coords [N, 2]) from exaonepath-tile "
-            "output folders or from slides (tiled on the way). Reruns resume; failed slides are listed in "
-            "DIR/extraction_report.json and make the exit code 1."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "inputs",
-        nargs="+",
-        type=Path,
-        help="exaonepath-tile output folders, slide files or folders of slides",
-    )
-    parser.add_argument(
-        "--slide_list", action="store_true", help="treat each input as a text file of slide paths"
-    )
-    parser.add_argument(
-        "--model", required=True, help="folder, hub id, .ckpt/state-dict file, timm:NAME or hf-hub:ORG/NAME"
-    )
-    parser.add_argument("--revision", default=None, help="model revision on the hub")
-    parser.add_argument("--pooling", choices=("auto", "pooler", "cls", "mean"), default="auto")
-    parser.add_argument("--output_dir", "--out", required=True, type=Path, help="output folder")
-    parser.add_argument(
-        "--tokens",
-        choices=("cls", "cls+mean"),
-        default="cls",
-        help="a patch's feature: the CLS feature, or it concatenated with the mean of the patch tokens (2 x D)",
-    )
-    parser.add_argument(
-        "--no_stain_normalization", action="store_true", help="skip Macenko (the default normalizes)"
-    )
-    parser.add_argument(
-        "--stain_reference", type=Path, default=None, help="JSON with stain_matrix, max_concentrations"
-    )
-    run = parser.add_argument_group("running")
-    add_forward_arguments(run, num_workers=4)
-    run.add_argument("--device", default=None, help="default: this rank's GPU (LOCAL_RANK), else the CPU")
-    run.add_argument(
-        "--tiling_workers", type=int, default=1, help="processes tiling the slides given as files"
-    )
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_patch_arguments(parser.add_argument_group("tiling of the slides given as files (as exaonepath-tile)"))
-    add_tissue_arguments(parser.add_argument_group("tissue detection (as exaonepath-tile)"))
-    add_rank_arguments(parser)
-    return parser
-
-
-def settings_from_args(args: argparse.Namespace) -> SlideExtractionSettings:
-    """The parsed command line as typed settings (reads `--slide_list` files and the `--stain_reference` JSON)."""
-    reference = None
-    if args.stain_reference is not None:
-        reference = StainReference.from_dict(json.loads(args.stain_reference.read_text()))
-    tiling = TilingConfig(
-        patch_size=args.patch_size,
-        target_mpp=args.target_mpp,
-        min_tissue_fraction=args.min_tissue,
-        resize_to_target=args.resize,
-        write_images=False,
-        backend=args.backend,
-        mpp=args.mpp,
-        tissue=tissue_config_from_args(args),
-    )
-    return SlideExtractionSettings(
-        inputs=tuple(slide_paths(args.inputs, args.slide_list)),
-        model=args.model,
-        output_dir=args.output_dir,
-        pooling=args.pooling,
-        revision=args.revision,
-        stain_normalize=not args.no_stain_normalization,
-        stain_reference=reference,
-        tiling=tiling,
-        tiling_workers=args.tiling_workers,
-        forward=forward_settings(args, tokens=args.tokens),
-        device=args.device,
-        rank=args.rank,
-        world_size=args.world_size,
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: 0 when every slide of this process is done, 1 when some failed (the others are written),
-    2 on bad input."""
-    args = build_parser().parse_args(argv)
-    summaries: list[SlideExtractionSummary] = []
-
-    def command() -> None:
-        summary = extract_slide_features(settings_from_args(args))
-        summaries.append(summary)
-        share = f"{summary.rank}: " if summary.rank.is_distributed else ""
-        print(
-            f"{share}{len(summary.extracted)} slides extracted, {len(summary.skipped)} already done, "
-            f"{len(summary.failures)} failed; {summary.num_patches} patches in {summary.seconds:.1f} s "
-            f"-> {summary.output_dir}"
-        )
-        if summary.failures:
-            print_failures(summary.report_path, summary.failures)
-
-    code = run_command("exaonepath-extract", command)
-    if code:
-        return code
-    return 1 if summaries[0].failures else 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import extract_main
+
+    raise SystemExit(extract_main())
