@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     from ...stain_normalization import StainReference
@@ -32,6 +32,13 @@ Parser = argparse.ArgumentParser | argparse._ArgumentGroup
 
 #: Rows per resumable feature-cache chunk (`ExtractionSettings.chunk_size` and `--chunk_size`).
 DEFAULT_CHUNK_SIZE = 4096
+#: Images per forward pass (`ForwardSettings.batch_size` and `--batch_size`).
+DEFAULT_BATCH_SIZE = 64
+#: `--precision`: "auto" is bf16 on a GPU, fp32 elsewhere.
+Precision = Literal["auto", "bf16", "fp32"]
+#: `--preprocess_on`: where the model's processor runs; "auto" is the device when that is a GPU, the loader
+#: workers on a CPU.
+PreprocessOn = Literal["auto", "device", "workers"]
 
 
 def _positive_int(text: str) -> int:
@@ -59,7 +66,7 @@ def apply_cpu_threads(count: int | None) -> None:
         torch.set_num_threads(count)
 
 
-def add_forward_arguments(parser: Parser, num_workers: int, batch_size: int = 64) -> None:
+def add_forward_arguments(parser: Parser, num_workers: int, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
     """How images reach the encoder (`ForwardSettings`); `forward_settings` reads the flags back."""
     parser.add_argument(
         "--batch_size", type=_positive_int, default=batch_size, help="images per forward pass"
@@ -69,13 +76,13 @@ def add_forward_arguments(parser: Parser, num_workers: int, batch_size: int = 64
     )
     parser.add_argument(
         "--precision",
-        choices=("auto", "bf16", "fp32"),
+        choices=get_args(Precision),
         default="auto",
         help="auto = bf16 on a GPU, else fp32",
     )
     parser.add_argument(
         "--preprocess_on",
-        choices=("auto", "device", "workers"),
+        choices=get_args(PreprocessOn),
         default="auto",
         help="where the model's processor (Macenko, resize, crop, normalize) runs: auto = on the GPU when the "
         "model runs on one, else in the loader workers",

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -29,15 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as tvF
 from tqdm.auto import tqdm
 
+from .cli import DEFAULT_BATCH_SIZE, Precision, PreprocessOn
 from .encoders import Encoder, Preprocessing, Tokens
 
 __all__ = ["ForwardSettings", "FeatureBatch", "ForwardTimes", "preprocess_isolating", "stream_features"]
 
 logger = logging.getLogger(__name__)
-
-Precision = Literal["auto", "bf16", "fp32"]
-#: Where the processor runs: "auto" is the device when that is a GPU, the loader workers on a CPU.
-PreprocessOn = Literal["auto", "device", "workers"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +42,7 @@ class ForwardSettings:
     """How images reach the encoder. `precision="auto"` is bf16 on CUDA, fp32 elsewhere; `compile` wraps the
     model in `torch.compile` (static shapes: the last, smaller batch compiles once more)."""
 
-    batch_size: int = 64
+    batch_size: int = DEFAULT_BATCH_SIZE
     num_workers: int = 4
     precision: Precision = "auto"
     tokens: Tokens = "cls"
@@ -58,10 +55,12 @@ class ForwardSettings:
             raise ValueError(
                 f"batch_size must be >= 1 and num_workers >= 0; got {self.batch_size}, {self.num_workers}"
             )
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.preprocess_on not in ("auto", "device", "workers"):
-            raise ValueError(f"preprocess_on must be auto, device or workers, got {self.preprocess_on!r}")
+        if self.precision not in get_args(Precision):
+            raise ValueError(f"precision must be one of {get_args(Precision)}, got {self.precision!r}")
+        if self.preprocess_on not in get_args(PreprocessOn):
+            raise ValueError(
+                f"preprocess_on must be one of {get_args(PreprocessOn)}, got {self.preprocess_on!r}"
+            )
         if self.tokens not in ("cls", "cls+mean"):
             raise ValueError(f"tokens must be 'cls' or 'cls+mean', got {self.tokens!r}")
 

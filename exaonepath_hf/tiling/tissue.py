@@ -6,7 +6,8 @@ area (and all but the largest few) are filled, larger ones stay background. Area
 same parameters work at any detection resolution; kernel sizes are in pixels of the detection view.
 
 scipy.ndimage provides the median filter, closing and connected-component labelling (scipy already comes with
-scikit-learn, a core dependency), so no image-processing library is added.
+scikit-learn, a core dependency), so no image-processing library is added. It is imported where it is used:
+importing it takes most of a second, which `--help` of the tiling and extraction commands should not pay.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = ["TissueDetectionConfig", "TissueMask", "detect_tissue", "otsu_threshold", "saturation"]
 
@@ -106,6 +106,8 @@ def _filter_regions(
     mask: np.ndarray, min_area_px: float, min_hole_px: float, max_holes: int | None
 ) -> np.ndarray:
     """Keep regions with >= min_area_px tissue pixels; fill their small holes (and all but the largest few)."""
+    from scipy import ndimage
+
     regions, n_regions = ndimage.label(mask, structure=_EIGHT_CONNECTED)
     if n_regions == 0:
         return mask
@@ -136,6 +138,8 @@ def _filter_regions(
 
 def detect_tissue(rgb: np.ndarray, config: TissueDetectionConfig, mpp: float) -> TissueMask:
     """Tissue mask of an RGB uint8 low-resolution view whose pixels are `mpp` microns wide."""
+    from scipy import ndimage
+
     sat = saturation(rgb)
     if config.median_blur > 1:
         sat = ndimage.median_filter(sat, size=config.median_blur, mode="reflect")
