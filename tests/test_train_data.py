@@ -1,6 +1,7 @@
 """The DINO data pipeline on real H&E patches: sources, sharding, counted skips and fallbacks, exact resume."""
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from exaonepath_hf.train.dino.data import (
     _to_uint8,
     build_rank_loader,
     count_samples,
-    load_patch_dataset,
+    load_pretraining_patches,
     resolve_source,
     shuffle_shards,
 )
@@ -41,11 +42,11 @@ def patch_folder(shared_data, tmp_path_factory) -> Path:
 
 
 def make_stream(source, rank=0, world_size=1, batch_size=2, start=None, normalizer=True):
-    dataset, column = load_patch_dataset(resolve_source(str(source)))
-    dataset = split_dataset_by_node(shuffle_shards(dataset, 3, 8), rank=rank, world_size=world_size)
+    dataset, column = load_pretraining_patches(resolve_source(str(source)))
+    dataset = split_dataset_by_node(shuffle_shards(dataset, 3), rank=rank, world_size=world_size)
     return PatchStream(
         dataset, column, DINOMultiCrop(TINY_CROPS), batch_size, seed=7, rank=rank,
-        normalizer=MacenkoNormalizer() if normalizer else None, start=start,
+        normalizer=MacenkoNormalizer() if normalizer else None, start=start, shuffle_buffer=8,
     )  # fmt: skip
 
 
@@ -204,7 +205,7 @@ def test_webdataset_shards_are_read(tmp_path, shared_data):
                 tar.add(patch, arcname=f"sample{shard}{index}.png")
     source = resolve_source(str(tmp_path / "*.tar"))
     assert source.kind == "webdataset" and count_samples(source) is None  # needs data.num_samples
-    dataset, column = load_patch_dataset(source)
+    dataset, column = load_pretraining_patches(source)
     assert column == "png" and dataset.num_shards == 2
     batch = next(iter(make_stream(tmp_path / "*.tar", batch_size=6, normalizer=False)))
     assert len(set(batch["ids"])) == 6 and batch["unreadable"] == 0
@@ -313,3 +314,82 @@ def test_uint8_conversion_of_normalized_chunks_rounds_half_to_even_like_torch():
     assert converted.dtype == torch.uint8 and converted.shape == chunk.shape
     assert torch.equal(converted, expected)
     assert converted[0, 0, 0, :3].tolist() == [0, 0, 1]  # 0, 0.5 -> 0 (half to even), 1.0
+
+
+# ------------------------------------------------------------------------------ steady reading
+
+
+class _CountedReads:
+    """An iterable of 0..n-1 that counts how many values were read from it."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.reads = n, 0
+
+    def __iter__(self):
+        for value in range(self.n):
+            self.reads += 1
+            yield value
+
+
+def test_steady_shuffle_reads_one_example_per_example_it_yields():
+    import numpy as np
+
+    from exaonepath_hf.train.dino.shuffle import steady_shuffle
+
+    source = _CountedReads(200)
+    outputs, reads = [], []
+    for value in steady_shuffle(source, 50, np.random.default_rng(0)):
+        outputs.append(value)
+        reads.append(source.reads)
+    assert sorted(outputs) == list(range(200)) and outputs != list(range(200))
+    assert reads[0] == 2  # not a whole buffer before the first output
+    steps = np.diff(reads)
+    assert steps.max() <= 2 and (steps[49:150] == 1).all()  # two reads per output while filling, then one
+    assert (steps[150:] == 0).all()  # the buffer drains at the end
+    again = list(steady_shuffle(range(200), 50, np.random.default_rng(0)))
+    assert again == outputs and again != list(steady_shuffle(range(200), 50, np.random.default_rng(1)))
+
+
+def test_a_large_shuffle_buffer_does_not_delay_the_first_batch():
+    """Only a few examples are read before the first batch, whatever `shuffle_buffer` (datasets' own buffer
+    would read all of it first, the worker idle meanwhile)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 50, 50)).save(buffer, format="PNG")
+    reads = []
+
+    def examples():
+        for index in range(5000):
+            reads.append(index)
+            yield {"image": {"bytes": buffer.getvalue(), "path": f"{index}.png"}}
+
+    dataset = datasets.IterableDataset.from_generator(
+        examples, features=datasets.Features({"image": datasets.Image(decode=False)})
+    )
+    stream = PatchStream(
+        shuffle_shards(dataset, 0), "image", lambda image: [image], 4, seed=0, shuffle_buffer=10_000
+    )
+    batch = next(iter(stream))
+    assert batch["crops"][0].shape == (4, 3, 16, 16) and len(reads) < 100
+
+
+def _process_id(image: torch.Tensor) -> list[torch.Tensor]:
+    """A worker transform that tells which process ran it."""
+    return [torch.tensor(os.getpid())]
+
+
+def test_loader_workers_serve_every_epoch_without_restarting(tiled_slide):
+    """Persistent workers with endless streams: the process that made a worker's first batch also makes its
+    batches of later epochs (a worker restart per pass would make the next batches wait)."""
+    from exaonepath_hf.train.dino.config import DataConfig
+
+    config = DataConfig(source=str(tiled_slide), shuffle_buffer=8, num_workers=2)
+    batches, total = build_rank_loader(config, _process_id, None, batch_size=4, seed=0, rank=0, world_size=1)
+    processes, epochs = {}, set()
+    for _ in range(3 * total // 4 + 2):
+        batch = next(batches)
+        processes.setdefault(batch["worker"], set()).update(batch["crops"][0].tolist())
+        epochs.add(batch["position"][0])
+    assert len(epochs) >= 3 and sorted(processes) == [0, 1]
+    assert all(len(pids) == 1 for pids in processes.values()) and os.getpid() not in set().union(
+        *processes.values()
+    )

@@ -324,3 +324,39 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(path, ["run.max_stpes=7"])
     with pytest.raises(ValueError, match="section.key=value"):
         load_config(path, ["max_steps"])
+
+
+# ------------------------------------------------------------------------------------------------ on a GPU
+
+
+def test_optimizer_is_fused_only_when_every_parameter_is_on_cuda():
+    from exaonepath_hf.train.dino.optim import build_optimizer
+
+    network = _tiny_network()
+    optimizer = build_optimizer(network, (0.9, 0.999))
+    assert not optimizer.defaults["fused"]  # torch's default implementation off CUDA
+    assert [len(g["params"]) for g in optimizer.param_groups] == [
+        len(g["params"]) for g in parameter_groups(network)
+    ]
+    if torch.cuda.is_available():
+        assert build_optimizer(network.cuda(), (0.9, 0.999)).defaults["fused"]
+
+
+def test_augment_on_accepts_cpu_or_gpu():
+    assert load_config("cpu_smoke").data.augment_on == "cpu" and not load_config("cpu_smoke").run.compile
+    assert load_config("cpu_smoke", ["data.augment_on=gpu"]).data.augment_on == "gpu"
+    with pytest.raises(ValueError, match="augment_on"):
+        load_config("cpu_smoke", ["data.augment_on=tpu"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: host syncs exist only with a device")
+def test_loss_and_center_update_never_wait_for_the_device():
+    loss_fn = DINOLoss(16, 4).cuda()
+    student, teacher = torch.randn(8, 16, device="cuda"), torch.randn(4, 16, device="cuda")
+    loss_fn(student, teacher, 0.04)  # first call: library set-up may synchronize
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss_fn(student, teacher, 0.04)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

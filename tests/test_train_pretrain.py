@@ -325,3 +325,64 @@ def test_model_section_becomes_the_backbone_config():
         32,
     )
     assert config.layer_norm_eps == ExaonePathConfig().layer_norm_eps  # not in the section: the default
+
+
+def test_gpu_augmentation_run_resumes_exactly(patch_folder, tmp_path):
+    """`data.augment_on: gpu` on this CPU (the batched path, on the run's device): Macenko and the crops after
+    the loader, seeded per batch, so 4 steps straight equal 2 steps, stop, resume, 2 steps (2 loader workers)."""
+    common = ["--config", SMOKE, f"data.source={patch_folder}", "data.augment_on=gpu", "run.max_steps=4",
+              "run.checkpoint_every=2", "data.num_workers=2", "run.record_samples=false",
+              "run.log_every=1"]  # fmt: skip
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    _main_in_process([*common, f"run.output_dir={straight}"])
+    _main_in_process([*common, f"run.output_dir={interrupted}", "--stop_at_step", "2"])
+    _main_in_process([*common, f"run.output_dir={interrupted}", "--resume"])
+    teachers = [torch.load(run / "checkpoints" / "step_4" / "custom_checkpoint_0.pkl", weights_only=True)
+                for run in (straight, interrupted)]  # fmt: skip
+    assert all(torch.equal(teachers[0][k], teachers[1][k]) for k in teachers[0])
+    metrics = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+               for run in (straight, interrupted)]  # fmt: skip
+    assert [m["loss"] for m in metrics[0]] == [m["loss"] for m in metrics[1]]
+    assert metrics[0][-1]["macenko_fallbacks"] >= 1  # counted on the device: the fixture's background tiles
+    assert metrics[0][-1] == metrics[1][-1] | {
+        k: metrics[0][-1][k] for k in ("images_per_s", "data_wait_fraction")
+    }
+
+
+@pytest.mark.slow
+def test_a_compiled_runs_checkpoint_loads_into_an_uncompiled_run(patch_folder, tmp_path):
+    """`run.compile` compiles the backbones in place: the checkpoint's tensor names are the plain model's, and
+    an uncompiled run resumes from it (inductor on this CPU: a few minutes the first time, cached after)."""
+    from safetensors.torch import load_file
+
+    from exaonepath_hf.train.dino.config import load_config
+    from exaonepath_hf.train.pretrain_dino import build_student
+
+    out = tmp_path / "compiled"
+    common = ["--config", SMOKE, f"data.source={patch_folder}", f"run.output_dir={out}", "run.max_steps=3",
+              "run.checkpoint_every=2", "data.num_workers=0", "run.record_samples=false"]  # fmt: skip
+    _main_in_process([*common, "run.compile=true", "--stop_at_step", "2"])
+    plain = build_student(load_config(SMOKE))
+    assert set(load_file(out / "checkpoints" / "step_2" / "model.safetensors")) == set(plain.state_dict())
+    teacher = torch.load(out / "checkpoints" / "step_2" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert set(teacher) == set(plain.state_dict())
+    _main_in_process([*common, "run.compile=false", "--resume"])
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 3
+    assert (out / "export" / "model.safetensors").is_file()
+
+
+def test_throughput_is_measured_on_the_real_training_step(patch_folder):
+    from exaonepath_hf.train.dino.throughput import measure_dino_throughput
+
+    for augment_on in ("cpu", "gpu"):
+        result = measure_dino_throughput(
+            SMOKE, patch_folder, steps=2, batch_size=2, augment_on=augment_on, compile=False, warmup_steps=1,
+            profile_steps=1 if augment_on == "gpu" else 0, overrides=["data.num_workers=1"],
+        )  # fmt: skip
+        assert result["images_per_s"] > 0 and result["step_time_s"] > 0
+        assert 0 <= result["data_wait_fraction"] <= 1 and math.isfinite(result["loss"])
+        assert result["peak_memory_bytes"] is None and result["device"] == "cpu"  # a GPU reports its peak
+        assert (result["batch_size"], result["augment_on"], result["compile"], result["steps"]) == (
+            2, augment_on, False, 2,
+        )  # fmt: skip
+    assert "aten::" in result["top_ops"]

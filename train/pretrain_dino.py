@@ -50,22 +50,30 @@ from ..convert import load_backbone
 from ..modeling_exaonepath import ExaonePathModel
 from ..stain_normalization import DEFAULT_STAIN_REFERENCE, MacenkoNormalizer, StainReference
 from .dino import data as dino_data
-from .dino.augmentations import DINOMultiCrop
 from .dino.checkpoint import TrainState, export_backbone, latest_checkpoint, save_checkpoint
 from .dino.config import PretrainConfig, RunConfig, load_config, packaged_config_names
+from .dino.gpu_augment import Augmentation, build_augmentation
 from .dino.head import DINOHead
 from .dino.loss import DINOLoss
 from .dino.model import MultiCropNetwork
 from .dino.optim import (
+    build_optimizer,
     clip_gradients_per_parameter,
     freeze_last_layer_gradients,
-    parameter_groups,
     set_optimizer_hyperparameters,
 )
 from .dino.schedules import DINOSchedules, ScheduleValues
 from .dino.teacher import build_teacher, ema_update, weights_digest
 
-__all__ = ["NonFiniteLossError", "RunOptions", "build_student", "main", "pretrain"]
+__all__ = [
+    "NonFiniteLossError",
+    "RunOptions",
+    "build_student",
+    "build_training",
+    "main",
+    "pretrain",
+    "train_step",
+]
 
 logger = logging.getLogger("pretrain_dino")
 
@@ -93,7 +101,7 @@ class TrainingParts:
     teacher: MultiCropNetwork
     dino_loss: DINOLoss
     optimizer: torch.optim.Optimizer
-    transform: DINOMultiCrop
+    augmentation: Augmentation  # where Macenko and the crops run (`data.augment_on`)
     state: TrainState
     checkpoints: Path
 
@@ -109,9 +117,26 @@ class StepPlan:
 class MetricsWindow:
     """Sums since the last logged step, for rates that describe the recent past rather than the whole run."""
 
+    images_at_start: int  # the run's image counter when the window opened
     seconds: float = 0.0
     waiting: float = 0.0
-    images: float = 0.0
+    loss: float = 0.0  # sum of the steps' losses (host floats: the finiteness check read them anyway)
+    steps: int = 0
+
+
+@dataclass
+class PendingCounts:
+    """This rank's counts not yet added to the run's counters. They are summed over ranks, the one read of
+    device values besides the loss, only at log and checkpoint steps (`add_pending_counts`)."""
+
+    images: int = 0
+    unreadable: int = 0
+    macenko_fallbacks: int | torch.Tensor = 0  # a device tensor when Macenko runs on the device
+
+    def add(self, images: int, macenko_fallbacks: int | torch.Tensor, unreadable: int) -> None:
+        self.images += images
+        self.macenko_fallbacks = self.macenko_fallbacks + macenko_fallbacks
+        self.unreadable += unreadable
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -147,9 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def pretrain(cfg: PretrainConfig, options: RunOptions = RunOptions()) -> int:
     """Train (or, with `options.export_only`, export) as `cfg` says; returns the exit code."""
     accelerator = start_accelerator(cfg.run)
-    parts = build_training(cfg, accelerator)
-    restore_checkpoint(parts, resume=options.resume, export_only=options.export_only)
     reference = stain_reference_from_config(cfg.data.stain_reference)
+    parts = build_training(cfg, accelerator, reference)
+    restore_checkpoint(parts, resume=options.resume, export_only=options.export_only)
     if options.export_only:
         export(cfg, accelerator, parts.teacher, reference, options.push_to_hub)
     else:
@@ -196,20 +221,48 @@ def build_student(cfg: PretrainConfig) -> MultiCropNetwork:
     return MultiCropNetwork(backbone.train(), head)
 
 
-def build_training(cfg: PretrainConfig, accelerator: Accelerator) -> TrainingParts:
-    student = build_student(cfg)
-    optimizer = torch.optim.AdamW(parameter_groups(student), lr=0.0, betas=cfg.optim.betas)
+def build_training(cfg: PretrainConfig, accelerator: Accelerator, reference: StainReference) -> TrainingParts:
+    # On the device before the optimizer is built, so that it can choose the fused kernel.
+    student = build_student(cfg).to(accelerator.device)
+    optimizer = build_optimizer(student, cfg.optim.betas)
     student, optimizer = accelerator.prepare(student, optimizer)
     # After prepare, from the unwrapped student: built before, each rank would copy different weights.
     teacher = build_teacher(accelerator.unwrap_model(student))
-    transform = DINOMultiCrop(cfg.augmentations)
+    if cfg.run.compile:  # after the teacher's deep copy, which must copy plain modules
+        compile_backbones(accelerator.unwrap_model(student), teacher)
+    normalizer = MacenkoNormalizer(reference) if cfg.data.stain_normalize else None
+    augmentation = build_augmentation(
+        cfg.augmentations, cfg.data.augment_on, normalizer, accelerator.device, cfg.run.compile
+    )
     dino_loss = DINOLoss(
-        cfg.model.out_dim, transform.num_crops, 2, cfg.loss.student_temp, cfg.loss.center_momentum
+        cfg.model.out_dim, augmentation.num_crops, 2, cfg.loss.student_temp, cfg.loss.center_momentum
     ).to(accelerator.device)
     state = TrainState()
     accelerator.register_for_checkpointing(teacher, dino_loss, state)
     checkpoints = Path(cfg.run.output_dir) / "checkpoints"
-    return TrainingParts(accelerator, student, teacher, dino_loss, optimizer, transform, state, checkpoints)
+    return TrainingParts(
+        accelerator, student, teacher, dino_loss, optimizer, augmentation, state, checkpoints
+    )
+
+
+def compile_backbones(*networks: MultiCropNetwork) -> None:
+    """`torch.compile` each network's backbone in place (`nn.Module.compile`): its state dict keeps its tensor
+    names (no `_orig_mod.`), so checkpoints move freely between compiled and uncompiled runs. Static shapes:
+    one graph per crop resolution, as many as a run has."""
+    for network in networks:
+        network.backbone.compile(dynamic=False)
+
+
+def build_rank_batches(
+    cfg: PretrainConfig, parts: TrainingParts
+) -> tuple[dino_data.OrderedBatches, int | None]:
+    """This rank's batches (resumed where the restored state says) and the samples per epoch, if known."""
+    accelerator, augmentation = parts.accelerator, parts.augmentation
+    return dino_data.build_rank_loader(
+        cfg.data, augmentation.worker_transform, augmentation.worker_normalizer, cfg.run.batch_size_per_device,
+        cfg.run.seed, accelerator.process_index, accelerator.num_processes, parts.state.streams,
+        pin_memory=accelerator.device.type == "cuda",
+    )  # fmt: skip
 
 
 def restore_checkpoint(parts: TrainingParts, resume: bool, export_only: bool) -> None:
@@ -247,11 +300,7 @@ def run_training(
     cfg: PretrainConfig, parts: TrainingParts, reference: StainReference, options: RunOptions
 ) -> None:
     accelerator = parts.accelerator
-    batches, num_samples = dino_data.build_rank_loader(
-        cfg.data, parts.transform, MacenkoNormalizer(reference) if cfg.data.stain_normalize else None,
-        cfg.run.batch_size_per_device, cfg.run.seed, accelerator.process_index, accelerator.num_processes,
-        parts.state.streams, pin_memory=accelerator.device.type == "cuda",
-    )  # fmt: skip
+    batches, num_samples = build_rank_batches(cfg, parts)
     plan = plan_steps(cfg.run, num_samples, accelerator.num_processes)
     schedules = cfg.schedules(plan.global_batch, plan.steps_per_epoch, plan.total_steps)
     accelerator.init_trackers("dino", config=cfg.flat())
@@ -280,15 +329,16 @@ def train_until(
     """Optimizer steps from the current one to `stop_at`, logging and checkpointing; returns the ids trained on
     (when `run.record_samples`)."""
     run = cfg.run
-    state, seen_ids, window = parts.state, [], MetricsWindow()
+    state, seen_ids, pending = parts.state, [], PendingCounts()
+    window = MetricsWindow(state.images_seen)
     bar = tqdm(total=plan.total_steps, initial=state.step, disable=not parts.accelerator.is_main_process,
                desc="dino")  # fmt: skip
     while state.step < stop_at:
         values = schedules.at(state.step)
         tick = time.perf_counter()
         try:
-            totals, ids, wait = train_step(
-                parts, batches, values, run.gradient_accumulation_steps, cfg.optim.clip_grad
+            loss, ids, wait = train_step(
+                parts, batches, values, run.gradient_accumulation_steps, cfg.optim.clip_grad, pending
             )
         except NonFiniteLossError as error:
             raise NonFiniteLossError(
@@ -296,18 +346,22 @@ def train_until(
                 f"{latest_checkpoint(parts.checkpoints)}. Usual causes: fp16 (use bf16 or no), too high an lr."
             ) from None
         state.step += 1
-        images = count_step(state, totals)
         if run.record_samples:
             seen_ids.extend(ids)
         window.seconds += time.perf_counter() - tick
         window.waiting += wait
-        window.images += images
+        window.loss += loss
+        window.steps += 1
         bar.update(1)
-        if state.step % run.log_every == 0 or state.step == stop_at:
-            metrics = log_metrics(parts, Path(run.output_dir), totals, values, window, plan.steps_per_epoch)
+        log_now = state.step % run.log_every == 0 or state.step == stop_at
+        checkpoint_now = state.step % run.checkpoint_every == 0 or state.step == stop_at
+        if log_now or checkpoint_now:
+            add_pending_counts(parts, pending)
+        if log_now:
+            metrics = log_metrics(parts, Path(run.output_dir), values, window, plan.steps_per_epoch)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
-            window = MetricsWindow()
-        if state.step % run.checkpoint_every == 0 or state.step == stop_at:
+            window = MetricsWindow(state.images_seen)
+        if checkpoint_now:
             state.streams = gather_object([batches.state.to_dict()])
             save_checkpoint(parts.accelerator, parts.checkpoints, state.step, run.keep_last_checkpoints)
     bar.close()
@@ -320,39 +374,36 @@ def train_step(
     values: ScheduleValues,
     accumulation_steps: int,
     clip_grad: float,
-) -> tuple[torch.Tensor, list[str], float]:
-    """One optimizer step over `accumulation_steps` batches.
+    pending: PendingCounts,
+) -> tuple[float, list[str], float]:
+    """One optimizer step over `accumulation_steps` batches; their counts go to `pending`.
 
-    Returns the loss and counts summed over ranks ([loss, images, Macenko fallbacks, unreadable]), the ids this
-    rank trained on, and the seconds spent waiting for data. Raises `NonFiniteLossError` before the update.
+    Returns the loss averaged over ranks, the ids this rank trained on, and the seconds spent waiting for data.
+    Raises `NonFiniteLossError` before the update. Reading the loss for that check is the step's only wait for
+    the device: everything else is queued, so the device runs ahead while the host fetches the next batch.
     """
     accelerator, student = parts.accelerator, parts.student
-    local = torch.zeros(4, device=accelerator.device)
+    loss_sum = torch.zeros(1, device=accelerator.device)
     ids, wait = [], 0.0
     for micro in range(accumulation_steps):
         before = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - before
-        crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
+        crops, fallbacks = parts.augmentation.to_device(batch)
         with torch.no_grad(), accelerator.autocast():  # only prepared models are autocast for us
             teacher_output = parts.teacher(crops[:2])
         # Gradients are all-reduced only on the last micro-batch.
         with nullcontext() if micro == accumulation_steps - 1 else accelerator.no_sync(student):
             loss = parts.dino_loss(student(crops), teacher_output, values.teacher_temp)
             accelerator.backward(loss / accumulation_steps)
-        counts = [len(batch["ids"]), batch["macenko_fallbacks"], batch["unreadable"]]
-        local += torch.stack(
-            [
-                loss.detach() / accumulation_steps,
-                *(torch.tensor(float(c), device=local.device) for c in counts),
-            ]
-        )
+        loss_sum += loss.detach() / accumulation_steps
+        pending.add(len(batch["ids"]), fallbacks, batch["unreadable"])
         ids.extend(batch["ids"])
-    totals = accelerator.reduce(local, reduction="sum")
-    if not math.isfinite(totals[0].item()):
-        raise NonFiniteLossError(f"loss is {totals[0].item() / accelerator.num_processes}")
+    total = accelerator.reduce(loss_sum, reduction="sum").item()
+    if not math.isfinite(total):
+        raise NonFiniteLossError(f"loss is {total / accelerator.num_processes}")
     update_weights(parts, values, clip_grad)
-    return totals, ids, wait
+    return total / accelerator.num_processes, ids, wait
 
 
 def update_weights(parts: TrainingParts, values: ScheduleValues, clip_grad: float) -> None:
@@ -367,31 +418,36 @@ def update_weights(parts: TrainingParts, values: ScheduleValues, clip_grad: floa
     ema_update(parts.teacher, unwrapped, values.teacher_momentum)
 
 
-def count_step(state: TrainState, totals: torch.Tensor) -> int:
-    """Adds a step's counts (summed over ranks) to the run's counters; returns its number of images."""
-    images, fallbacks, unreadable = (int(v) for v in totals[1:].tolist())
+def add_pending_counts(parts: TrainingParts, pending: PendingCounts) -> None:
+    """Adds every rank's pending counts to the run's counters and clears them (one collective, one read)."""
+    accelerator, state = parts.accelerator, parts.state
+    local = torch.tensor(
+        [pending.images, 0, pending.unreadable], dtype=torch.int64, device=accelerator.device
+    )
+    local[1] += pending.macenko_fallbacks
+    images, fallbacks, unreadable = accelerator.reduce(local, reduction="sum").tolist()
     state.images_seen += images
     state.macenko_fallbacks += fallbacks
     state.unreadable_images += unreadable
-    return images
+    pending.images = pending.unreadable = pending.macenko_fallbacks = 0
 
 
 def log_metrics(
     parts: TrainingParts,
     out: Path,
-    totals: torch.Tensor,
     values: ScheduleValues,
     window: MetricsWindow,
     steps_per_epoch: int,
 ) -> dict[str, float]:
+    """Logs the window's means and rates (after `add_pending_counts`): loss, images/s, data-wait fraction."""
     accelerator, state = parts.accelerator, parts.state
     metrics = {
-        "loss": totals[0].item() / accelerator.num_processes,
+        "loss": window.loss / window.steps,
         "lr": values.lr,
         "weight_decay": values.weight_decay,
         "teacher_momentum": values.teacher_momentum,
         "teacher_temp": values.teacher_temp,
-        "images_per_s": window.images / window.seconds,
+        "images_per_s": (state.images_seen - window.images_at_start) / window.seconds,
         "data_wait_fraction": window.waiting / window.seconds,
         "macenko_fallbacks": state.macenko_fallbacks,
         "unreadable_images": state.unreadable_images,

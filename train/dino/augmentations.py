@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 
 from ...image_processing_exaonepath import ExaonePathImageProcessor
 
-__all__ = ["AugmentationConfig", "DINOMultiCrop"]
+__all__ = ["AugmentationConfig", "DINOMultiCrop", "blur_kernel_size"]
 
 
 @dataclass
@@ -35,9 +35,12 @@ class AugmentationConfig:
         self.color_jitter = tuple(self.color_jitter)
         self.blur_p = tuple(self.blur_p)
         self.blur_sigma = tuple(self.blur_sigma)
+        for name in ("global_crop_size", "local_crop_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"augmentations.{name} must be positive, got {getattr(self, name)}")
 
 
-def _blur_kernel_size(sigma_max: float) -> int:
+def blur_kernel_size(sigma_max: float) -> int:
     # ±3 sigma holds 99.7% of the Gaussian; PIL's radius-based blur in DINO reaches about as far.
     return 2 * math.ceil(3.0 * sigma_max) + 1
 
@@ -52,9 +55,6 @@ class DINOMultiCrop:
 
     def __init__(self, config: AugmentationConfig | None = None) -> None:
         self.config = config = config or AugmentationConfig()
-        for name in ("global_crop_size", "local_crop_size"):
-            if getattr(config, name) <= 0:
-                raise ValueError(f"augmentations.{name} must be positive, got {getattr(config, name)}")
         brightness, contrast, saturation, hue = config.color_jitter
         flip_and_color = [
             v2.RandomHorizontalFlip(p=config.flip_p),
@@ -68,7 +68,7 @@ class DINOMultiCrop:
         ]
 
         def blur(p: float) -> v2.Transform:
-            kernel = _blur_kernel_size(config.blur_sigma[1])
+            kernel = blur_kernel_size(config.blur_sigma[1])
             return v2.RandomApply([v2.GaussianBlur(kernel, sigma=config.blur_sigma)], p=p)
 
         def crop(size: int, scale: tuple[float, float]) -> v2.Transform:

@@ -81,6 +81,13 @@ class DataConfig:
     # null = the package default reference; a path = a target image to fit; a dict = a `StainReference`.
     stain_reference: str | dict | None = None
     prefetch_factor: int = 2
+    # Where Macenko and the multi-crop augmentations run: "cpu" in the loader workers, or "gpu" batched on the
+    # training device, the workers then only decode (a GPU step outruns the cores a host has per GPU).
+    augment_on: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.augment_on not in ("cpu", "gpu"):
+            raise ValueError(f"data.augment_on must be 'cpu' or 'gpu', got {self.augment_on!r}")
 
 
 @dataclass
@@ -127,6 +134,8 @@ class RunConfig:
     push_to_hub: str | None = None  # repo id for the exported backbone
     hub_private: bool = True
     record_samples: bool = False  # write the sample ids each rank trained on (for data-sharding checks)
+    # torch.compile the student and teacher backbones (in place: checkpoints keep their tensor names)
+    compile: bool = False
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Sources (all read through `datasets`, streaming): a local folder of images, an `exaonepath-tile` output
 folder or any parquet glob, webdataset `.tar` shards, or a hub dataset id. The pipeline per image, in the
 loader workers: read bytes → decode (an unreadable image is skipped, logged and counted) → Macenko with the
-package normalizer (p = 1; a fallback returns the image unchanged and is counted) → DINO multi-crop.
+package normalizer (p = 1; a fallback returns the image unchanged and is counted) → DINO multi-crop. With
+`data.augment_on: gpu` the workers stop after decoding and the rest runs on the device (`gpu_augment`).
 
 Distribution: `split_dataset_by_node` gives each rank its shards and `datasets` gives each worker a subset of
 those; the loader is *not* passed to `accelerator.prepare` (that would shard a second time). Each worker's
@@ -12,10 +13,13 @@ near an epoch boundary one worker may already show patches of the next epoch whi
 current one. Every example's augmentation is seeded from its position, so a run resumes exactly: the
 checkpoint stores each worker's position and the next worker in the loader's round-robin (`StreamState`).
 
-Shuffling (`shuffle_shards`): the shard order is reshuffled every epoch and a buffer shuffles the examples, fed
-by one shard at a time. Not by several interleaved shards (`datasets`' default): that path ends every pass over
-parquet shards with a sleep of `datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN` seconds, which a small corpus
-(a demo, a fine-tuning set) pays every few steps with the cores idle.
+Shuffling: the shard order is reshuffled every epoch (`shuffle_shards`) and each worker's examples go through a
+buffer of `data.shuffle_buffer` that reads one example per example it yields (`steady_shuffle`), fed by one
+shard at a time. Not through `datasets`' buffer, which reads a whole buffer before its first example and half
+of one between bursts: the worker stalls meanwhile, and the round-robin loader waits for it. Not by several
+interleaved shards (`datasets`' default): that path ends every pass over parquet shards with a sleep of
+`datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN` seconds, which a small corpus (a demo, a fine-tuning set)
+pays every few steps with the cores idle.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import glob
 import hashlib
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +38,8 @@ import numpy as np
 import torch
 
 from ...images import IMAGE_SUFFIXES, decode_rgb, image_files, source_name
-from ...tiling.shards import complete_shards_only, completed_shard_files, tiling_output_folder
-from .augmentations import DINOMultiCrop
+from ...tiling.output import resolve_shards, tiling_output_folder
+from .shuffle import steady_shuffle
 
 __all__ = [
     "build_rank_loader",
@@ -45,12 +49,14 @@ __all__ = [
     "StreamState",
     "count_samples",
     "decode_image",
-    "load_patch_dataset",
+    "load_pretraining_patches",
     "resolve_source",
     "shuffle_shards",
 ]
 
 logger = logging.getLogger(__name__)
+
+_DATASETS_BUFFER = 32  # examples; see `shuffle_shards`
 
 
 @dataclass(frozen=True)
@@ -79,10 +85,8 @@ def resolve_source(source: str) -> PatchSource:
 
 
 def _folder_source(path: Path, source: str) -> PatchSource:
-    tiling_output = tiling_output_folder(path)
-    if tiling_output is not None:
-        # Not a glob: a run killed while publishing a slide leaves shards that only the manifest excludes.
-        files = completed_shard_files(tiling_output)
+    if tiling_output_folder(path) is not None:
+        files = resolve_shards(path)
         if not files:
             raise ValueError(f"data.source {source}: the tiling manifest lists no shards")
         return PatchSource("parquet", tuple(files))
@@ -93,7 +97,8 @@ def _folder_source(path: Path, source: str) -> PatchSource:
     ):
         files = sorted(str(p) for p in path.glob(pattern))
         if files:
-            return PatchSource(kind, tuple(files))
+            # tiling outputs inside the folder contribute the shards of their complete slides only
+            return PatchSource(kind, tuple(resolve_shards(files) if kind == "parquet" else files))
     images = [str(p) for p in image_files(path)]
     if not images:
         raise ValueError(f"data.source {source} holds no images ({', '.join(IMAGE_SUFFIXES)}) nor shards")
@@ -106,7 +111,7 @@ def _files_source(files: list[str], source: str) -> PatchSource:
     suffixes = {Path(f).suffix.lower() for f in files}
     if suffixes == {".parquet"}:
         # a glob over a tiling output's shards/ must not reach the shards of slides the tiler never completed
-        return PatchSource("parquet", tuple(complete_shards_only(files)))
+        return PatchSource("parquet", tuple(resolve_shards(files)))
     if suffixes == {".tar"}:
         return PatchSource("webdataset", tuple(files))
     if suffixes <= set(IMAGE_SUFFIXES):
@@ -120,7 +125,7 @@ def _image_paths(shards: list[list[str]]) -> Iterator[dict[str, Any]]:
             yield {"image": {"path": path, "bytes": None}}
 
 
-def load_patch_dataset(
+def load_pretraining_patches(
     source: PatchSource, split: str = "train", image_column: str | None = None, shard_multiple: int = 1
 ):
     """A streaming `datasets.IterableDataset` whose image column is left undecoded (decoded in `PatchStream`).
@@ -159,15 +164,17 @@ def load_patch_dataset(
     return dataset.cast_column(image_column, datasets.Image(decode=False)), image_column
 
 
-def shuffle_shards(dataset, seed: int, buffer_size: int):
-    """`dataset` in a seeded order: shards reshuffled every epoch (`set_epoch`), examples through a buffer.
+def shuffle_shards(dataset, seed: int):
+    """`dataset` with its shards in a seeded order, reshuffled every epoch (`set_epoch`); the examples are
+    shuffled by `PatchStream` (`steady_shuffle`). `datasets`' own buffer stays a few examples long: its bursts
+    are then short, and it still hands parquet rows over in batches of that size rather than one by one.
 
-    The buffer takes one shard at a time (`max_buffer_input_shards=1`): `datasets` interleaves several shards
+    Shards are read one at a time (`max_buffer_input_shards=1`): `datasets` interleaves several shards
     through `CyclingMultiSourcesExamplesIterable`, which sleeps at the end of every pass over parquet shards
-    (its guard for apache/arrow#45214, needed only for the reader threads of that interleaving). With a
-    buffer larger than a shard the buffer still mixes several shards (slides) once it is full.
+    (its guard for apache/arrow#45214, needed only for the reader threads of that interleaving). A
+    `data.shuffle_buffer` larger than a shard still mixes several shards (slides) once it is full.
     """
-    return dataset.shuffle(seed=seed, buffer_size=buffer_size, max_buffer_input_shards=1)
+    return dataset.shuffle(seed=seed, buffer_size=_DATASETS_BUFFER, max_buffer_input_shards=1)
 
 
 def count_samples(source: PatchSource) -> int | None:
@@ -209,6 +216,13 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.uint8))
 
 
+def _stack_if_one_size(images: tuple[torch.Tensor, ...]) -> torch.Tensor | list[torch.Tensor]:
+    """One batch tensor, or the list of images where their sizes differ (decoded images of a mixed source)."""
+    if all(image.shape == images[0].shape for image in images):
+        return torch.stack(images)
+    return list(images)
+
+
 def _example_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
@@ -238,20 +252,23 @@ class StreamState:
 class PatchStream(torch.utils.data.IterableDataset):
     """One rank's endless stream of collated multi-crop batches (use with `DataLoader(batch_size=None)`).
 
-    Each yielded batch: `crops` (list of `num_crops` float tensors B×3×h×w), `ids`, `worker`, `position`,
-    `macenko_fallbacks` and `unreadable` (counts since the worker's previous batch).
+    Each yielded batch: `crops` (one entry per output of `transform`: for `DINOMultiCrop`, `num_crops` float
+    tensors B×3×h×w; images of several sizes come as a list instead of a tensor), `ids`, `worker`, `position`,
+    `seed`, `macenko_fallbacks` and `unreadable` (counts since the worker's previous batch). The examples of every
+    epoch pass through a `steady_shuffle` buffer of `shuffle_buffer` examples.
     """
 
     def __init__(
         self,
         dataset: datasets.IterableDataset,
         image_column: str,
-        transform: DINOMultiCrop,
+        transform: Callable[[torch.Tensor], list[torch.Tensor]],
         batch_size: int,
         seed: int,
         rank: int = 0,
         normalizer: Any = None,
         start: StreamState | None = None,
+        shuffle_buffer: int = 0,
     ) -> None:
         super().__init__()
         self.dataset = dataset
@@ -262,6 +279,7 @@ class PatchStream(torch.utils.data.IterableDataset):
         self.rank = rank
         self.normalizer = normalizer
         self.start = start
+        self.shuffle_buffer = shuffle_buffer
 
     def _examples(self, worker: int, num_workers: int) -> Iterator[tuple[tuple[int, int], dict | None]]:
         """(position after the example, example) forever; raw examples, skipping to the resume position."""
@@ -271,7 +289,8 @@ class PatchStream(torch.utils.data.IterableDataset):
         while True:
             self.dataset.set_epoch(epoch)
             index = 0
-            for example in self.dataset:
+            rng = np.random.default_rng([self.seed, self.rank, worker, epoch])
+            for example in steady_shuffle(self.dataset, self.shuffle_buffer, rng):
                 index += 1
                 if index <= skip:  # undecoded: cheap
                     continue
@@ -329,10 +348,12 @@ class PatchStream(torch.utils.data.IterableDataset):
             ids.append(_example_id(example, self.image_column))
             if len(crops) == self.batch_size:
                 yield {
-                    "crops": [torch.stack(view) for view in zip(*crops, strict=True)],
+                    "crops": [_stack_if_one_size(view) for view in zip(*crops, strict=True)],
                     "ids": ids,
                     "worker": worker,
                     "position": position,
+                    # for randomness drawn after the loader (`data.augment_on: gpu`): resumes exactly too
+                    "seed": _example_seed(self.seed, self.rank, worker, *position),
                     "macenko_fallbacks": fallbacks,
                     "unreadable": unreadable,
                 }
@@ -371,7 +392,7 @@ class OrderedBatches:
 
 def build_rank_loader(
     config,
-    transform: DINOMultiCrop,
+    transform: Callable[[torch.Tensor], list[torch.Tensor]],
     normalizer: Any,
     batch_size: int,
     seed: int,
@@ -389,10 +410,10 @@ def build_rank_loader(
     from datasets.distributed import split_dataset_by_node
 
     source = resolve_source(config.source)
-    dataset, image_column = load_patch_dataset(
+    dataset, image_column = load_pretraining_patches(
         source, config.split, config.image_column, shard_multiple=world_size * max(config.num_workers, 1)
     )
-    dataset = shuffle_shards(dataset, seed, config.shuffle_buffer)
+    dataset = shuffle_shards(dataset, seed)
     shards = dataset.num_shards
     if shards % world_size:
         logger.warning(
@@ -415,6 +436,7 @@ def build_rank_loader(
     stream = PatchStream(
         dataset, image_column, transform, batch_size, seed, rank, normalizer,
         start=StreamState.from_dict(state.to_dict()),  # a copy: `OrderedBatches` advances `state`
+        shuffle_buffer=config.shuffle_buffer,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(
         stream,

@@ -61,9 +61,11 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
-        # One collective for the sum and the row count (ranks may hold different batch sizes).
+        # One collective for the sum and the row count (ranks may hold different batch sizes). The count is
+        # filled on the device: a tensor made from a Python list would be a blocking host-to-device copy.
         teacher_output = teacher_output.float()
-        packed = torch.cat([teacher_output.sum(dim=0), teacher_output.new_tensor([teacher_output.shape[0]])])
+        rows = teacher_output.new_full((1,), teacher_output.shape[0])
+        packed = torch.cat([teacher_output.sum(dim=0), rows])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed)
         batch_center = (packed[:-1] / packed[-1]).unsqueeze(0)

@@ -9,6 +9,7 @@ from torch import nn
 
 __all__ = [
     "REGULARIZED_GROUP",
+    "build_optimizer",
     "clip_gradients_per_parameter",
     "freeze_last_layer_gradients",
     "parameter_groups",
@@ -32,6 +33,17 @@ def parameter_groups(model: nn.Module) -> list[dict]:
     return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: nn.Module, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW over `parameter_groups(model)` (lr and weight decay are set every step by the schedules).
+
+    Fused (one kernel for all parameters) when every parameter is on CUDA: the foreach implementation
+    launches several kernels per parameter group and step. Elsewhere torch's default, as before.
+    """
+    groups = parameter_groups(model)
+    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, fused=True if on_cuda else None)
+
+
 def set_optimizer_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     """Apply this step's scheduled values (a prepared LR scheduler would step once per process instead)."""
     for index, group in enumerate(optimizer.param_groups):
@@ -49,8 +61,12 @@ def clip_gradients_per_parameter(parameters: Iterable[nn.Parameter], max_norm: f
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads or max_norm <= 0:
         return
-    norms = torch._foreach_norm(grads, 2.0)
-    scales = [torch.clamp(max_norm / (norm + 1e-6), max=1.0) for norm in norms]
+    # multi-tensor kernels: a few launches per step rather than a few per parameter
+    scales = torch._foreach_norm(grads, 2.0)
+    torch._foreach_add_(scales, 1e-6)
+    torch._foreach_reciprocal_(scales)
+    torch._foreach_mul_(scales, max_norm)
+    torch._foreach_clamp_max_(scales, 1.0)
     torch._foreach_mul_(grads, scales)
 
 
