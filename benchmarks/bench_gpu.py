@@ -298,7 +298,7 @@ def bench_dino(tiles: Path, sizes: Sizes, dry_run: bool, workers: int) -> dict:
         "loader augments on the CPU": measure_dino_throughput(
             **{**common, "steps": sizes.dino_reference_steps}, augment_on="cpu", compile=False
         ),
-        "augments on the GPU, torch.compile": measure_dino_throughput(
+        "augments on the GPU" + ("" if dry_run else ", torch.compile"): measure_dino_throughput(
             **common, augment_on="gpu", compile=not dry_run, profile_steps=0 if dry_run else 3
         ),
     }
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                 device, sizes, args.rounds, not args.no_compile and not args.dry_run, args.dry_run
             ),
             "extract": lambda: bench_extract(
-                tiles(), save_model(work / "model", args.dry_run), work, sizes, args.rounds, workers
+                tiles(), save_model(work / "model", args.dry_run), work, sizes, 1 if args.dry_run else args.rounds, workers
             ),
             "dino": lambda: bench_dino(tiles(), sizes, args.dry_run, workers),
         }  # fmt: skip
