@@ -30,7 +30,8 @@ from accelerate import Accelerator
 from harness import RESULTS_DIR, add_rounds_argument, machine_record, machine_summary, save_results
 
 from exaonepath_hf.eval.slide.data import Bag
-from exaonepath_hf.eval.slide.probe import HeadTrainingConfig, fit_head
+from exaonepath_hf.eval.slide.probe import fit_head
+from exaonepath_hf.eval.slide.settings import HeadTrainingConfig
 
 SLIDES, PATCHES, DIM, BATCH, EPOCHS = 1_000, 2_000, 768, 32, 100
 HEADS = ("mean", "abmil")

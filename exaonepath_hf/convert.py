@@ -280,9 +280,3 @@ def convert(
     if push_to_hub:
         print(f"pushed to {push_folder_to_hub(out_dir, push_to_hub, private=private)}")
     return out_dir
-
-
-if __name__ == "__main__":
-    from .convert_cli import main
-
-    raise SystemExit(main())

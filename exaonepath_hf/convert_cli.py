@@ -1,6 +1,6 @@
 """`exaonepath-convert`, light: its parser is built, and `--help` and argument errors answered, without
-importing torch; `main` parses first and imports `convert` only to run it. `python -m exaonepath_hf.convert`
-runs this `main` too.
+importing torch; `main` parses first and imports `convert` only to run it. `python -m exaonepath_hf.convert_cli`
+runs it too.
 """
 
 from __future__ import annotations
@@ -51,3 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     return run_command("exaonepath-convert", command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

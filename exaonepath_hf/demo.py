@@ -257,9 +257,3 @@ def run_demo(settings: DemoSettings) -> dict:
     metrics = measure_robustness(out, model_name, {"raw": raw, "macenko": normalized}, table, restarts=3)
     print_summary((time.perf_counter() - start) / 60, model_name, what, labs, fallbacks, metrics, out)
     return metrics
-
-
-if __name__ == "__main__":
-    from .demo_cli import main
-
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """`exaonepath-demo`, light: its parser is built, and `--help` and argument errors answered, without importing
-torch; `main` parses first and imports `demo` only to run it. `python -m exaonepath_hf.demo` runs this `main`
-too.
+torch; `main` parses first and imports `demo` only to run it. `python -m exaonepath_hf.demo_cli` runs
+it too.
 """
 
 from __future__ import annotations
@@ -88,3 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run_demo(settings)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

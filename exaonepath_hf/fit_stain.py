@@ -61,9 +61,3 @@ def fit_stain(
     _save_atomically(fitted, Path(out))
     logger.info("fitted on %d target image(s); processor written to %s", len(images), out)
     return reference
-
-
-if __name__ == "__main__":
-    from .fit_stain_cli import main
-
-    raise SystemExit(main())

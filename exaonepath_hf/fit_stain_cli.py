@@ -1,6 +1,6 @@
 """`exaonepath-fit-stain`, light: its parser is built, and `--help` and argument errors answered, without
 importing torch; `main` parses first and imports `fit_stain` only to run it.
-`python -m exaonepath_hf.fit_stain` runs this `main` too.
+`python -m exaonepath_hf.fit_stain_cli` runs it too.
 """
 
 from __future__ import annotations
@@ -55,3 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write("\n")
 
     return run_command("exaonepath-fit-stain", fit_and_print)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

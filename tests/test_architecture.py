@@ -275,7 +275,6 @@ HEAVY_FOR_COMMANDS = (*HEAVY, "datasets", "accelerate", "evaluate", "sklearn", "
 # Commands whose parser still sits in a module that imports torch at the top; drop the mark when one is light.
 NOT_YET_LIGHT = {
     "exaonepath-pretrain": "train/pretrain_dino.py builds its parser beside the training loop (torch at import)",
-    "exaonepath-slide-probe": "eval/slide/probe.py builds its parser beside the MIL heads (torch at import)",
 }
 
 
@@ -317,8 +316,11 @@ def test_light_command_choices_match_the_registries():
     from exaonepath_hf.eval.robustness import cli as robustness_cli
     from exaonepath_hf.eval.robustness.run import SETTINGS
     from exaonepath_hf.eval.robustness.tasks import ROBUSTNESS_TASKS
+    from exaonepath_hf.eval.slide.mil import HEADS
+    from exaonepath_hf.eval.slide.settings import HEAD_NAMES
 
     assert patch_cli.PAPER_TASK_NAMES == PAPER_TASK_ORDER
     assert patch_cli.PROTOCOL_NAMES == tuple(sorted(PRESETS))
     assert robustness_cli.ROBUSTNESS_TASK_NAMES == tuple(sorted(ROBUSTNESS_TASKS))
     assert robustness_cli.INPUT_SETTING_NAMES == tuple(sorted(SETTINGS))
+    assert set(HEAD_NAMES) == set(HEADS)

@@ -22,7 +22,7 @@ LABS = [lab.name for lab in virtual_labs_for()]
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "exaonepath_hf.demo", "--out", str(out), "--train-steps", "2"],
+        [sys.executable, "-m", "exaonepath_hf.demo_cli", "--out", str(out), "--train-steps", "2"],
         capture_output=True,
         text=True,
         timeout=900,

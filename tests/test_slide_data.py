@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from exaonepath_hf.eval.slide.data import SlideDataSettings, load_bags, load_slide_dataset, patient_splits
+from exaonepath_hf.eval.slide.data import load_bags, load_slide_dataset, patient_splits
+from exaonepath_hf.eval.slide.settings import SlideDataSettings
 
 
 def write_trident_h5(

@@ -13,8 +13,10 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from test_slide_data import write_csv, write_trident_h5
 
 from exaonepath_hf.demo import sample_slide
+from exaonepath_hf.eval.slide.cli import slide_probe_main as main
 from exaonepath_hf.eval.slide.data import Bag
-from exaonepath_hf.eval.slide.probe import HeadTrainingConfig, fit_head, main
+from exaonepath_hf.eval.slide.probe import fit_head
+from exaonepath_hf.eval.slide.settings import HeadTrainingConfig
 from exaonepath_hf.images import decode_rgb
 from exaonepath_hf.tiling import TilingConfig, open_slide, plan_patches
 

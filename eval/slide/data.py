@@ -28,7 +28,7 @@ import csv
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 
 from ..common.data import SPLIT_ALIASES, SPLIT_NAMES
 from .bags import load_slide_features
+from .settings import SlideDataSettings
 
 __all__ = [
     "FEATURE_SUFFIX",
-    "SlideDataSettings",
     "SlideDataset",
     "SlideSegment",
     "Bag",
@@ -64,32 +64,6 @@ _LISTED = 10  # ids named in an error message; the rest are counted
 def _listing(ids: Sequence[str]) -> str:
     shown = ", ".join(sorted(ids)[:_LISTED])
     return f"{len(ids)} ({shown}{', ...' if len(ids) > _LISTED else ''})"
-
-
-@dataclass(frozen=True)
-class SlideDataSettings:
-    """How labels and features become bags and splits (see the module docstring)."""
-
-    class_names: tuple[str, ...] | None = None  # label order; default: sorted (numerically if all integers)
-    level: Literal["slide", "patient"] = "slide"
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    split_seed: int = 42
-    allow_extra_features: bool = False
-
-    def __post_init__(self) -> None:
-        if self.level not in ("slide", "patient"):
-            raise ValueError(f"level must be 'slide' or 'patient', got {self.level!r}")
-        if not (0 < self.test_fraction <= 0.5 and 0 < self.val_fraction < 1):
-            raise ValueError(
-                f"test_fraction must be in (0, 0.5] and val_fraction in (0, 1); got {self.test_fraction} "
-                f"and {self.val_fraction}"
-            )
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError("val_fraction + test_fraction must leave patients for training (sum < 1)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

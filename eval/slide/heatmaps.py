@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,33 +21,17 @@ from tqdm.auto import tqdm
 
 from ...atomic_io import atomic_write_bytes
 from ...tiling import open_slide, read_downsampled, slide_id_from_path
-from ...tiling.slide_io import SLIDE_BACKENDS
 from ...tiling.thumbnail import render_thumbnail
 from .data import Bag, SlideSegment
+from .settings import HeatmapSettings
 
-__all__ = ["HeatmapSettings", "attention_heatmap", "write_heatmaps"]
+__all__ = ["attention_heatmap", "write_heatmaps"]
 
 logger = logging.getLogger(__name__)
 
 _HEATMAP_ALPHA = 0.55
 _HEATMAP_COLORMAP = "inferno"
 _COLORBAR_HEIGHT = 12
-
-
-@dataclass(frozen=True)
-class HeatmapSettings:
-    """Attention heatmaps of the test slides: where the slides are, how many top patches, thumbnail size."""
-
-    slides_dir: Path
-    top_k: int = 8
-    thumbnail_size: int = 1024
-    backend: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.top_k < 0 or self.thumbnail_size < 16:
-            raise ValueError("top_k must be >= 0 and thumbnail_size >= 16")
-        if self.backend not in SLIDE_BACKENDS:
-            raise ValueError(f"unknown slide backend {self.backend!r}; choose one of {SLIDE_BACKENDS}")
 
 
 def attention_heatmap(

@@ -1,37 +1,18 @@
-"""Slide-level prediction: a MIL head trained on per-slide feature bags, over several seeds, with Accelerate.
-
-    exaonepath-slide-probe --features DIR --labels slides.csv --head abmil --output_dir OUT
-    exaonepath-slide-probe ... --heatmaps --slides SLIDES_DIR   # attention over each test slide, top patches
-    accelerate launch -m exaonepath_hf.eval.slide.probe ...     # data-parallel across processes / GPUs
-
-`--features` is a folder of `<slide_id>.h5` feature bags (exaonepath-extract or TRIDENT); `--labels` a CSV
-with slide_id, patient_id, label[, split] (see `eval.slide.data`: patient-level splits, `--level patient`
-pools a patient's slides). Heads (`eval.slide.mil`): `abmil`, gated attention MIL, or `mean`, mean pooling
-plus a linear layer. Training follows eva's slide protocol: AdamW (lr 1e-3), batch 32, at most 12,500 steps and
-100 epochs, a fixed number of patches sampled per training bag (`--max_patches`; all of them at evaluation),
-a cosine schedule with linear warmup, and the head that scores the best validation balanced accuracy
-(evaluated every epoch; between equal scores the lower validation loss wins) restored before testing;
-training stops after `--patience` evaluations without improvement. Every seed trains its own head.
-
-Writes to OUT: `<head>.slide_record.json` (settings, splits, metrics per seed, and under `test` the
-balanced accuracy, AUROC, macro-F1 and top-1 as mean and sd over seeds), `<head>.predictions.safetensors`
-(test probabilities per seed), `<head>.heads.safetensors` (each seed's selected head), `report.md` (every
-slide record in OUT) and with `--heatmaps` `heatmaps/<slide_id>.png` plus `heatmaps/<slide_id>/top*.png`
-(`eval.slide.heatmaps`). In Python: `run_slide_probe(SlideProbeSettings(...))`.
-"""
+"""Slide-level prediction: a MIL head trained on per-slide feature bags, over several seeds, with Accelerate
+(`run_slide_probe(SlideProbeSettings(...))`). What a run does and writes: `eval.slide.cli.SLIDE_PROBE_DESCRIPTION`,
+the help of `exaonepath-slide-probe`."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,94 +25,26 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ...atomic_io import atomic_save_tensors, atomic_write_bytes, write_json
-from ...cli import run_command
-from ...tiling.slide_io import SLIDE_BACKENDS
-from ..common.cli import add_cpu_threads_argument, apply_cpu_threads
 from ..common.metrics import METRIC_KEYS, METRIC_PATH, load_metric
 from ..common.metrics.pathology_metrics import classification_metrics
 from ..common.records import environment, summarize_seeds, summary_cell
-from .data import Bag, SlideDataset, SlideDataSettings, load_bags, load_slide_dataset
-from .heatmaps import HeatmapSettings, write_heatmaps
-from .mil import HEADS, BagCollator, build_head
+from .data import Bag, SlideDataset, load_bags, load_slide_dataset
+from .heatmaps import write_heatmaps
+from .mil import BagCollator, build_head
+from .settings import HeadTrainingConfig, SlideProbeSettings
 
 __all__ = [
     "SLIDE_RECORD_SUFFIX",
-    "HeadTrainingConfig",
-    "SlideProbeSettings",
     "HeadFit",
     "fit_head",
     "predict_bags",
     "write_slide_report",
     "run_slide_probe",
-    "main",
 ]
 
 logger = logging.getLogger(__name__)
 
 SLIDE_RECORD_SUFFIX = ".slide_record.json"
-
-
-@dataclass(frozen=True)
-class HeadTrainingConfig:
-    """The head and how it is trained (see the module docstring): eva's optimizer, learning rate, batch and
-    step budget for slide tasks; dropout, weight decay and warmup as the MIL heads commonly use them."""
-
-    head: Literal["abmil", "mean"] = "abmil"
-    hidden_dim: int = 128  # attention head: size of V and U
-    dropout: float = 0.25
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    batch_size: int = 32  # per process
-    max_steps: int = 12_500
-    max_epochs: int = 100
-    warmup_fraction: float = 0.05  # of the steps, linear from 0
-    patience: int | None = 10  # evaluations without improvement before stopping; None trains to the end
-    eval_every_epochs: int = 1
-    max_patches: int | None = 1000  # patches sampled per training bag; None keeps all
-    eval_batch_size: int = 8
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-
-    def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise ValueError(f"unknown head {self.head!r}; choose one of {sorted(HEADS)}")
-        positive = {
-            "hidden_dim": self.hidden_dim,
-            "batch_size": self.batch_size,
-            "max_steps": self.max_steps,
-            "max_epochs": self.max_epochs,
-            "eval_every_epochs": self.eval_every_epochs,
-            "eval_batch_size": self.eval_batch_size,
-        }
-        bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct, got {list(self.seeds)}")
-        if bad or not self.seeds or not 0 <= self.warmup_fraction < 1 or not 0 <= self.dropout < 1:
-            raise ValueError(
-                f"training settings out of range ({', '.join(bad) or 'seeds, warmup_fraction or dropout'}): "
-                "counts must be >= 1, at least one seed, warmup_fraction and dropout in [0, 1)"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class SlideProbeSettings:
-    """One `exaonepath-slide-probe` run: the bags and labels, the head and its training, the outputs."""
-
-    features: Path
-    labels: Path
-    output_dir: Path = Path("results/slide_probe")
-    name: str | None = None  # the task in the report; default: the labels CSV's file name
-    data: SlideDataSettings = field(default_factory=SlideDataSettings)
-    training: HeadTrainingConfig = field(default_factory=HeadTrainingConfig)
-    heatmaps: HeatmapSettings | None = None
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    cpu: bool = False
-
-    def __post_init__(self) -> None:
-        if self.heatmaps is not None and self.training.head != "abmil":
-            raise ValueError("heatmaps need an attention head: use --head abmil")
 
 
 class _BagItems(Dataset):
@@ -578,106 +491,7 @@ def run_slide_probe(settings: SlideProbeSettings, accelerator: Accelerator | Non
     return record_path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="exaonepath-slide-probe",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    defaults, data_defaults = HeadTrainingConfig(), SlideDataSettings()
-    parser.add_argument("--features", type=Path, required=True, help="folder of <slide_id>.h5 feature bags")
-    parser.add_argument(
-        "--labels", type=Path, required=True, help="CSV: slide_id, patient_id, label[, split]"
-    )
-    parser.add_argument("--head", choices=sorted(HEADS), default=defaults.head)
-    parser.add_argument("--output_dir", type=Path, default=Path("results/slide_probe"))
-    parser.add_argument("--name", default=None, help="task name in the report (default: the CSV's file name)")
-    parser.add_argument("--class_names", default=None, help="comma-separated label order to pin")
-    parser.add_argument(
-        "--level",
-        choices=("slide", "patient"),
-        default=data_defaults.level,
-        help="patient: one bag per patient (its slides' patches concatenated)",
-    )
-    parser.add_argument("--val_fraction", type=float, default=data_defaults.val_fraction)
-    parser.add_argument("--test_fraction", type=float, default=data_defaults.test_fraction)
-    parser.add_argument("--split_seed", type=int, default=data_defaults.split_seed)
-    parser.add_argument(
-        "--allow_extra_features", action="store_true", help="ignore feature files without a CSV row"
-    )
-    parser.add_argument("--hidden_dim", type=int, default=defaults.hidden_dim)
-    parser.add_argument("--dropout", type=float, default=defaults.dropout)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--weight_decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
-    parser.add_argument("--max_steps", type=int, default=defaults.max_steps)
-    parser.add_argument("--max_epochs", type=int, default=defaults.max_epochs)
-    parser.add_argument("--warmup_fraction", type=float, default=defaults.warmup_fraction)
-    parser.add_argument("--patience", type=int, default=defaults.patience, help="0: no early stopping")
-    parser.add_argument("--eval_every_epochs", type=int, default=defaults.eval_every_epochs)
-    parser.add_argument("--max_patches", type=int, default=defaults.max_patches, help="0: all patches")
-    parser.add_argument("--eval_batch_size", type=int, default=defaults.eval_batch_size)
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
-    parser.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default="no")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
-    add_cpu_threads_argument(parser)
-    parser.add_argument(
-        "--heatmaps", action="store_true", help="attention heatmaps of the test slides (abmil)"
-    )
-    parser.add_argument("--slides", type=Path, default=None, help="folder of the slide files, for --heatmaps")
-    parser.add_argument("--top_k", type=int, default=8, help="top-attention patches exported per slide")
-    parser.add_argument("--thumbnail_size", type=int, default=1024, help="longest side of a heatmap")
-    parser.add_argument(
-        "--backend", choices=SLIDE_BACKENDS, default="auto", help="slide reader for --heatmaps"
-    )
-    return parser
-
-
-def settings_from_args(args: argparse.Namespace) -> SlideProbeSettings:
-    if args.heatmaps and args.slides is None:
-        raise ValueError("--heatmaps needs --slides, the folder holding the slide files")
-    return SlideProbeSettings(
-        features=args.features,
-        labels=args.labels,
-        output_dir=args.output_dir,
-        name=args.name,
-        data=SlideDataSettings(
-            class_names=tuple(args.class_names.split(",")) if args.class_names else None,
-            level=args.level,
-            val_fraction=args.val_fraction,
-            test_fraction=args.test_fraction,
-            split_seed=args.split_seed,
-            allow_extra_features=args.allow_extra_features,
-        ),
-        training=HeadTrainingConfig(
-            head=args.head,
-            hidden_dim=args.hidden_dim,
-            dropout=args.dropout,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            batch_size=args.batch_size,
-            max_steps=args.max_steps,
-            max_epochs=args.max_epochs,
-            warmup_fraction=args.warmup_fraction,
-            patience=args.patience or None,
-            eval_every_epochs=args.eval_every_epochs,
-            max_patches=args.max_patches or None,
-            eval_batch_size=args.eval_batch_size,
-            seeds=tuple(args.seeds),
-        ),
-        heatmaps=HeatmapSettings(args.slides, args.top_k, args.thumbnail_size, args.backend)
-        if args.heatmaps
-        else None,
-        mixed_precision=args.mixed_precision,
-        cpu=args.cpu,
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    apply_cpu_threads(args.cpu_threads)
-    return run_command("exaonepath-slide-probe", lambda: run_slide_probe(settings_from_args(args)))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import slide_probe_main
+
+    raise SystemExit(slide_probe_main())
