@@ -272,21 +272,7 @@ def test_console_script_help_uses_underscore_flags(name, capsys):
 
 # What a console script must not import to answer `--help` or a bad flag (seconds of start-up on every call).
 HEAVY_FOR_COMMANDS = (*HEAVY, "datasets", "accelerate", "evaluate", "sklearn", "h5py")
-# Commands whose parser still sits in a module that imports torch at the top; drop the mark when one is light.
-NOT_YET_LIGHT = {
-    "exaonepath-pretrain": "train/pretrain_dino.py builds its parser beside the training loop (torch at import)",
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(reason=NOT_YET_LIGHT[name], strict=True))
-        if name in NOT_YET_LIGHT
-        else name
-        for name in sorted(console_scripts())
-    ],
-)
+@pytest.mark.parametrize("name", sorted(console_scripts()))
 def test_console_script_answers_help_and_argument_errors_without_importing_torch(name, tmp_path):
     module, function = console_scripts()[name].split(":")
     output = run_python(

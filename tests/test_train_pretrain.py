@@ -238,7 +238,7 @@ def test_student_initialises_from_a_timm_state_dict(tmp_path):
     from safetensors.torch import save_file
 
     from exaonepath_hf.train.dino.config import load_config
-    from exaonepath_hf.train.pretrain_dino import build_student
+    from exaonepath_hf.train.dino.loop import build_student
 
     vit = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=0
@@ -293,7 +293,8 @@ def test_push_to_hub_uploads_the_exported_folder(tmp_path, monkeypatch):
 
 
 def test_config_is_a_packaged_name_or_a_path(tmp_path):
-    from exaonepath_hf.train.dino.config import config_path, load_config, packaged_config_names
+    from exaonepath_hf.train.dino.config import load_config
+    from exaonepath_hf.train.dino.config_files import config_path, packaged_config_names
     from exaonepath_hf.train.pretrain_dino import parse_args
 
     assert packaged_config_names() == ["cpu_smoke", "one_gpu", "paper"]
@@ -356,7 +357,7 @@ def test_a_compiled_runs_checkpoint_loads_into_an_uncompiled_run(patch_folder, t
     from safetensors.torch import load_file
 
     from exaonepath_hf.train.dino.config import load_config
-    from exaonepath_hf.train.pretrain_dino import build_student
+    from exaonepath_hf.train.dino.loop import build_student
 
     out = tmp_path / "compiled"
     common = ["--config", SMOKE, f"data.source={patch_folder}", f"run.output_dir={out}", "run.max_steps=3",
@@ -386,3 +387,19 @@ def test_throughput_is_measured_on_the_real_training_step(patch_folder):
             2, augment_on, False, 2,
         )  # fmt: skip
     assert "aten::" in result["top_ops"]
+
+
+def test_the_script_runs_as_a_file_under_accelerate_launch(patch_folder, tmp_path):
+    """`accelerate launch train/pretrain_dino.py ...`, the form of every Hugging Face example script, trains and
+    exports, as `-m exaonepath_hf.train.pretrain_dino` does."""
+    script = Path(__file__).resolve().parents[1] / "train" / "pretrain_dino.py"
+    _run(
+        [
+            str(PYTHON_BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", str(script), "--config", SMOKE,
+            f"data.source={patch_folder}", "run.output_dir=run", "run.max_steps=2", "run.record_samples=false",
+            "data.num_workers=0",
+        ],
+        tmp_path,
+    )  # fmt: skip
+    assert (tmp_path / "run" / "export" / "config.json").is_file()

@@ -1,5 +1,5 @@
 """DINO pretraining parts: head, loss, schedules, EMA teacher, multi-crop augmentations, streaming data,
-checkpoints. `exaonepath_hf.train.pretrain_dino` is the glue that runs them with Accelerate."""
+checkpoints. `loop` runs them with Accelerate; `exaonepath_hf.train.pretrain_dino` is the command."""
 
 from .augmentations import AugmentationConfig, DINOMultiCrop
 from .config import PretrainConfig, load_config

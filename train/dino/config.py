@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import asdict, dataclass, field, fields
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from transformers import PreTrainedConfig
 
 from ...configuration_exaonepath import ExaonePathConfig
 from .augmentations import AugmentationConfig
+from .config_files import config_path, packaged_config_names
 from .schedules import DINOSchedules
 
 __all__ = [
@@ -31,8 +31,6 @@ __all__ = [
     "load_config",
     "packaged_config_names",
 ]
-
-_PACKAGE = "exaonepath_hf.train"
 
 
 def _backbone_fields() -> frozenset[str]:
@@ -200,28 +198,6 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ValueError(f"override '{dotted}': '{part}' is not a section")
     node[leaf] = value
-
-
-def packaged_config_names(folder: str = "configs") -> list[str]:
-    """Names of the YAML files shipped in `exaonepath_hf.train/<folder>` (`configs` or `accelerate_configs`)."""
-    root = resources.files(_PACKAGE) / folder
-    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
-
-
-def config_path(name_or_path: str | Path, folder: str = "configs") -> Path:
-    """A YAML file given by path, or by the name of a packaged one (`cpu_smoke` -> its installed file)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    name = str(name_or_path)
-    if path.suffix == "" and len(Path(name).parts) == 1:
-        packaged = resources.files(_PACKAGE) / folder / f"{name}.yaml"
-        if packaged.is_file():
-            return Path(str(packaged))  # an installed package is unpacked on disk (setuptools, not a zip)
-    raise FileNotFoundError(
-        f"config {name_or_path!r} is neither a file nor a packaged config "
-        f"({', '.join(packaged_config_names(folder))})"
-    )
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from ..pretrain_dino import (
+from .config import PretrainConfig, load_config
+from .loop import (
     PendingCounts,
     build_rank_batches,
     build_training,
@@ -31,7 +32,6 @@ from ..pretrain_dino import (
     start_accelerator,
     train_step,
 )
-from .config import PretrainConfig, load_config
 
 __all__ = ["measure_dino_throughput"]
 
