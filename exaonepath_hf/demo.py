@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .atomic_io import atomic_write_bytes
 from .images import decode_rgb
@@ -127,20 +126,43 @@ def pretrain_demo_model(tiles: Path, out: Path, steps: int) -> Path:
     return run_dir / "export"
 
 
-def extract(model, processor, images: list[torch.Tensor], stain_normalize: bool, batch_size: int = 32):
-    """Features of `images` and how many Macenko fell back on, with or without stain normalization."""
-    features, fallbacks = [], 0
-    device = next(model.parameters()).device
+class _InMemoryImages(torch.utils.data.Dataset):
+    """Decoded images as a source of the extraction path: items (index, image, no error)."""
+
+    def __init__(self, images: list[torch.Tensor]):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return index, self.images[index], None
+
+
+def extract(
+    encoder, images: list[torch.Tensor], stain_normalize: bool, device: str
+) -> tuple[torch.Tensor, int]:
+    """Features of `images` through the model's own processor, with or without its Macenko step, on the package's
+    one extraction path; and how many images Macenko fell back on."""
+    from .eval.common.extraction import ForwardSettings, stream_features
+
     setting = "Macenko" if stain_normalize else "raw"
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(images), batch_size), desc=f"features ({setting} input)", leave=False):
-            inputs = processor(
-                images[start : start + batch_size], do_stain_normalize=stain_normalize, return_tensors="pt"
-            )
-            if stain_normalize:
-                fallbacks += int((~inputs["stain_normalized"]).sum())
-            features.append(model(pixel_values=inputs["pixel_values"].to(device)).pooler_output.float().cpu())
-    return torch.cat(features), fallbacks
+    batches = list(
+        stream_features(
+            encoder,
+            encoder.default_preprocessing(stain_normalize=stain_normalize),
+            _InMemoryImages(images),
+            ForwardSettings(batch_size=32, num_workers=0),
+            torch.device(device),
+            desc=f"features ({setting} input)",
+        )
+    )
+    failed = [failure for batch in batches for failure in batch.failed]
+    if failed:  # the images were decoded and re-stained here: a failure is a bug, not bad input
+        raise RuntimeError(f"{len(failed)} re-stained images failed preprocessing; first: {failed[0]}")
+    flags = torch.cat([batch.stain_normalized for batch in batches])
+    fallbacks = int((~flags).sum()) if stain_normalize else 0
+    return torch.cat([batch.features for batch in batches]), fallbacks
 
 
 def measure_robustness(out: Path, model_name: str, features: dict[str, torch.Tensor], table, restarts: int):
@@ -160,13 +182,6 @@ def measure_robustness(out: Path, model_name: str, features: dict[str, torch.Ten
         notes=[VIRTUAL_LABS_NOTE, DEMO_CAVEAT],
     )
     return {record["setting"]: (record["metrics"], record["reasons"]) for record in outputs.records}
-
-
-def load_model(source: str | Path, device: str):
-    from transformers import AutoImageProcessor, AutoModel
-
-    model = AutoModel.from_pretrained(source).eval().to(device)
-    return model, AutoImageProcessor.from_pretrained(source)
 
 
 @dataclass(frozen=True)
@@ -247,13 +262,15 @@ def run_demo(settings: DemoSettings) -> dict:
             "Macenko patches"
         )
         model_folder = pretrain_demo_model(tiles, out, settings.train_steps)
-    model, processor = load_model(model_folder, settings.device)
+    from .eval.common.encoders import load_encoder
+
+    encoder = load_encoder(model_folder, device=settings.device)
 
     print(
         "[4/4] extracting features from raw and Macenko input; measuring robustness across the virtual labs"
     )
-    raw, _ = extract(model, processor, images, stain_normalize=False)
-    normalized, fallbacks = extract(model, processor, images, stain_normalize=True)
+    raw, _ = extract(encoder, images, stain_normalize=False, device=settings.device)
+    normalized, fallbacks = extract(encoder, images, stain_normalize=True, device=settings.device)
     metrics = measure_robustness(out, model_name, {"raw": raw, "macenko": normalized}, table, restarts=3)
     print_summary((time.perf_counter() - start) / 60, model_name, what, labs, fallbacks, metrics, out)
     return metrics
