@@ -272,6 +272,8 @@ def test_console_script_help_uses_underscore_flags(name, capsys):
 
 # What a console script must not import to answer `--help` or a bad flag (seconds of start-up on every call).
 HEAVY_FOR_COMMANDS = (*HEAVY, "datasets", "accelerate", "evaluate", "sklearn", "h5py")
+
+
 @pytest.mark.parametrize("name", sorted(console_scripts()))
 def test_console_script_answers_help_and_argument_errors_without_importing_torch(name, tmp_path):
     module, function = console_scripts()[name].split(":")

@@ -9,16 +9,19 @@ from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
 from exaonepath_hf.eval.patch.cli import probe_main
-from exaonepath_hf.eval.patch.linear_probe import LinearProbeSettings, probe_configs, run_linear_probe
+from exaonepath_hf.eval.patch.linear_probe import (
+    LinearProbeSettings,
+    imagefolder_task_name,
+    probe_configs,
+    run_linear_probe,
+)
 
 CLASSES = ("ADI", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 
 
-@pytest.fixture(scope="module")
-def crc_imagefolder(shared_data, tmp_path_factory):
+def build_crc_imagefolder(shared_data, root):
     """The flat `<CLASS>-TCGA-XXXX.png` files as an imagefolder with a metadata.csv: 2 train, 1 val, 1 test per class."""
-    root = tmp_path_factory.mktemp("crc")
-    (root / "images").mkdir()
+    (root / "images").mkdir(parents=True)
     lines = ["file_name,label,split"]
     samples = sorted((shared_data / "crc-val-he-7k-samples").glob("*.png"))
     for i, path in enumerate(samples):
@@ -30,6 +33,11 @@ def crc_imagefolder(shared_data, tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def crc_imagefolder(shared_data, tmp_path_factory):
+    return build_crc_imagefolder(shared_data, tmp_path_factory.mktemp("crc"))
+
+
 def test_end_to_end_on_crc_samples(crc_imagefolder, tiny_model_dir, tmp_path, capsys):
     argv = [
         "--model", str(tiny_model_dir), "--task", "imagefolder", "--data_dir", str(crc_imagefolder),
@@ -38,7 +46,7 @@ def test_end_to_end_on_crc_samples(crc_imagefolder, tiny_model_dir, tmp_path, ca
         "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"),
         "--num_workers", "1", "--batch_size", "8",
     ]  # fmt: skip
-    task_dir = tmp_path / "out" / "tiny-exaonepath" / "imagefolder"
+    task_dir = tmp_path / "out" / "tiny-exaonepath" / imagefolder_task_name(crc_imagefolder)
     assert probe_main(argv) == 0
     assert sorted(p.name for p in task_dir.glob("*.record.json")) == ["eva.record.json", "paper.record.json"]
     record = json.loads((task_dir / "paper.record.json").read_text())
@@ -78,9 +86,7 @@ def test_end_to_end_on_crc_samples(crc_imagefolder, tiny_model_dir, tmp_path, ca
     assert record["environment"]["packages"]["torch"] == torch.__version__.split("+")[0]
 
     # metrics agree with scikit-learn on the saved predictions
-    saved = load_file(
-        str(tmp_path / "out" / "tiny-exaonepath" / "imagefolder" / "paper.predictions.safetensors")
-    )
+    saved = load_file(str(task_dir / "paper.predictions.safetensors"))
     labels = saved["labels"].numpy()
     assert sorted(labels.tolist()) == list(range(8))
     for seed_index, per_seed in enumerate(record["results"]["per_seed"]):
@@ -97,6 +103,31 @@ def test_end_to_end_on_crc_samples(crc_imagefolder, tiny_model_dir, tmp_path, ca
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| EXAONEPath (paper) | 0.901 | 0.818 | 0.946 | 0.939 | 0.756 | 0.804 | 0.861 |" in report
     assert "| tiny-exaonepath | crc" in report and "cached" in report
+
+
+def test_probes_of_two_imagefolders_keep_both_records(shared_data, tiny_model_dir, tmp_path):
+    """Two folders of the same name: each probe keeps its record and report row; a rerun replaces its own."""
+    folders = [build_crc_imagefolder(shared_data, tmp_path / site / "crc") for site in ("site_a", "site_b")]
+    out = tmp_path / "out"
+
+    def probe(data_dir):
+        argv = [
+            "--model", str(tiny_model_dir), "--task", "imagefolder", "--data_dir", str(data_dir),
+            "--class_names", ",".join(CLASSES), "--protocol", "paper", "--iterations", "2",
+            "--eval_every", "1", "--seeds", "0", "--cache_dir", str(tmp_path / "cache"),
+            "--output_dir", str(out), "--num_workers", "0", "--batch_size", "32",
+        ]  # fmt: skip
+        assert probe_main(argv) == 0
+
+    for folder in (*folders, folders[0]):
+        probe(folder)
+    records = sorted(out.rglob("*.record.json"))
+    assert [r.parent.name for r in records] == sorted(imagefolder_task_name(f) for f in folders)
+    assert sorted(json.loads(r.read_text())["dataset"]["id"] for r in records) == sorted(
+        str(f.resolve()) for f in folders
+    )
+    report = (out / "report.md").read_text()
+    assert report.count("| tiny-exaonepath | crc | paper |") == 2
 
 
 def test_local_task_without_data_explains_the_converter(tiny_model_dir, tmp_path, capsys):

@@ -203,3 +203,23 @@ def test_numeric_labels_sort_as_numbers(tmp_path):
     rows = [{"slide_id": f"S{i}", "patient_id": f"P{i}", "label": [2, 10, 1][i % 3]} for i in range(15)]
     data = load_slide_dataset(cohort(tmp_path, rows), write_csv(tmp_path / "s.csv", rows))
     assert data.class_names == ("1", "2", "10")
+
+
+def test_case_id_is_read_as_patient_id(tmp_path):
+    """CLAM and TRIDENT name the patient column `case_id`: the same splits as with `patient_id`."""
+    patients, labels = many_patients(30)
+    rows = [
+        {"slide_id": f"S{i:03d}", "patient_id": p, "case_id": p, "label": y}
+        for i, (p, y) in enumerate(zip(patients, labels, strict=True))
+    ]
+    folder = cohort(tmp_path, rows)
+    settings = SlideDataSettings(split_seed=1)
+    by_patient = load_slide_dataset(folder, write_csv(tmp_path / "patient.csv", rows), settings)
+    csv_path = write_csv(tmp_path / "case.csv", rows, ("slide_id", "case_id", "label"))
+    by_case = load_slide_dataset(folder, csv_path, settings)
+    assert by_case.table.to_dict() == by_patient.table.to_dict()
+    assert by_case.sizes() == by_patient.sizes() and by_case.sizes()["test"]["patients"] > 0
+
+    write_csv(csv_path, rows, ("slide_id", "patient_id", "case_id", "label"))
+    with pytest.raises(ValueError, match="both patient_id and case_id"):
+        load_slide_dataset(folder, csv_path)

@@ -241,7 +241,7 @@ def test_bad_input_is_named(tiny_model_dir, tmp_path, capsys):
     assert "nowhere.svs" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="neither an exaonepath-tile output folder nor a folder of slides"):
+    with pytest.raises(ValueError, match="a folder with neither slide files"):
         extract_slide_features(extraction_settings([empty], tiny_model_dir, tmp_path / "o"))
     os.symlink(SAMPLE_SLIDE, tmp_path / "CMU-1-Small-Region.svs")
     with pytest.raises(ValueError, match="slide id 'CMU-1-Small-Region'"):

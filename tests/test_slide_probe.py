@@ -59,7 +59,7 @@ def test_cli_end_to_end_record_metrics_and_report(tmp_path, capsys):
     out = tmp_path / "out"
     common = ["--features", str(tmp_path / "features"), "--labels", str(labels), "--output_dir", str(out)]
     assert main([*common, "--head", "abmil", *FAST]) == 0
-    record = json.loads((out / "abmil.slide_record.json").read_text())
+    record = json.loads((out / "slides.abmil.slide_record.json").read_text())
 
     for key in ("balanced_accuracy", "auroc", "macro_f1"):
         assert set(record["test"][key]) >= {"mean", "sd"} and record["test"][key]["n"] == 2
@@ -78,7 +78,7 @@ def test_cli_end_to_end_record_metrics_and_report(tmp_path, capsys):
     )
 
     # the record's metrics are scikit-learn's on the saved test predictions
-    with safe_open(out / "abmil.predictions.safetensors", "pt") as saved:
+    with safe_open(out / "slides.abmil.predictions.safetensors", "pt") as saved:
         probabilities, references = (
             saved.get_tensor("probabilities").numpy(),
             saved.get_tensor("labels").numpy(),
@@ -91,7 +91,7 @@ def test_cli_end_to_end_record_metrics_and_report(tmp_path, capsys):
         assert run["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(references, predictions))
         assert run["macro_f1"] == pytest.approx(f1_score(references, predictions, average="macro"))
         assert run["auroc"] == pytest.approx(roc_auc_score(references, probs[:, 1]))
-    with safe_open(out / "abmil.heads.safetensors", "pt") as heads:
+    with safe_open(out / "slides.abmil.heads.safetensors", "pt") as heads:
         assert {k.split(".")[0] for k in heads.keys()} == {"seed0", "seed1"}
         assert heads.get_tensor("seed0.attention_v.weight").shape == (16, DIM)
 
@@ -101,6 +101,25 @@ def test_cli_end_to_end_record_metrics_and_report(tmp_path, capsys):
     assert "| slides | abmil | slide | 2 | " in report and "| slides | mean | slide | 2 | " in report
     assert "## slides, mean" in report
     assert "balanced_accuracy" in capsys.readouterr().out
+
+
+def test_slide_probes_of_two_tasks_keep_both_records(tmp_path):
+    """Two --name runs into one folder keep their records and report rows; a rerun replaces its own."""
+    labels = write_csv(tmp_path / "slides.csv", synthetic_cohort(tmp_path))
+    out = tmp_path / "out"
+    common = ["--features", str(tmp_path / "features"), "--labels", str(labels), "--output_dir", str(out)]
+    quick = [*FAST, "--seeds", "0", "--max_epochs", "1"]
+    for name in ("msi", "subtype", "msi"):
+        assert main([*common, "--name", name, *quick]) == 0
+    assert sorted(p.name for p in out.glob("*.slide_record.json")) == [
+        "msi.abmil.slide_record.json",
+        "subtype.abmil.slide_record.json",
+    ]
+    record = json.loads((out / "subtype.abmil.slide_record.json").read_text())
+    assert record["task"]["name"] == "subtype"
+    assert all((out / file).is_file() for file in record["outputs"].values())
+    report = (out / "report.md").read_text()
+    assert all(report.count(f"| {name} | abmil | slide | 1 | ") == 1 for name in ("msi", "subtype"))
 
 
 def test_cli_rejects_bad_input(tmp_path, capsys):
@@ -187,7 +206,7 @@ def test_heatmap_and_top_patches_on_the_bundled_slide(tmp_path):
         "--thumbnail_size", "256", *FAST, "--seeds", "0",
     ]  # fmt: skip
     assert main(argv) == 0
-    record = json.loads((out / "abmil.slide_record.json").read_text())
+    record = json.loads((out / "slides.abmil.slide_record.json").read_text())
     heatmaps = record["heatmaps"]
     assert sorted(heatmaps["missing_slides"]) == ["S036", "S037", "S038", "S039"]
     (drawn,) = heatmaps["written"]

@@ -43,8 +43,11 @@ BACKGROUND = (242, 240, 244)
 TISSUE = (205, 120, 185)
 
 
-def write_synthetic_slide(path: Path, mpp: float | None, downsamples=(1, 4, 16), seed=0) -> Path:
-    """A pyramidal RGB TIFF of the layout above at `mpp` µm/px (no resolution tags when None)."""
+def write_synthetic_slide(
+    path: Path, mpp: float | None, downsamples=(1, 4, 16), seed=0, dpi: float | None = None
+) -> Path:
+    """A pyramidal RGB TIFF of the layout above at `mpp` µm/px (no resolution tags when None, unless `dpi`
+    gives a print resolution tag in pixels per inch, as some exporters write)."""
     patch_px = round(PATCH_UM / (mpp or 0.5))
     height, width = GRID_ROWS * patch_px, GRID_COLUMNS * patch_px
     rng = np.random.default_rng(seed)
@@ -64,6 +67,8 @@ def write_synthetic_slide(path: Path, mpp: float | None, downsamples=(1, 4, 16),
             extra = {}
             if mpp is not None:
                 extra = dict(resolution=(1e4 / (mpp * factor),) * 2, resolutionunit="CENTIMETER")
+            elif dpi is not None:
+                extra = dict(resolution=(dpi / factor,) * 2, resolutionunit="INCH")
             if i == 0:
                 tif.write(level, subifds=len(downsamples) - 1, **options, **extra)
             else:
@@ -263,6 +268,24 @@ def test_missing_mpp_is_a_clear_error_unless_given(synthetic_slides, tmp_path):
     # The metadata wins over --mpp when the slide has it.
     record = tile_slide(synthetic_slides["mpp025"], tmp_path / "c", TilingConfig(mpp=0.5))
     assert record.slide_mpp == pytest.approx(0.25) and record.patch_size_level0 == 512
+
+
+def test_implausible_metadata_mpp_counts_as_missing(tmp_path, caplog, capsys):
+    # A 72-dpi resolution tag reads as 352.8 µm/px: not a microscope's pixel size, so --mpp applies.
+    slide = write_synthetic_slide(tmp_path / "dpi72.tif", None, downsamples=(1,), dpi=72)
+    with open_slide(slide) as reader:
+        assert reader.metadata_mpp == (pytest.approx(352.78, abs=0.01),) * 2
+    out = tmp_path / "out"
+    assert tile_main([str(slide), "--out", str(out), "--quiet", "--mpp", "0.5"]) == 0
+    record = json.loads((out / "slides" / "dpi72.json").read_text())
+    assert record["slide_mpp"] == 0.5 and record["mpp_source"] == "fallback"
+    assert record["patch_size_level0"] == 256 and record["num_patches"] == len(EXPECTED_PATCHES)
+    assert "dpi72.tif" in caplog.text and "352.8" in caplog.text
+    # Without --mpp: a clear error that names the value and the flag (not a coarser --target_mpp).
+    with pytest.raises(MissingMPPError, match=r"352\.8 µm/px.*implausible.*--mpp"):
+        tile_slide(slide, tmp_path / "none")
+    assert tile_main([str(slide), "--out", str(tmp_path / "none"), "--quiet"]) == 1
+    assert "target_mpp" not in capsys.readouterr().err
 
 
 def test_missing_mpp_slide_is_a_failure_in_a_run(synthetic_slides, tmp_path):

@@ -27,6 +27,7 @@ from exaonepath_hf.tiling import (
     tile_slide,
     tile_slides,
 )
+from exaonepath_hf.tiling.cli import main as tile_main
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CMU_NAME = "CMU-1-Small-Region.svs"
@@ -330,6 +331,22 @@ def test_killed_run_restarts_with_no_duplicate_and_no_missing_patch(cmu_slide, t
     expected = {(n, x, y) for n in names for (_, x, y) in single}
     assert set(rows) == expected
     assert not list(out.glob(".staging/*"))
+
+
+def test_a_folder_of_slides_is_expanded_not_read_as_dicom(cmu_slide, tmp_path, capsys):
+    _slide_copies(cmu_slide, tmp_path / "slides", ["b", "a"])
+    (tmp_path / "slides" / "notes.txt").write_text("not a slide")
+    out = tmp_path / "out"
+    assert tile_main([str(tmp_path / "slides"), "--out", str(out), "--quiet"]) == 0
+    assert "2 slides tiled, 0 already complete, 0 failed" in capsys.readouterr().out
+    assert sorted(json.loads((out / "manifest.json").read_text())["slides"]) == ["a", "b"]
+    # A folder with neither slide files nor .dcm files is refused in one line that names it.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        tile_main([str(tmp_path / "empty"), "--out", str(out), "--quiet"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert str(tmp_path / "empty") in error and ".svs" in error and ".dcm" in error
 
 
 def test_slide_ids_must_be_unique(cmu_slide, tmp_path):

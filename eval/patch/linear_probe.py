@@ -8,6 +8,7 @@ protocol) and the Table 1 report. The command line (`exaonepath-probe`, its usag
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import re
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from .tasks import PAPER_TASK_ORDER, TaskData, TaskSpec, get_task, imagefolder_t
 __all__ = [
     "LinearProbeSettings",
     "select_tasks",
+    "imagefolder_task_name",
     "probe_configs",
     "extract_task_features",
     "run_probe",
@@ -45,6 +47,14 @@ logger = logging.getLogger(__name__)
 
 def slugify(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/")).strip("_")[-80:] or "model"
+
+
+def imagefolder_task_name(data_dir: str | Path) -> str:
+    """`imagefolder-<folder name>-<digest of its absolute path>`: the task's name in records and the report,
+    and its folder of records, so that probes of two imagefolders keep both records while a rerun on the same
+    folder replaces its own (two folders may share a name, hence the digest)."""
+    folder = Path(data_dir).resolve()
+    return f"imagefolder-{slugify(folder.name)}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
 
 
 def extract_task_features(
@@ -217,7 +227,8 @@ class LinearProbeSettings:
     """One `exaonepath-probe` run: the encoder, the task(s), the preprocessing, the protocols, the outputs.
 
     `task` is a key of `TASKS`, "all" (the six, local ones from `data_root/<task>`, skipped when absent) or
-    "imagefolder" (`data_dir`, split as `val_fraction` / `test_fraction` / `split_seed` say).
+    "imagefolder" (`data_dir`, split as `val_fraction` / `test_fraction` / `split_seed` say; the task is named
+    after the folder, `imagefolder_task_name`).
     """
 
     model: str
@@ -256,7 +267,8 @@ def select_tasks(
     if task == "imagefolder":
         if data_dir is None:
             raise ValueError("--task imagefolder needs --data_dir")
-        return [(imagefolder_task(data_dir, class_names, val_fraction, split_seed), data_dir)]
+        name = imagefolder_task_name(data_dir)
+        return [(imagefolder_task(data_dir, class_names, val_fraction, split_seed, name), data_dir)]
     names = PAPER_TASK_ORDER if task == "all" else (task,)
     selected = []
     for name in names:

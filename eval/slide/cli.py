@@ -164,7 +164,7 @@ SLIDE_PROBE_DESCRIPTION = """Slide-level prediction: a MIL head trained on per-s
     accelerate launch -m exaonepath_hf.eval.slide.probe ...     # data-parallel across processes / GPUs
 
 `--features` is a folder of `<slide_id>.h5` feature bags (exaonepath-extract or TRIDENT); `--labels` a CSV
-with slide_id, patient_id, label[, split] (see `eval.slide.data`: patient-level splits, `--level patient`
+with slide_id, patient_id (or CLAM/TRIDENT's case_id), label[, split] (see `eval.slide.data`: patient-level splits, `--level patient`
 pools a patient's slides). Heads (`eval.slide.mil`): `abmil`, gated attention MIL, or `mean`, mean pooling
 plus a linear layer. Training follows eva's slide protocol: AdamW (lr 1e-3), batch 32, at most 12,500 steps and
 100 epochs, a fixed number of patches sampled per training bag (`--max_patches`; all of them at evaluation),
@@ -172,9 +172,9 @@ a cosine schedule with linear warmup, and the head that scores the best validati
 (evaluated every epoch; between equal scores the lower validation loss wins) restored before testing;
 training stops after `--patience` evaluations without improvement. Every seed trains its own head.
 
-Writes to OUT: `<head>.slide_record.json` (settings, splits, metrics per seed, and under `test` the
-balanced accuracy, AUROC, macro-F1 and top-1 as mean and sd over seeds), `<head>.predictions.safetensors`
-(test probabilities per seed), `<head>.heads.safetensors` (each seed's selected head), `report.md` (every
+Writes to OUT, per task (`--name`) and head: `<task>.<head>.slide_record.json` (settings, splits, metrics per seed, and under `test` the
+balanced accuracy, AUROC, macro-F1 and top-1 as mean and sd over seeds), `<task>.<head>.predictions.safetensors`
+(test probabilities per seed), `<task>.<head>.heads.safetensors` (each seed's selected head), `report.md` (every
 slide record in OUT) and with `--heatmaps` `heatmaps/<slide_id>.png` plus `heatmaps/<slide_id>/top*.png`
 (`eval.slide.heatmaps`). In Python: `run_slide_probe(SlideProbeSettings(...))`.
 """
@@ -189,7 +189,7 @@ def build_slide_probe_parser() -> argparse.ArgumentParser:
     defaults, data_defaults = HeadTrainingConfig(), SlideDataSettings()
     parser.add_argument("--features", type=Path, required=True, help="folder of <slide_id>.h5 feature bags")
     parser.add_argument(
-        "--labels", type=Path, required=True, help="CSV: slide_id, patient_id, label[, split]"
+        "--labels", type=Path, required=True, help="CSV: slide_id, patient_id (or case_id), label[, split]"
     )
     parser.add_argument("--head", choices=sorted(HEAD_NAMES), default=defaults.head)
     parser.add_argument("--output_dir", type=Path, default=Path("results/slide_probe"))

@@ -1,7 +1,8 @@
 """Slide-level datasets: a labels CSV joined to a folder of per-slide feature files, split by patient.
 
-The CSV has one row per slide, with the columns `slide_id`, `patient_id`, `label` and optionally `split`
-(train / val / test; the aliases of `eval.common.data` such as `validation` or `testing` work too). The
+The CSV has one row per slide, with the columns `slide_id`, `patient_id` (or `case_id`, as CLAM and TRIDENT
+call it), `label` and optionally `split` (train / val / test; the aliases of `eval.common.data` such as
+`validation` or `testing` work too). The
 feature folder holds `<slide_id>.h5` files in TRIDENT's layout (`eval.slide.bags`). Every labelled slide needs a
 file; a file without a row is an error too unless `allow_extra_features` (a cohort's folder serving a task that
 labels only some of its slides).
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 FEATURE_SUFFIX = ".h5"
 _REQUIRED_COLUMNS = ("slide_id", "patient_id", "label")
+_PATIENT_ALIAS = "case_id"  # CLAM's and TRIDENT's name for patient_id
 _LISTED = 10  # ids named in an error message; the rest are counted
 
 
@@ -141,14 +143,23 @@ def read_labels_csv(path: str | Path) -> list[dict[str, str]]:
         raise FileNotFoundError(f"labels CSV not found: {path}")
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
+        found = [c.strip() for c in reader.fieldnames or []]
+        if "patient_id" in found and _PATIENT_ALIAS in found:
+            raise ValueError(
+                f"{path}: has both patient_id and {_PATIENT_ALIAS}, which name the same column; keep one"
+            )
+        renamed = {_PATIENT_ALIAS: "patient_id"}
+        columns = [renamed.get(c, c) for c in found]
         missing = [c for c in _REQUIRED_COLUMNS if c not in columns]
         if missing:
             raise ValueError(
-                f"{path}: missing column(s) {missing} (has {columns}); the labels CSV needs slide_id, "
-                "patient_id, label and optionally split"
+                f"{path}: missing column(s) {missing} (has {found}); the labels CSV needs slide_id, "
+                f"patient_id (or {_PATIENT_ALIAS}), label and optionally split"
             )
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+        rows = [
+            {renamed.get(k.strip(), k.strip()): (v or "").strip() for k, v in row.items() if k is not None}
+            for row in reader
+        ]
     if not rows:
         raise ValueError(f"{path}: no rows")
     for column in _REQUIRED_COLUMNS:

@@ -55,7 +55,7 @@ from ...tiling import (
     tiling_output_folder,
 )
 from ...tiling.ranks import record_name
-from ...tiling.slide_io import SLIDE_SUFFIXES
+from ...tiling.slide_io import expand_slide_inputs
 from ..common.encoders import Encoder, Pooling, Preprocessing, load_encoder
 from ..common.extraction import FeatureBatch, ForwardSettings, ForwardTimes, stream_features
 from .bags import patch_geometry, write_slide_features
@@ -151,10 +151,6 @@ class SlideExtractionSummary:
         }
 
 
-def _is_slide_folder(path: Path) -> bool:
-    return any(p.suffix.lower() == ".dcm" for p in path.iterdir())
-
-
 def _collect_inputs(inputs: Sequence[Path]) -> tuple[list[TiledSlide], list[Path]]:
     """The complete slides of the tiling folders among `inputs`, and the slide files to tile."""
     tiled, to_tile = [], []
@@ -167,16 +163,8 @@ def _collect_inputs(inputs: Sequence[Path]) -> tuple[list[TiledSlide], list[Path
         if folder is not None:
             manifest = read_manifest(folder)
             tiled += [TiledSlide(folder, record, manifest.config) for record in manifest.slides.values()]
-        elif path.is_dir() and not _is_slide_folder(path):
-            slides = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
-            if not slides:
-                raise ValueError(
-                    f"{path} is neither an exaonepath-tile output folder nor a folder of slides "
-                    f"({', '.join(SLIDE_SUFFIXES)}) nor a DICOM slide (.dcm files)"
-                )
-            to_tile += slides
         else:
-            to_tile.append(path)
+            to_tile += expand_slide_inputs([path])
     ids: dict[str, str] = {}
     for slide_id, where in [(s.slide_id, str(s.out_dir)) for s in tiled] + [
         (slide_id_from_path(p), str(p)) for p in to_tile

@@ -28,6 +28,7 @@ from ...atomic_io import atomic_save_tensors, atomic_write_bytes, write_json
 from ..common.metrics import METRIC_KEYS, METRIC_PATH, load_metric
 from ..common.metrics.pathology_metrics import classification_metrics
 from ..common.records import environment, summarize_seeds, summary_cell
+from ..patch.linear_probe import slugify
 from .data import Bag, SlideDataset, load_bags, load_slide_dataset
 from .heatmaps import write_heatmaps
 from .mil import BagCollator, build_head
@@ -378,11 +379,26 @@ def _train_and_test(
     return _SeedRuns(per_seed, heads, torch.stack(probabilities), labels)
 
 
+def _task_name(settings: SlideProbeSettings) -> str:
+    return settings.name or settings.labels.stem
+
+
+def _run_stem(settings: SlideProbeSettings) -> str:
+    """`<task>.<head>`, the file-name stem of a run's outputs: runs of other tasks or heads into one folder
+    keep their records (the report lists them all); a rerun of the same task and head replaces its own."""
+    return f"{slugify(_task_name(settings))}.{settings.training.head}"
+
+
 def _save_heads_and_predictions(
-    out_dir: Path, config: HeadTrainingConfig, runs: _SeedRuns, bags: dict[str, list[Bag]], class_names
+    out_dir: Path,
+    stem: str,
+    config: HeadTrainingConfig,
+    runs: _SeedRuns,
+    bags: dict[str, list[Bag]],
+    class_names,
 ) -> None:
-    """`<head>.heads.safetensors` (every seed's head, with what rebuilds it) and
-    `<head>.predictions.safetensors` (test probabilities per seed, labels, bag ids)."""
+    """`<stem>.heads.safetensors` (every seed's head, with what rebuilds it) and
+    `<stem>.predictions.safetensors` (test probabilities per seed, labels, bag ids)."""
     metadata = {
         "head": config.head,
         "in_dim": str(bags["train"][0].features.shape[1]),
@@ -391,7 +407,7 @@ def _save_heads_and_predictions(
         "config": json.dumps(config.to_dict()),
     }
     atomic_save_tensors(
-        out_dir / f"{config.head}.heads.safetensors",
+        out_dir / f"{stem}.heads.safetensors",
         {
             f"seed{seed}.{key}": value.detach().cpu()
             for seed, head in runs.heads.items()
@@ -400,7 +416,7 @@ def _save_heads_and_predictions(
         metadata=metadata,
     )
     atomic_save_tensors(
-        out_dir / f"{config.head}.predictions.safetensors",
+        out_dir / f"{stem}.predictions.safetensors",
         {"probabilities": runs.probabilities, "labels": runs.labels},
         metadata={
             "bag_ids": json.dumps([b.bag_id for b in bags["test"]]),
@@ -419,9 +435,10 @@ def _slide_record(
     """The run's record (module docstring), heatmaps not yet drawn."""
     config = settings.training
     first = runs.heads[config.seeds[0]]
+    stem = _run_stem(settings)
     return {
         "task": {
-            "name": settings.name or settings.labels.stem,
+            "name": _task_name(settings),
             "class_names": list(dataset.class_names),
             "level": settings.data.level,
         },
@@ -449,8 +466,8 @@ def _slide_record(
         "per_seed": runs.per_seed,
         "heatmaps": None,
         "outputs": {
-            "predictions": f"{config.head}.predictions.safetensors",
-            "heads": f"{config.head}.heads.safetensors",
+            "predictions": f"{stem}.predictions.safetensors",
+            "heads": f"{stem}.heads.safetensors",
         },
         "environment": environment(),
     }
@@ -467,10 +484,10 @@ def run_slide_probe(settings: SlideProbeSettings, accelerator: Accelerator | Non
     if not accelerator.is_main_process:
         return None
 
-    out_dir = Path(settings.output_dir)
-    _save_heads_and_predictions(out_dir, config, runs, bags, dataset.class_names)
+    out_dir, stem = Path(settings.output_dir), _run_stem(settings)
+    _save_heads_and_predictions(out_dir, stem, config, runs, bags, dataset.class_names)
     record = _slide_record(settings, dataset, bags, runs, accelerator)
-    record_path = out_dir / f"{config.head}{SLIDE_RECORD_SUFFIX}"
+    record_path = out_dir / f"{stem}{SLIDE_RECORD_SUFFIX}"
     write_json(record_path, record)  # before the heatmaps: a slide that cannot be drawn loses no training
     if settings.heatmaps is not None:
         first = runs.heads[config.seeds[0]]

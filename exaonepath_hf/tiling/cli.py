@@ -12,7 +12,7 @@ from pathlib import Path
 from .config import TilingConfig
 from .pipeline import tile_slides
 from .ranks import add_rank_arguments, resolve_rank
-from .slide_io import SLIDE_BACKENDS
+from .slide_io import SLIDE_BACKENDS, expand_slide_inputs
 from .tissue import TissueDetectionConfig
 
 __all__ = [
@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "slides", nargs="+", type=Path, help="slide files (SVS, TIFF, NDPI, DICOM .dcm or folder)"
+        "slides",
+        nargs="+",
+        type=Path,
+        help="slide files (SVS, TIFF, NDPI, DICOM .dcm) or folders of them; a folder of .dcm files is one slide",
     )
     parser.add_argument(
         "--slide_list",
@@ -97,7 +100,10 @@ def add_patch_arguments(grid: argparse._ArgumentGroup) -> None:
         "--resize", action="store_true", help="store patches resized to --patch_size (default: native size)"
     )
     grid.add_argument(
-        "--mpp", type=float, default=None, help="level-0 µm/px for slides whose metadata has none"
+        "--mpp",
+        type=float,
+        default=None,
+        help="level-0 µm/px for slides whose metadata has none or an implausible one",
     )
     grid.add_argument("--backend", choices=SLIDE_BACKENDS, default=_DEFAULTS.backend, help="slide reader")
 
@@ -225,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         config = config_from_args(args)
-        slides = slide_paths(args.slides, args.slide_list)
+        slides = expand_slide_inputs(slide_paths(args.slides, args.slide_list))
         rank = resolve_rank(args.rank, args.world_size)
     except (ValueError, OSError) as error:
         parser.error(str(error))

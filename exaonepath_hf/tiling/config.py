@@ -34,7 +34,8 @@ class TilingConfig:
         row_group_size: parquet row group size (the unit a streaming reader holds in memory).
         thumbnail_size: longest side of the thumbnail PNG.
         backend: slide reader ("auto", "tiffslide", "openslide", "wsidicom").
-        mpp: level-0 µm/px to use for slides whose metadata has none (the metadata wins when present).
+        mpp: level-0 µm/px to use for slides whose metadata has none or an implausible value (outside
+            `slide_io.MPP_PLAUSIBLE_RANGE`); a plausible recorded value wins.
         tissue: tissue detection parameters.
     """
 

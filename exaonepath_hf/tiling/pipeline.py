@@ -123,8 +123,7 @@ def slide_id_from_path(path: str | Path) -> str:
 
 def plan_patches(reader: SlideReader, config: TilingConfig) -> PatchPlan:
     """Detect tissue on a low-resolution view and keep the grid patches with enough tissue."""
-    recorded = reader.metadata_mpp
-    slide_mpp = reader.mpp(fallback=config.mpp)
+    slide_mpp, mpp_source = reader.resolve_mpp(fallback=config.mpp)
     patch_size = level0_patch_size(config.patch_size, config.target_mpp, slide_mpp)
     if config.resize_to_target:
         # The coarsest level still at least as fine as the target; pixels are resized from there.
@@ -148,7 +147,7 @@ def plan_patches(reader: SlideReader, config: TilingConfig) -> PatchPlan:
     keep = fractions >= config.min_tissue_fraction
     return PatchPlan(
         slide_mpp=slide_mpp,
-        mpp_source="metadata" if recorded is not None else "fallback",
+        mpp_source=mpp_source,
         patch_size_level0=patch_size,
         read_level=read_level,
         stored_size=stored_size,

@@ -14,9 +14,10 @@ view of a slide block by block, so slides without a low-resolution level stay wi
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "MPP_PLAUSIBLE_RANGE",
     "SLIDE_BACKENDS",
     "SLIDE_SUFFIXES",
     "MissingMPPError",
@@ -32,6 +34,7 @@ __all__ = [
     "TiffSlideReader",
     "OpenSlideReader",
     "WsiDicomReader",
+    "expand_slide_inputs",
     "open_slide",
     "read_downsampled",
     "read_downsampled_views",
@@ -41,6 +44,12 @@ SLIDE_BACKENDS = ("auto", "tiffslide", "openslide", "wsidicom")
 #: Suffixes (lower case) of single-file whole-slide images, for listing the slides of a folder. A DICOM slide
 #: is a folder of .dcm files instead.
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".svslide", ".bif", ".vms", ".vmu", ".mrxs")
+#: Level-0 pixel sizes (µm/px, inclusive) that can be a measurement: from oil-immersion scans (0.1) to coarse
+#: exports of a slide (the DICOM test slide is 29 µm/px). A recorded value outside is, in practice, a print or
+#: screen resolution tag (72 dpi reads as 352.8 µm/px, 600 dpi as 42.3) and counts as missing metadata.
+MPP_PLAUSIBLE_RANGE = (0.1, 40.0)
+
+logger = logging.getLogger(__name__)
 
 # Relative disagreement tolerated between the x and y pixel sizes before a slide is refused.
 _MPP_ANISOTROPY_TOLERANCE = 0.02
@@ -134,22 +143,45 @@ class SlideReader(ABC):
         return region
 
     def mpp(self, fallback: float | None = None) -> float:
-        """Microns per level-0 pixel: the slide's own value, else `fallback`, else `MissingMPPError`."""
+        """Microns per level-0 pixel (see `resolve_mpp`)."""
+        return self.resolve_mpp(fallback)[0]
+
+    def resolve_mpp(self, fallback: float | None = None) -> tuple[float, str]:
+        """Microns per level-0 pixel and where it comes from: the slide's own value ("metadata"), else
+        `fallback` ("fallback"), else `MissingMPPError`. A recorded value outside `MPP_PLAUSIBLE_RANGE` is not
+        a measurement and counts as missing, with a warning when `fallback` replaces it."""
         recorded = self.metadata_mpp
+        low, high = MPP_PLAUSIBLE_RANGE
+        if recorded is not None and not all(low <= value <= high for value in recorded):
+            if fallback is None:
+                raise MissingMPPError(
+                    f"{self.path}: the slide's metadata says {recorded[0]:.4g} µm/px, implausible for a "
+                    f"microscope (outside {low:g}-{high:g} µm/px: most likely a print resolution tag); "
+                    "pass its level-0 resolution with --mpp (Python: mpp=...)"
+                )
+            logger.warning(
+                "%s: metadata MPP %.4g µm/px is outside %g-%g µm/px, not a measurement; using --mpp %g",
+                self.path,
+                recorded[0],
+                low,
+                high,
+                fallback,
+            )
+            recorded = None
         if recorded is None:
             if fallback is None:
                 raise MissingMPPError(
                     f"{self.path}: the slide's metadata has no microns-per-pixel (MPP), so the physical patch "
                     "size cannot be computed; pass its level-0 resolution with --mpp (Python: mpp=...)"
                 )
-            return float(fallback)
+            return float(fallback), "fallback"
         mpp_x, mpp_y = recorded
         if abs(mpp_x - mpp_y) > _MPP_ANISOTROPY_TOLERANCE * max(mpp_x, mpp_y):
             raise ValueError(
                 f"{self.path}: non-square pixels (mpp x={mpp_x}, y={mpp_y}); square patches of a fixed "
                 "physical size cannot be cut from it"
             )
-        return float(mpp_x)
+        return float(mpp_x), "metadata"
 
     def best_level_for_downsample(self, downsample: float) -> int:
         """The coarsest level whose downsample does not exceed `downsample` (1% slack for rounding)."""
@@ -289,6 +321,30 @@ _READERS: dict[str, type[SlideReader]] = {
     "openslide": OpenSlideReader,
     "wsidicom": WsiDicomReader,
 }
+
+
+def _holds_dicom(folder: Path) -> bool:
+    return any(p.suffix.lower() == ".dcm" for p in folder.iterdir())
+
+
+def expand_slide_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """The slides that input paths name, folders read as TRIDENT's `--wsi_dir`: a folder that holds .dcm files
+    is one DICOM slide; any other folder stands for the slide files directly in it (suffixes in
+    `SLIDE_SUFFIXES`, sorted), and raises `ValueError` when it has none. Other paths, missing ones included,
+    stay as they are, so that reading them reports what is wrong with each."""
+    slides = []
+    for path in map(Path, paths):
+        if not path.is_dir() or _holds_dicom(path):
+            slides.append(path)
+            continue
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+        if not found:
+            raise ValueError(
+                f"{path}: a folder with neither slide files ({', '.join(SLIDE_SUFFIXES)}) nor a DICOM slide "
+                "(.dcm files)"
+            )
+        slides += found
+    return slides
 
 
 def _is_dicom(path: Path) -> bool:

@@ -1,24 +1,8 @@
-"""DINO pretraining parts: head, loss, schedules, EMA teacher, multi-crop augmentations, streaming data,
-checkpoints. `loop` runs them with Accelerate; `exaonepath_hf.train.pretrain_dino` is the command."""
+"""DINO pretraining parts, one module each: `head`, `loss`, `schedules`, `teacher` (EMA), `augmentations`
+(multi-crop on the CPU) and `gpu_augment` (batched on the device), `data` and `shuffle` (streaming patches),
+`checkpoint`, `config` (typed YAML) and `config_files` (the packaged YAMLs); `loop` runs them with Accelerate
+and `throughput` times its step. `exaonepath_hf.train.pretrain_dino` is the command.
 
-from .augmentations import AugmentationConfig, DINOMultiCrop
-from .config import PretrainConfig, load_config
-from .head import DINOHead
-from .loss import DINOLoss
-from .model import MultiCropNetwork
-from .schedules import DINOSchedules, cosine_schedule
-from .teacher import build_teacher, ema_update
-
-__all__ = [
-    "AugmentationConfig",
-    "DINOHead",
-    "DINOLoss",
-    "DINOMultiCrop",
-    "DINOSchedules",
-    "MultiCropNetwork",
-    "PretrainConfig",
-    "build_teacher",
-    "cosine_schedule",
-    "ema_update",
-    "load_config",
-]
+Nothing is imported here: the command answers `--help` without torch, and each part is imported from its
+module.
+"""
