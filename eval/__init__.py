@@ -2,7 +2,9 @@
 
 - `common`: encoders (`encoders`: EXAONEPath, any `AutoModel` image encoder or timm model, and the explicit
   preprocessing), feature extraction once per (model, dataset revision, split, preprocessing), cached,
-  resumable and distributed with `accelerate launch` (`features`), data conventions such as split names
+  resumable and distributed with `accelerate launch` (`features`) on the one extraction path every feature
+  of the package takes (`extraction`: loader workers decode, the model's own processor and the forward run on
+  the device, bad images are left out and reported), data conventions such as split names
   (`data`), run records and summaries over seeds (`records`), the `evaluate` metric module (`metrics`) and
   the flags every evaluation command spells the same way (`cli`).
 - `patch`: linear probing on the EXAONEPath paper's six benchmarks. The registry of PCAM, MHIST, CRC-100K, TIL,
@@ -23,7 +25,9 @@
 none of the three. `lint-imports` checks both rules (the contracts in `setup.cfg`), so one concern can change
 without breaking another; what two of them need goes into `common`.
 
-Every command is also a module: `python -m exaonepath_hf.eval.patch.linear_probe`,
-`python -m exaonepath_hf.eval.robustness.run`, `python -m exaonepath_hf.eval.slide.probe`, ... (the entry
-points in `setup.cfg`), and `accelerate launch -m exaonepath_hf.eval.patch.linear_probe` across processes.
+Each room's commands are parsed in its light `cli` module (the entry points in `setup.cfg`), which answers
+`--help` and argument errors without importing torch; every command also runs as a module:
+`python -m exaonepath_hf.eval.patch.linear_probe`, `python -m exaonepath_hf.eval.robustness.run`,
+`python -m exaonepath_hf.eval.slide.probe`, ..., and `accelerate launch -m exaonepath_hf.eval.patch.linear_probe`
+across processes.
 """
