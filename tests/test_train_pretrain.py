@@ -178,7 +178,7 @@ def _main_in_process(argv: list[str]) -> int:
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
     patch_folder, tmp_path, monkeypatch
 ):
-    import exaonepath_hf.train.pretrain_dino as pretrain
+    from exaonepath_hf.train.dino.loop import NonFiniteLossError
     from exaonepath_hf.train.dino.loss import DINOLoss
 
     calls = {"n": 0}
@@ -193,7 +193,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
     out = tmp_path / "nan"
     argv = ["--config", SMOKE, f"data.source={patch_folder}", f"run.output_dir={out}", "run.max_steps=5",
             "run.checkpoint_every=2", "run.record_samples=false", "data.num_workers=0"]  # fmt: skip
-    with pytest.raises(pretrain.NonFiniteLossError, match=r"loss is nan at step 2.*step_2"):
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 2.*step_2"):
         _main_in_process(argv)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]
     assert not (out / "export").exists()
