@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import re
 import sys
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-__all__ = ["environment", "summarize_seeds", "summary_cell"]
+__all__ = ["environment", "slugify", "summarize_seeds", "summary_cell"]
 
 _PACKAGES = (
     "exaonepath-hf",
@@ -65,3 +66,8 @@ def summary_cell(summary: dict[str, Any] | None) -> str:
     if summary.get("n", 1) > 1:
         return f"{summary['mean']:.3f} ± {summary['sd']:.3f}"
     return f"{summary['mean']:.3f}"
+
+
+def slugify(text: str) -> str:
+    """`text` as a file or folder name of a run record (a model label, a task name): safe characters only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/")).strip("_")[-80:] or "model"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from ..common.data import SPLIT_NAMES
 from ..common.encoders import Encoder, Pooling, Preprocessing, load_encoder
 from ..common.features import ExtractionSettings, FeatureSet, cache_key, distributed_state
 from ..common.metrics import METRIC_KEYS, METRIC_PATH, load_metric
-from ..common.records import environment, summarize_seeds
+from ..common.records import environment, slugify, summarize_seeds
 from .probes import PRESETS, FeatureSplit, ProbeConfig, fit_linear_probe, predict
 from .report import RECORD_SUFFIX, write_report
 from .tasks import PAPER_TASK_ORDER, TaskData, TaskSpec, get_task, imagefolder_task, load_task
@@ -43,10 +42,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def slugify(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/")).strip("_")[-80:] or "model"
 
 
 def imagefolder_task_name(data_dir: str | Path) -> str:

@@ -27,8 +27,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ...atomic_io import atomic_save_tensors, atomic_write_bytes, write_json
 from ..common.metrics import METRIC_KEYS, METRIC_PATH, load_metric
 from ..common.metrics.pathology_metrics import classification_metrics
-from ..common.records import environment, summarize_seeds, summary_cell
-from ..patch.linear_probe import slugify
+from ..common.records import environment, slugify, summarize_seeds, summary_cell
 from .data import Bag, SlideDataset, load_bags, load_slide_dataset
 from .heatmaps import write_heatmaps
 from .mil import BagCollator, build_head
