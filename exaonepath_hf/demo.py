@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 import time
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -115,6 +116,7 @@ def pretrain_demo_model(tiles: Path, out: Path, steps: int) -> Path:
     from .train.pretrain_dino import main as pretrain
 
     run_dir = out / "demo-model-training"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun of the demo trains its model again, from scratch
     overrides = [
         f"data.source={tiles}",
         f"run.output_dir={run_dir}",

@@ -312,3 +312,13 @@ def test_light_command_choices_match_the_registries():
     assert robustness_cli.ROBUSTNESS_TASK_NAMES == tuple(sorted(ROBUSTNESS_TASKS))
     assert robustness_cli.INPUT_SETTING_NAMES == tuple(sorted(SETTINGS))
     assert set(HEAD_NAMES) == set(HEADS)
+
+
+def test_ctrl_c_ends_a_command_in_one_line_that_says_how_to_go_on(capsys):
+    from exaonepath_hf.cli import INTERRUPTED_EXIT_CODE, run_command
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run_command("exaonepath-x", interrupted) == INTERRUPTED_EXIT_CODE == 130
+    assert capsys.readouterr().err == "exaonepath-x: interrupted: rerun the same command to resume\n"

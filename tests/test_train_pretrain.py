@@ -403,3 +403,16 @@ def test_the_script_runs_as_a_file_under_accelerate_launch(patch_folder, tmp_pat
         tmp_path,
     )  # fmt: skip
     assert (tmp_path / "run" / "export" / "config.json").is_file()
+
+
+def test_a_rerun_without_resume_into_a_run_with_checkpoints_stops_in_one_line(patch_folder, tmp_path, capsys):
+    argv = ["--config", SMOKE, f"data.source={patch_folder}", f"run.output_dir={tmp_path / 'run'}",
+            "run.max_steps=2", "run.checkpoint_every=2", "run.log_every=1", "run.record_samples=false",
+            "data.num_workers=0"]  # fmt: skip
+    assert _main_in_process(argv) == 0
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert _main_in_process(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "step_2" in error[0] and "--resume" in error[0], error
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # no repeated steps appended

@@ -38,6 +38,7 @@ if __package__ in (None, ""):
 
     sys.exit(main())
 
+from ..cli import run_command
 from .dino.config_files import packaged_config_names
 
 __all__ = ["main", "parse_args"]
@@ -66,14 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .dino.config import load_config
     from .dino.loop import RunOptions, pretrain
 
-    cfg = load_config(args.config, args.overrides)
     options = RunOptions(
         resume=args.resume,
         export_only=args.export_only,
         push_to_hub=args.push_to_hub,
         stop_at_step=args.stop_at_step,
     )
-    return pretrain(cfg, options)
+    codes = []
+    code = run_command(
+        "exaonepath-pretrain",
+        lambda: codes.append(pretrain(load_config(args.config, args.overrides), options)),
+        interrupted="rerun the same command with --resume to continue from the last checkpoint",
+    )
+    return code or codes[0]
 
 
 if __name__ == "__main__":

@@ -115,7 +115,17 @@ class PendingCounts:
 
 
 def pretrain(cfg: PretrainConfig, options: RunOptions = RunOptions()) -> int:
-    """Train (or, with `options.export_only`, export) as `cfg` says; returns the exit code."""
+    """Train (or, with `options.export_only`, export) as `cfg` says; returns the exit code.
+
+    Raises FileExistsError, before anything is built, when the run folder holds checkpoints and neither
+    `resume` nor `export_only` is asked: starting again at step 0 would append repeated steps to its logs.
+    """
+    newest = latest_checkpoint(Path(cfg.run.output_dir) / "checkpoints")
+    if newest is not None and not (options.resume or options.export_only):
+        raise FileExistsError(
+            f"{cfg.run.output_dir} holds checkpoints up to {newest.name}: rerun with --resume to continue "
+            "from it, or choose another run.output_dir to start a new run"
+        )
     accelerator = start_accelerator(cfg.run)
     reference = stain_reference_from_config(cfg.data.stain_reference)
     parts = build_training(cfg, accelerator, reference)
