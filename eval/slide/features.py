@@ -266,8 +266,8 @@ class _SlidesAsOneSource(Dataset):
 
 @dataclass
 class _PendingBag:
-    features: list[np.ndarray] = field(default_factory=list)
-    coords: list[tuple[int, int]] = field(default_factory=list)
+    features: list[np.ndarray] = field(default_factory=list)  # [n, D] runs, in stream order
+    coords: list[np.ndarray] = field(default_factory=list)  # [n, 2] runs
     fallbacks: int = 0
     failed: list[dict[str, Any]] = field(default_factory=list)
     seen: int = 0
@@ -287,26 +287,32 @@ class _BagWriter:
         self.stain_normalize = produced_by["preprocessing"]["stain_normalize"]
 
     def add(self, batch: FeatureBatch) -> None:
+        """A batch's rows go to their slides as whole runs (a batch spans a few slides, not one per row)."""
+        slides = np.fromiter((key[0] for key in batch.keys), dtype=np.int64, count=len(batch.keys))
+        coords = np.array([key[2:] for key in batch.keys], dtype=np.int64).reshape(-1, 2)
         features = batch.features.numpy()
-        for row, (slide, _, x, y) in enumerate(batch.keys):
+        fallbacks = ~batch.stain_normalized.numpy() if self.stain_normalize else np.zeros(len(slides), bool)
+        touched = dict.fromkeys(slides.tolist())
+        for slide in touched:
+            rows = slides == slide
             bag = self.pending.setdefault(slide, _PendingBag())
-            bag.features.append(features[row])
-            bag.coords.append((x, y))
-            bag.fallbacks += int(self.stain_normalize and not bool(batch.stain_normalized[row]))
-            self._count(slide, bag)
+            bag.features.append(features[rows])
+            bag.coords.append(coords[rows])
+            bag.fallbacks += int(fallbacks[rows].sum())
+            bag.seen += int(rows.sum())
         for (slide, patch, _, _), error in batch.failed:
             bag = self.pending.setdefault(slide, _PendingBag())
             bag.failed.append({"patch": patch, "error": error})
-            self._count(slide, bag)
-
-    def _count(self, slide: int, bag: _PendingBag) -> None:
-        bag.seen += 1
-        if bag.seen == self.slides[slide].record.num_patches:
-            self._finish(self.slides[slide], self.pending.pop(slide))
+            bag.seen += 1
+            touched[slide] = None
+        for slide in touched:
+            if self.pending[slide].seen == self.slides[slide].record.num_patches:
+                self._finish(self.slides[slide], self.pending.pop(slide))
 
     def _finish(self, slide: TiledSlide, bag: _PendingBag) -> None:
         try:
-            if not bag.features:
+            kept = sum(len(run) for run in bag.features)
+            if not kept:
                 raise ValueError(
                     f"no patch of {slide.slide_id} could be read; first error: {bag.failed[0]['error']}"
                 )
@@ -320,8 +326,8 @@ class _BagWriter:
                 )
             write_slide_features(
                 self.output_dir / f"{slide.slide_id}.h5",
-                np.stack(bag.features),
-                np.asarray(bag.coords, dtype=np.int64),
+                np.concatenate(bag.features),
+                np.concatenate(bag.coords),
                 _slide_attributes(slide),
                 {
                     **self.produced_by,
@@ -334,7 +340,7 @@ class _BagWriter:
             self.summary.failures.append(_failure(slide, "extraction", error))
             return
         self.summary.extracted.append(slide.slide_id)
-        self.summary.num_patches += len(bag.features)
+        self.summary.num_patches += kept
         self.summary.failed_patches += len(bag.failed)
         if bag.failed:
             self.summary.patch_failures[slide.slide_id] = bag.failed
