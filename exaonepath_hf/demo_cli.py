@@ -6,10 +6,11 @@ it too.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from .cli import add_output_argument, add_quiet_argument, run_command
 
 __all__ = ["DEMO_DESCRIPTION", "build_parser", "main"]
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=DEMO_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", default="exaonepath-demo", help="output folder (default: %(default)s)")
+    add_output_argument(parser, "output folder", default=Path("exaonepath-demo"))
     parser.add_argument(
         "--model", help="converted EXAONEPath folder or hub repo; default: pretrain a demo model"
     )
@@ -61,11 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workers", type=int, default=1, help="tiling processes")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_quiet_argument(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from .demo import missing_extras
 
@@ -73,21 +74,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 1
-    import torch
 
-    from .demo import DemoSettings, run_demo
+    def demo() -> None:
+        import torch
 
-    settings = DemoSettings(
-        out=Path(args.out),
-        model=args.model,
-        data=args.data,
-        lab_data=args.lab_data,
-        train_steps=args.train_steps,
-        workers=args.workers,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-    )
-    run_demo(settings)
-    return 0
+        from .demo import DemoSettings, run_demo
+
+        settings = DemoSettings(
+            out=args.output_dir,
+            model=args.model,
+            data=args.data,
+            lab_data=args.lab_data,
+            train_steps=args.train_steps,
+            workers=args.workers,
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        )
+        run_demo(settings)
+
+    return run_command("exaonepath-demo", demo, quiet=args.quiet, libraries=("transformers", "datasets"))
 
 
 if __name__ == "__main__":

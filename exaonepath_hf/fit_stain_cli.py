@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli import run_command
+from .cli import add_output_argument, add_quiet_argument, run_command
 
 __all__ = ["build_parser", "main"]
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit a Macenko stain reference to H&E target image(s) and save an EXAONEPath image processor.",
     )
     parser.add_argument("targets", nargs="+", type=Path, help="target image file(s) (PNG, JPEG, TIFF, ...)")
-    parser.add_argument("--out", required=True, type=Path, help="folder to write the processor to")
+    add_output_argument(parser, "folder to write the processor to")
     parser.add_argument(
         "--processor",
         type=Path,
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=None, help="stain angle percentile in %% (default 1)")
     parser.add_argument("--beta", type=float, default=None, help="background OD threshold (default 0.15)")
     parser.add_argument("--device", default=None, help="fit on this device, e.g. cuda (default cpu)")
+    add_quiet_argument(parser)
     return parser
 
 
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         reference = fit_stain(
             args.targets,
-            args.out,
+            args.output_dir,
             processor=args.processor,
             device=args.device,
             **{key: value for key, value in settings.items() if value is not None},
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dump(reference.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
 
-    return run_command("exaonepath-fit-stain", fit_and_print)
+    return run_command("exaonepath-fit-stain", fit_and_print, quiet=args.quiet, libraries=("transformers",))
 
 
 if __name__ == "__main__":

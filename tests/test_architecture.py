@@ -310,7 +310,7 @@ def test_light_command_choices_match_the_registries():
     assert patch_cli.PAPER_TASK_NAMES == PAPER_TASK_ORDER
     assert patch_cli.PROTOCOL_NAMES == tuple(sorted(PRESETS))
     assert robustness_cli.ROBUSTNESS_TASK_NAMES == tuple(sorted(ROBUSTNESS_TASKS))
-    assert robustness_cli.INPUT_SETTING_NAMES == tuple(sorted(SETTINGS))
+    assert set(robustness_cli.INPUT_SETTING_OF_SWITCH.values()) == set(SETTINGS)
     assert set(HEAD_NAMES) == set(HEADS)
 
 
@@ -322,3 +322,16 @@ def test_ctrl_c_ends_a_command_in_one_line_that_says_how_to_go_on(capsys):
 
     assert run_command("exaonepath-x", interrupted) == INTERRUPTED_EXIT_CODE == 130
     assert capsys.readouterr().err == "exaonepath-x: interrupted: rerun the same command to resume\n"
+
+
+def test_the_declared_transformers_range_is_the_one_ci_tests_at_both_ends():
+    """setup.cfg's bounds of transformers are the versions .ci/transformers_range installs and tests."""
+    script = (PROJECT_ROOT / ".ci" / "transformers_range").read_text()
+    oldest = re.search(r"^oldest=(\S+)$", script, re.MULTILINE).group(1)
+    newest = re.search(r"^newest=(\S+)$", script, re.MULTILINE).group(1)
+    requirement = re.search(r"^\s+transformers(>=\S+)$", (PROJECT_ROOT / "setup.cfg").read_text(), re.MULTILINE)
+    lower, upper = re.fullmatch(r">=([\d.]+),<([\d.]+)", requirement.group(1)).groups()
+    assert lower == oldest
+    major, minor, _ = newest.split(".")
+    assert upper == f"{major}.{int(minor) + 1}"  # the newest tested minor release is the last one allowed
+    assert ".ci/transformers_range" in (PROJECT_ROOT / ".ci" / "run").read_text()

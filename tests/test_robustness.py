@@ -334,7 +334,7 @@ def test_pathorob_standin_loads_through_the_task(pathorob_standin):
 def test_cli_on_the_pathorob_standin(pathorob_standin, tiny_models, tmp_path):
     argv = [
         "--model", tiny_models[0], "--task", "pathorob-camelyon", "--data", str(pathorob_standin),
-        "--settings", "raw", "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
+        "--stain_normalization", "off", "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
         "--num_workers", "0", "--bootstrap", "0", "--restarts", "1",
     ]  # fmt: skip
     assert robustness_main(argv) == 0

@@ -223,3 +223,46 @@ def test_case_id_is_read_as_patient_id(tmp_path):
     write_csv(csv_path, rows, ("slide_id", "patient_id", "case_id", "label"))
     with pytest.raises(ValueError, match="both patient_id and case_id"):
         load_slide_dataset(folder, csv_path)
+
+
+def test_clam_feature_folders_are_read_h5_first_then_pt(tmp_path):
+    """CLAM's --feat_dir holds each slide twice, `h5_files/<id>.h5` (features, coords) and `pt_files/<id>.pt`
+    (the features as one tensor): a slide with both is read from its .h5 (it has coordinates), one with only a
+    .pt from that, features as torch.save stored them."""
+    import torch
+
+    rows = [{"slide_id": f"S{i}", "patient_id": f"P{i}", "label": i % 2} for i in range(10)]
+    feat_dir = tmp_path / "clam_features"
+    tensors = {row["slide_id"]: torch.randn(3 + i, 4) for i, row in enumerate(rows)}
+    (feat_dir / "pt_files").mkdir(parents=True)
+    for slide_id, tensor in tensors.items():
+        torch.save(tensor, feat_dir / "pt_files" / f"{slide_id}.pt")
+    coords = np.stack([np.arange(3) * 256, np.zeros(3)], axis=1)
+    write_trident_h5(feat_dir / "h5_files" / "S0.h5", tensors["S0"].numpy(), coords)
+    settings = SlideDataSettings(test_fraction=0.5, val_fraction=0.2)
+    data = load_slide_dataset(feat_dir, write_csv(tmp_path / "slides.csv", rows), settings)
+    files = {row["slide_ids"][0]: row["feature_files"][0] for row in data.table}
+    assert files["S0"].endswith("h5_files/S0.h5") and files["S1"].endswith("pt_files/S1.pt")
+    assert sum(split["slides"] for split in data.sizes().values()) == 10  # every slide has features
+
+    bags = {bag.bag_id: bag for name in ("train", "val", "test") for bag in load_bags(data.split(name))}
+    for slide_id, tensor in tensors.items():
+        torch.testing.assert_close(bags[slide_id].features, tensor)
+    assert bags["S0"].segments[0].coords.tolist() == coords.tolist()
+    assert bags["S1"].segments[0].coords is None and bags["S1"].segments[0].attributes == {}
+
+
+def test_a_pt_file_that_is_not_a_feature_bag_is_refused(tmp_path):
+    import torch
+
+    from exaonepath_hf.eval.slide.bags import load_slide_features
+
+    torch.save({"features": torch.zeros(3, 4)}, tmp_path / "dict.pt")
+    torch.save(torch.zeros(4), tmp_path / "vector.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a tensor")
+    with pytest.raises(ValueError, match="holds a dict, not the float tensor"):
+        load_slide_features(tmp_path / "dict.pt")
+    with pytest.raises(ValueError, match="holds a 1-d torch.float32 tensor"):
+        load_slide_features(tmp_path / "vector.pt")
+    with pytest.raises(ValueError, match="not a plain tensor file"):
+        load_slide_features(tmp_path / "garbage.pt")

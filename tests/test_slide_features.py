@@ -184,7 +184,7 @@ def test_a_rerun_skips_the_complete_slide(tiles, extracted, tiny_model_dir):
 def test_other_settings_in_the_same_folder_are_refused(tiles, extracted, tiny_model_dir, capsys):
     out, _ = extracted
     code = extract_main(
-        [str(tiles), "--model", str(tiny_model_dir), "--output_dir", str(out), "--no_stain_normalization"]
+        [str(tiles), "--model", str(tiny_model_dir), "--output_dir", str(out), "--stain_normalization", "off"]
     )
     assert code == 2 and "preprocessing differ" in capsys.readouterr().err
 
@@ -274,3 +274,127 @@ def test_cls_plus_mean_of_a_timm_encoder_comes_from_its_tokens():
     mean_pooled = Encoder(model, "timm:tiny", "test", "timm", "mean", 24)
     with pytest.raises(ValueError, match="need a CLS feature"):
         mean_pooled.features(pixels, tokens="cls+mean")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Patches chosen by CLAM or TRIDENT (`--coords`)
+
+
+def _write_coords_h5(path: Path, coords: np.ndarray, attributes: dict) -> Path:
+    """A patch-coordinates file as CLAM's `process_contours` and TRIDENT's `coords_to_h5` write it: `coords`
+    [N, 2] level-0 top-left (resizable, chunked), the patch geometry as attributes of `coords`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("coords", data=coords, maxshape=(None, 2), chunks=(1, 2))
+        handle["coords"].attrs.update(attributes)
+    return path
+
+
+def _slides_folder(root: Path, names: tuple[str, ...] = ("CMU-1-Small-Region",)) -> Path:
+    slides = root / "slides"
+    slides.mkdir()
+    for name in names:
+        (slides / f"{name}.svs").symlink_to(SAMPLE_SLIDE)
+    return slides
+
+
+def _rows_at(bag, coords: np.ndarray) -> np.ndarray:
+    """`bag`'s features in the order of `coords`."""
+    row_of = {(int(x), int(y)): i for i, (x, y) in enumerate(bag.coords)}
+    return bag.features[[row_of[(int(x), int(y))] for x, y in coords]]
+
+
+def test_trident_coordinates_give_the_tilers_features(tiles, extracted, tiny_model_dir, tmp_path):
+    """TRIDENT's job folder (`patches/<slide>_patches.h5`) at the tiler's coordinates, listed in another order:
+    the same patches, read from the slide and sized as the tiler sizes them (native, or with --resize resized
+    to the file's patch_size), so the same features as the tiler's path."""
+    coords = _tiler_coords(tiles, "CMU-1-Small-Region")[::-1].copy()
+    job = tmp_path / "20x_256px_0px_overlap"
+    trident = {
+        "patch_size": 256,  # at the target magnification
+        "patch_size_level0": 257,  # the tiler's side for 256 px at 0.5 µm/px of this 0.499 µm/px slide
+        "level0_magnification": 20,
+        "target_magnification": 20,
+        "overlap": 0,
+        "name": "CMU-1-Small-Region",
+        "savetodir": str(job),
+        "level0_width": 2220,
+        "level0_height": 2967,
+    }
+    _write_coords_h5(job / "patches" / "CMU-1-Small-Region_patches.h5", coords, trident)
+    _write_coords_h5(job / "patches" / "another-slide_patches.h5", coords[:2], trident)
+    slides = _slides_folder(tmp_path)
+    resized = tmp_path / "tiled-resized"
+    tiling = TilingConfig(resize_to_target=True)
+    assert extract_slide_features(
+        extraction_settings([SAMPLE_SLIDE], tiny_model_dir, resized, tiling=tiling)
+    ).ok
+    for reference_dir, flags in ((extracted[0], []), (resized, ["--resize"])):
+        out = tmp_path / f"features{''.join(flags)}"
+        argv = extraction_argv([slides], tiny_model_dir, out)
+        assert extract_main([*argv, "--coords", str(job), *flags]) == 0
+
+        bag = load_slide_features(out / "CMU-1-Small-Region.h5")
+        assert np.array_equal(bag.coords, coords)  # the file's order
+        reference = load_slide_features(reference_dir / "CMU-1-Small-Region.h5")
+        np.testing.assert_allclose(bag.features, _rows_at(reference, coords), rtol=0, atol=1e-5)
+        assert bag.attributes["coords_layout"] == "trident" and bag.attributes["patch_size_level0"] == 257
+        assert bag.attributes["patch_size"] == 256 and bag.attributes["target_magnification"] == 20
+        report = json.loads((out / "extraction_report.json").read_text())
+        assert report["extracted"] == ["CMU-1-Small-Region"] and report["failures"] == []
+        assert report["unused_coords_files"] == ["another-slide_patches.h5"]
+        assert not (out / "tiles").exists()  # read at the file's patches, not tiled
+
+
+def test_clam_coordinates_give_the_tilers_features_at_native_size(tiny_model_dir, tmp_path):
+    """CLAM's `patches/<slide>.h5` (patch_size pixels of patch_level, handed to the encoder unresized) at the
+    coordinates of the tiler run without resizing (`resize_to_target=False`, the same pixels): equal features."""
+    reference_dir = tmp_path / "tiled"
+    tiling = TilingConfig(resize_to_target=False)
+    assert extract_slide_features(
+        extraction_settings([SAMPLE_SLIDE], tiny_model_dir, reference_dir, tiling=tiling)
+    ).ok
+    coords = _tiler_coords(reference_dir / "tiles", "CMU-1-Small-Region")
+    clam = {
+        "patch_size": 257,
+        "patch_level": 0,
+        "downsample": (1.0, 1.0),
+        "downsampled_level_dim": (2220, 2967),
+        "level_dim": (2220, 2967),
+        "name": "CMU-1-Small-Region",
+        "save_path": str(tmp_path / "clam" / "patches"),
+    }
+    _write_coords_h5(tmp_path / "clam" / "patches" / "CMU-1-Small-Region.h5", coords, clam)
+    out = tmp_path / "features"
+    argv = extraction_argv([_slides_folder(tmp_path)], tiny_model_dir, out)
+    assert extract_main([*argv, "--coords", str(tmp_path / "clam" / "patches")]) == 0
+
+    bag = load_slide_features(out / "CMU-1-Small-Region.h5")
+    reference = load_slide_features(reference_dir / "CMU-1-Small-Region.h5")
+    assert np.array_equal(bag.coords, reference.coords)
+    np.testing.assert_allclose(bag.features, reference.features, rtol=0, atol=1e-5)
+    assert bag.attributes["coords_layout"] == "clam" and bag.attributes["patch_size_level0"] == 257
+    assert bag.attributes["level0_mpp"] == pytest.approx(0.499)
+
+
+def test_coordinates_that_do_not_fit_are_named(tiny_model_dir, tmp_path, capsys):
+    """A slide without a coordinates file stops the run before any work, naming it; a file whose patches lie
+    outside its slide (another slide's file) fails that slide only, in the report."""
+    slides = _slides_folder(tmp_path, ("good", "far", "missing"))
+    coords_dir = tmp_path / "patches"
+    geometry = {"patch_size": 256, "patch_level": 0}
+    _write_coords_h5(coords_dir / "good.h5", np.array([[512, 512]]), geometry)
+    _write_coords_h5(coords_dir / "far.h5", np.array([[512, 512], [9000, 0]]), geometry)
+    out = tmp_path / "features"
+    argv = [*extraction_argv([slides], tiny_model_dir, out), "--coords", str(coords_dir)]
+    assert extract_main(argv) == 2
+    error = capsys.readouterr().err
+    assert "slides without a coordinates file" in error and "1 (missing)" in error and not out.exists()
+
+    (slides / "missing.svs").unlink()
+    assert extract_main(argv) == 1
+    report = json.loads((out / "extraction_report.json").read_text())
+    assert report["extracted"] == ["good"]
+    assert [(f["slide_id"], f["stage"]) for f in report["failures"]] == [("far", "coords")]
+    assert "outside the 2220x2967 slide" in report["failures"][0]["message"]
+    assert load_slide_features(out / "good.h5").coords.tolist() == [[512, 512]]

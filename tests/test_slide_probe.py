@@ -4,6 +4,7 @@ attention heatmaps plus top patches drawn on the bundled CMU-1-Small-Region slid
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -120,6 +121,24 @@ def test_slide_probes_of_two_tasks_keep_both_records(tmp_path):
     assert all((out / file).is_file() for file in record["outputs"].values())
     report = (out / "report.md").read_text()
     assert all(report.count(f"| {name} | abmil | slide | 1 | ") == 1 for name in ("msi", "subtype"))
+
+
+def test_clam_pt_bags_train_the_probe(tmp_path):
+    """CLAM's `pt_files/<slide_id>.pt` bags (one float tensor each, no coordinates) are slides with features:
+    the cohort's bags, moved from TRIDENT's .h5 layout into CLAM's, train the head on the planted signal."""
+    rows = synthetic_cohort(tmp_path)
+    pt_files = tmp_path / "clam" / "pt_files"
+    pt_files.mkdir(parents=True)
+    for path in sorted((tmp_path / "features").glob("*.h5")):
+        with h5py.File(path, "r") as handle:
+            torch.save(torch.from_numpy(handle["features"][()]), pt_files / f"{path.stem}.pt")
+    labels = write_csv(tmp_path / "slides.csv", rows)
+    out = tmp_path / "out"
+    argv = ["--features", str(tmp_path / "clam"), "--labels", str(labels), "--output_dir", str(out)]
+    assert main([*argv, "--head", "abmil", *FAST]) == 0
+    record = json.loads((out / "slides.abmil.slide_record.json").read_text())
+    assert sum(split["slides"] for split in record["data"]["sizes"].values()) == 40
+    assert record["test"]["balanced_accuracy"]["mean"] >= 0.8  # planted signal; chance is 0.5
 
 
 def test_cli_rejects_bad_input(tmp_path, capsys):

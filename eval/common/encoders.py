@@ -29,6 +29,7 @@ from torch import nn
 
 from ...configuration_exaonepath import ExaonePathConfig
 from ...convert import WEIGHT_SUFFIXES, load_backbone
+from ...hub import check_model_source
 from ...image_processing_exaonepath import ExaonePathImageProcessor
 from ...stain_normalization import DEFAULT_STAIN_REFERENCE, StainReference
 
@@ -275,7 +276,13 @@ def load_encoder(
     else:
         from transformers import AutoConfig, AutoModel
 
-        config = AutoConfig.from_pretrained(text, revision=revision)
+        check_model_source(text, revision)
+        try:
+            config = AutoConfig.from_pretrained(text, revision=revision)
+        except (
+            OSError
+        ) as error:  # transformers' answer for a folder without a config or an unknown repository
+            raise ValueError(f"cannot load a model from {text}: {str(error).splitlines()[0]}") from error
         is_ours = isinstance(config, ExaonePathConfig)
         model = AutoModel.from_pretrained(text, revision=revision).eval()
         local = Path(text).is_dir()

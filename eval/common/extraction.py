@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as tvF
-from tqdm.auto import tqdm
 
+from ...progress import progress_bar
 from .cli import DEFAULT_BATCH_SIZE, Precision, PreprocessOn
 from .encoders import Encoder, Preprocessing, Tokens
 
@@ -267,7 +267,7 @@ def stream_features(
         prefetch_factor=4 if settings.num_workers else None,
     )
     total = len(source)
-    with tqdm(total=total, desc=desc, unit="img", disable=not settings.progress or not total) as bar:
+    with progress_bar(total=total, desc=desc, unit="img", enabled=settings.progress and total > 0) as bar:
         waited = time.perf_counter()
         for batch in loader:
             started = time.perf_counter()

@@ -15,7 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...cli import run_command
+from ...cli import (
+    add_output_argument,
+    add_quiet_argument,
+    add_stain_normalization_argument,
+    run_command,
+)
 from ..common.cli import (
     add_cpu_threads_argument,
     add_extraction_arguments,
@@ -92,12 +97,7 @@ def build_probe_parser() -> argparse.ArgumentParser:
         "--test_fraction", type=float, default=None, help="imagefolder without test: share held out"
     )
     parser.add_argument("--split_seed", type=int, default=42)
-    parser.add_argument(
-        "--stain_normalize",
-        choices=("on", "off"),
-        default="on",
-        help="Macenko before resize/crop (the paper: on, also for already-normalized sets)",
-    )
+    add_stain_normalization_argument(parser)
     parser.add_argument(
         "--stain_reference", type=Path, default=None, help="JSON with stain_matrix, max_concentrations"
     )
@@ -106,7 +106,8 @@ def build_probe_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval_every", type=int, default=None, help="override the validation interval")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the protocol's seeds")
     add_cpu_threads_argument(parser)
-    parser.add_argument("--output_dir", type=Path, default=Path("results/linear_probe"))
+    add_output_argument(parser, "records, logs and report", default=Path("results/linear_probe"))
+    add_quiet_argument(parser)
     add_extraction_arguments(parser, num_workers=4)
     parser.add_argument(
         "--probe_device", default=None, help="device for probe training (default: cuda if available)"
@@ -131,7 +132,7 @@ def probe_settings(args: argparse.Namespace) -> LinearProbeSettings:
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         split_seed=args.split_seed,
-        stain_normalize=args.stain_normalize == "on",
+        stain_normalize=args.stain_normalization == "on",
         stain_reference=read_stain_reference(args.stain_reference),
         protocols=tuple(args.protocol),
         iterations=args.iterations,
@@ -152,7 +153,7 @@ def probe_main(argv: Sequence[str] | None = None) -> int:
 
         run_linear_probe(probe_settings(args))
 
-    return run_command("exaonepath-probe", command)
+    return run_command("exaonepath-probe", command, quiet=args.quiet, libraries=("transformers", "datasets"))
 
 
 # ------------------------------------------------------------------------------------------ exaonepath-report
@@ -173,7 +174,8 @@ def build_report_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("results", type=Path, help="directory with *.record.json files")
-    parser.add_argument("--out", type=Path, default=None, help="markdown file (default RESULTS/report.md)")
+    add_output_argument(parser, "folder for report.md (default: RESULTS)", required=False)
+    add_quiet_argument(parser)
     return parser
 
 
@@ -183,9 +185,12 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     def command() -> None:
         from .report import write_report
 
-        print(write_report(args.results, args.out).read_text())
+        out = args.output_dir / "report.md" if args.output_dir else None
+        report = write_report(args.results, out).read_text()
+        if not args.quiet:
+            print(report)
 
-    return run_command("exaonepath-report", command)
+    return run_command("exaonepath-report", command, quiet=args.quiet)
 
 
 # --------------------------------------------------------------------------------- exaonepath-convert-dataset
@@ -202,8 +207,9 @@ def build_convert_dataset_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("dataset", choices=sorted(converters.CONVERTERS))
     parser.add_argument("src", type=Path, help="folder with the downloaded original files")
-    parser.add_argument("out", type=Path, help="imagefolder to write (metadata.csv + images/)")
+    add_output_argument(parser, "imagefolder to write (metadata.csv + images/)")
     parser.add_argument("--link", choices=converters.LINK_MODES, default="symlink")
+    add_quiet_argument(parser)
     return parser
 
 
@@ -213,6 +219,6 @@ def convert_dataset_main(argv: Sequence[str] | None = None) -> int:
     def command() -> None:
         from .converters import convert_dataset
 
-        print(convert_dataset(args.dataset, args.src, args.out, link=args.link))
+        print(convert_dataset(args.dataset, args.src, args.output_dir, link=args.link))
 
-    return run_command("exaonepath-convert-dataset", command)
+    return run_command("exaonepath-convert-dataset", command, quiet=args.quiet)

@@ -14,7 +14,7 @@ Source layouts (as distributed):
 - MSI (`msi_crc`, `msi_stad`, Zenodo 2530835): `CRC_DX_{TRAIN,TEST}_{MSIMUT,MSS}` (folders or `.zip`) and
   `STAD_{TRAIN,TEST}_{MSIMUT,MSS}`; the TCGA barcode is in every file name (`blk-XXXX-TCGA-AA-3516-01Z-00-DX1.png`).
 
-    exaonepath-convert-dataset mhist /data/mhist /data/mhist-imagefolder
+    exaonepath-convert-dataset mhist /data/mhist --output_dir /data/mhist-imagefolder
 """
 
 from __future__ import annotations

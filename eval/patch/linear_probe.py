@@ -272,7 +272,7 @@ def select_tasks(
         if spec.is_local and (folder is None or not folder.is_dir()):
             if task != "all":
                 raise ValueError(
-                    f"{name} has no hub copy: build it with `exaonepath-convert-dataset {spec.converter} SRC OUT` "
+                    f"{name} has no hub copy: build it with `exaonepath-convert-dataset {spec.converter} SRC --output_dir OUT` "
                     "and pass --data_dir OUT"
                 )
             logger.warning("skipping %s: no imagefolder at %s (see exaonepath-convert-dataset)", name, folder)

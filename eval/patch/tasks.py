@@ -23,7 +23,7 @@ import datasets
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from ..common.data import SPLIT_ALIASES, SPLIT_NAMES, local_fingerprint
+from ..common.data import SPLIT_ALIASES, SPLIT_NAMES, load_local_dataset, local_fingerprint
 
 __all__ = [
     "SplitPlan",
@@ -237,7 +237,7 @@ def _load_local(root: Path, cache_dir: str | os.PathLike | None = None) -> datas
         raise FileNotFoundError(
             f"data directory {root} does not exist; build it with `exaonepath-convert-dataset` or pass --data_dir"
         )
-    loaded = datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir)
+    loaded = load_local_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir)
     parts = []
     for source_split, part in loaded.items():
         if "label" not in part.column_names:

@@ -2,7 +2,7 @@
 
 Its parser is built here, and `--help` and argument errors answered, without importing torch, datasets or
 sklearn; `robustness_main(argv)` parses first and imports the library (`run`) only to build typed settings and
-run. The choices that name registry entries (`ROBUSTNESS_TASK_NAMES`, `INPUT_SETTING_NAMES`) are spelled here,
+run. The choices that name registry entries (`ROBUSTNESS_TASK_NAMES`, `INPUT_SETTING_OF_SWITCH`) are spelled here,
 and tests/test_architecture.py pins them to the registries (`tasks.ROBUSTNESS_TASKS`, `run.SETTINGS`).
 `python -m exaonepath_hf.eval.robustness.run` runs the same `main`.
 """
@@ -14,14 +14,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...cli import run_command
+from ...cli import (
+    add_output_argument,
+    add_quiet_argument,
+    add_stain_normalization_argument,
+    run_command,
+)
 from ..common.cli import add_extraction_arguments, extraction_settings
 
 if TYPE_CHECKING:
     from .run import RobustnessSettings
 
 __all__ = [
-    "INPUT_SETTING_NAMES",
+    "INPUT_SETTING_OF_SWITCH",
     "ROBUSTNESS_DESCRIPTION",
     "ROBUSTNESS_TASK_NAMES",
     "build_robustness_parser",
@@ -31,8 +36,8 @@ __all__ = [
 
 #: `sorted(tasks.ROBUSTNESS_TASKS)`: the registered robustness tasks.
 ROBUSTNESS_TASK_NAMES = ("pathorob-camelyon", "plism")
-#: `sorted(run.SETTINGS)`: the input settings, raw and Macenko-normalized.
-INPUT_SETTING_NAMES = ("macenko", "raw")
+#: `run.SETTINGS` by `--stain_normalization` value: the input settings, Macenko-normalized and raw.
+INPUT_SETTING_OF_SWITCH = {"on": "macenko", "off": "raw"}
 
 ROBUSTNESS_DESCRIPTION = """\
 Does the encoder follow the tissue or the site? The field's robustness measures, raw vs Macenko input, model
@@ -105,7 +110,7 @@ def build_robustness_parser() -> argparse.ArgumentParser:
         help="folder with stain-templates/: adds the Reinhard labs of --virtual_labs",
     )
     parser.add_argument("--tile", type=int, default=None, help="cut each image into SIZE x SIZE tiles first")
-    parser.add_argument("--settings", nargs="+", choices=INPUT_SETTING_NAMES, default=["raw", "macenko"])
+    add_stain_normalization_argument(parser, compare=True)
     parser.add_argument(
         "--k", type=int, default=None, help="robustness-index k (default: the task's, else 11)"
     )
@@ -113,7 +118,8 @@ def build_robustness_parser() -> argparse.ArgumentParser:
     parser.add_argument("--neighbours", type=int, default=5, help="kNN k of the slide gap and slide identity")
     parser.add_argument("--restarts", type=int, default=10, help="k-means restarts of the clustering score")
     parser.add_argument("--pooling", choices=("auto", "pooler", "cls", "mean"), default="auto")
-    parser.add_argument("--output_dir", type=Path, default=Path("results/robustness"))
+    add_output_argument(parser, "results folder", default=Path("results/robustness"))
+    add_quiet_argument(parser)
     parser.add_argument(
         "--save_features", action="store_true", help="also write features.safetensors and samples.csv"
     )
@@ -134,7 +140,7 @@ def robustness_settings(args: argparse.Namespace) -> RobustnessSettings:
         virtual_labs=args.virtual_labs,
         lab_data=args.lab_data,
         tile=args.tile,
-        input_settings=tuple(args.settings),
+        input_settings=tuple(INPUT_SETTING_OF_SWITCH[switch] for switch in args.stain_normalization),
         k=args.k,
         bootstrap=args.bootstrap,
         neighbours=args.neighbours,
@@ -155,4 +161,6 @@ def robustness_main(argv: Sequence[str] | None = None) -> int:
 
         run_robustness(robustness_settings(args))
 
-    return run_command("exaonepath-robustness", command)
+    return run_command(
+        "exaonepath-robustness", command, quiet=args.quiet, libraries=("transformers", "datasets")
+    )

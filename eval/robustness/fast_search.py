@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from ...progress import progress_bar
 
 __all__ = [
     "MAX_BLOCK_VALUES",
@@ -199,8 +200,8 @@ class _CandidateLists:
         # blocks at the same place of their groups first (the diagonal, and similar samples of the other groups),
         # then outwards: the lists start with high values, so that later blocks add few entries
         pairs.sort(key=lambda p: (abs(blocks[p[0]][3] - blocks[p[1]][3]), p[1] - p[0], p[0]))
-        for a, b in tqdm(
-            pairs, desc="similarity blocks", unit="block", mininterval=5, disable=len(pairs) < 100
+        for a, b in progress_bar(
+            iterable=pairs, desc="similarity blocks", unit="block", enabled=len(pairs) >= 100
         ):
             self._block(blocks[a], blocks[b])
 

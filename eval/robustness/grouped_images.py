@@ -27,7 +27,7 @@ import datasets
 
 from ...images import image_files, open_rgb
 from ...tiling.output import resolve_shards
-from ..common.data import local_fingerprint
+from ..common.data import load_local_dataset, local_fingerprint
 
 __all__ = ["GroupedImages", "files_fingerprint", "parquet_files", "load_grouped_images"]
 
@@ -97,7 +97,7 @@ def files_fingerprint(files: list[str]) -> str:
 def _parquet_images(files: list[str], group_by: str, data: str | os.PathLike) -> _Images:
     if not files:
         raise ValueError(f"no parquet shards found for {data}")
-    table = datasets.load_dataset("parquet", data_files=files, split="train")
+    table = load_local_dataset("parquet", data_files=files, split="train")
     fingerprint = files_fingerprint(files)
     if group_by not in table.column_names:
         raise ValueError(f"{data}: no column {group_by!r} (has {table.column_names})")
@@ -124,7 +124,7 @@ def _folder_images(root: Path, group_by: str) -> _Images:
             file_names=[str(p.relative_to(root)) for p in paths],
             fingerprint=fingerprint,
         )
-    table = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+    table = load_local_dataset("imagefolder", data_dir=str(root), split="train")
     images = table.cast_column("image", datasets.Image(decode=False))["image"]
     columns = {}
     for name in table.column_names:

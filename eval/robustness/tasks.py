@@ -14,7 +14,7 @@ from typing import Any
 import datasets
 
 from ...tiling.output import resolve_shards
-from ..common.data import local_fingerprint
+from ..common.data import load_local_dataset, local_fingerprint
 from .grouped_images import files_fingerprint
 
 __all__ = [
@@ -141,12 +141,12 @@ def _robustness_source(
     if files is not None:
         if not files:
             raise FileNotFoundError(f"no parquet files match {text}")
-        loaded = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
+        loaded = load_local_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
         return loaded, os.path.abspath(text), files_fingerprint(files)
     root = Path(text)
     if not root.is_dir():
         raise FileNotFoundError(f"local copy of {spec.hub_id} not found: {root}")
-    loaded = datasets.load_dataset(str(root), split=spec.split, cache_dir=cache_dir)
+    loaded = load_local_dataset(str(root), split=spec.split, cache_dir=cache_dir)
     return loaded, str(root.resolve()), local_fingerprint(root)
 
 

@@ -44,10 +44,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ...atomic_io import atomic_directory
 from ...images import decode_rgb
+from ...progress import progress_bar
 
 __all__ = [
     "HED_FROM_RGB",
@@ -309,7 +309,7 @@ def make_virtual_lab_dataset(
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         for lab in lab_names:
             (staging / lab).mkdir()
-        progress = tqdm(total=len(images) * len(labs), desc="virtual labs", unit="tile")
+        progress = progress_bar(total=len(images) * len(labs), desc="virtual labs", unit="tile")
         with progress:
             for name, array, label, case_id in images:
                 for lab in labs:

@@ -15,30 +15,65 @@ trident/wsi_objects/WSI.py `extract_tissue_coords`, `extract_patch_features`): d
 `level0_width`, `level0_height`; attributes of `features`: `name`, `savetodir`. TRIDENT stores a dict attribute
 as a JSON string and None as the string "None"; we do the same and undo both when reading. We leave out
 `savetodir` (an absolute path of the machine that wrote the file) and add `level0_mpp`, `target_mpp`.
+
+Two more formats of the field are read here (verified against mahmoodlab/CLAM `extract_features_fp.py`,
+`wsi_core/WholeSlideImage.py` `process_contour`, and TRIDENT's `IO.read_coords_legacy`):
+
+- CLAM's feature bags `pt_files/<slide_id>.pt`: one float tensor [N, D], no coordinates (its `h5_files/` hold
+  the same features with `coords`, and are read like ours).
+- Patch-coordinate files, `patches/<slide_id>.h5` (CLAM) or `patches/<slide_id>_patches.h5` (TRIDENT): a
+  `coords` dataset [N, 2] (level-0 top-left x, y) whose attributes give the geometry. CLAM's: `patch_size` (side
+  at `patch_level`), `patch_level`, `downsample`, `level_dim`, `downsampled_level_dim`, `name`, `save_path`,
+  and in older files `custom_downsample` (patches read that many times larger and shrunk to `patch_size`).
+  TRIDENT's: the `coords` attributes listed above. `read_patch_coords` reads either (`PatchCoordsFile`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from ...atomic_io import atomic_file
 
+if TYPE_CHECKING:
+    from ...tiling import SlideReader
+
 __all__ = [
+    "COORDS_FILE_SUFFIXES",
+    "FEATURE_SUFFIXES",
     "MAGNIFICATION_MICRONS",
+    "PatchCoordsFile",
     "SlideFeatures",
+    "listing",
     "load_slide_features",
+    "match_coords_files",
     "patch_geometry",
+    "read_patch_coords",
     "write_slide_features",
 ]
 
 #: Magnification of a pixel size by the microscopy convention 10 µm/px / mpp (0.25 µm/px = 40x, 0.5 = 20x).
 MAGNIFICATION_MICRONS = 10.0
+
+#: Feature bag files, in the order of preference when a slide has both (an .h5 bag has its coordinates).
+FEATURE_SUFFIXES = (".h5", ".pt")
+
+#: A slide's patch-coordinate file is `<slide_id><suffix>`: TRIDENT's name, then CLAM's.
+COORDS_FILE_SUFFIXES = ("_patches.h5", ".h5")
+
+_LISTED = 10  # names shown in an error message; the rest are counted
+
+
+def listing(names: Iterable[str]) -> str:
+    """`names` for an error message: how many, and the first few, sorted."""
+    names = sorted(names)
+    shown = ", ".join(names[:_LISTED])
+    return f"{len(names)} ({shown}{', ...' if len(names) > _LISTED else ''})"
 
 
 @dataclass
@@ -47,12 +82,13 @@ class SlideFeatures:
 
     `attributes` holds the patch geometry (the `coords` attributes: patch_size, patch_size_level0,
     level0_magnification, target_magnification, overlap, ...); `feature_attributes` what the `features`
-    dataset says about how they were made (encoder, tokens, preprocessing in our files).
+    dataset says about how they were made (encoder, tokens, preprocessing in our files). A CLAM `.pt` bag has
+    features only: `coords` is None and both attribute dicts are empty.
     """
 
     slide_id: str
     features: np.ndarray  # [N, D] float32
-    coords: np.ndarray  # [N, 2] int64
+    coords: np.ndarray | None  # [N, 2] int64; None for a bag without coordinates (CLAM's .pt)
     attributes: dict[str, Any] = field(default_factory=dict)
     feature_attributes: dict[str, Any] = field(default_factory=dict)
 
@@ -164,16 +200,18 @@ def write_slide_features(
 
 
 def load_slide_features(path: str | Path) -> SlideFeatures:
-    """Read a feature bag written by `write_slide_features` or by TRIDENT.
+    """Read a feature bag written by `write_slide_features`, TRIDENT or CLAM (its `h5_files/` or `pt_files/`).
 
-    `features` come back as float32 [N, D], `coords` as int64 [N, 2]; the slide id is the `name` attribute
-    (of `features`, else of `coords`), else the file name without `.h5`.
+    `features` come back as float32 [N, D], `coords` as int64 [N, 2] (None from a `.pt` bag); the slide id is
+    the `name` attribute (of `features`, else of `coords`), else the file name without its suffix.
     """
     import h5py
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such feature file")
+    if path.suffix == ".pt":
+        return _load_pt_bag(path)
     try:
         handle = h5py.File(path, "r")
     except OSError as error:
@@ -210,3 +248,150 @@ def load_slide_features(path: str | Path) -> SlideFeatures:
         attributes=attributes,
         feature_attributes=feature_attributes,
     )
+
+
+def _load_pt_bag(path: Path) -> SlideFeatures:
+    """A CLAM `pt_files/<slide_id>.pt` bag: one float tensor [N, D], loaded without running pickled code."""
+    import pickle
+
+    import torch
+
+    try:
+        features = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        # torch's own message suggests weights_only=False, which would run the file's pickled code: not shown
+        raise ValueError(
+            f"{path} is not a plain tensor file ({type(error).__name__}); a CLAM feature bag is one tensor "
+            "saved with torch.save, read without running pickled code: re-extract it"
+        ) from error
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or not features.is_floating_point():
+        is_tensor = isinstance(features, torch.Tensor)
+        what = f"a {features.ndim}-d {features.dtype} tensor" if is_tensor else f"a {type(features).__name__}"
+        raise ValueError(f"{path} holds {what}, not the float tensor [N, D] of a CLAM feature bag (pt_files)")
+    return SlideFeatures(slide_id=path.stem, features=features.float().numpy(), coords=None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLAM's and TRIDENT's patch-coordinate files
+
+
+@dataclass(frozen=True)
+class PatchCoordsFile:
+    """A slide's patches as CLAM or TRIDENT chose them: level-0 top-left `coords` and how the patches are cut.
+
+    `layout` "clam": `patch_size` pixels read at `patch_level` (times `custom_downsample`, then shrunk back to
+    `patch_size`); "trident": `patch_size_level0` level-0 pixels, which TRIDENT resizes to `patch_size`.
+    """
+
+    path: Path
+    coords: np.ndarray  # [N, 2] int64
+    attributes: dict[str, Any]  # the `coords` attributes as Python values
+    layout: Literal["clam", "trident"]
+
+    @property
+    def patch_size(self) -> int:
+        """Side of a patch at the target resolution (TRIDENT) or at `patch_level` (CLAM)."""
+        return int(self.attributes["patch_size"])
+
+    def geometry(self, reader: SlideReader, resize_to_target: bool) -> tuple[int, int, int]:
+        """(patch_size_level0, read_level, stored size) for `tiling.read_patch_at`: the file's patches read from
+        `reader`'s slide and sized as the tiler sizes its own (`TilingConfig.resize_to_target`): TRIDENT's
+        level-0 side at native resolution, or resized to its `patch_size` from the coarsest level fine enough;
+        CLAM's `patch_size` pixels of `patch_level`, as CLAM reads them (there is nothing to resize)."""
+        size = self.patch_size
+        if self.layout == "clam":
+            level = int(self.attributes["patch_level"])
+            if not 0 <= level < reader.level_count:
+                raise ValueError(
+                    f"{self.path}: patch_level {level}, but {reader.path} has {reader.level_count} level(s); "
+                    "is this the coordinates file of that slide?"
+                )
+            scale = float(self.attributes.get("custom_downsample") or 1) * reader.level_downsamples[level]
+            return round(size * scale), level, size
+        side = int(
+            self.attributes.get("patch_size_level0")
+            or round(size * self.attributes["level0_magnification"] / self.attributes["target_magnification"])
+        )
+        if resize_to_target:
+            return side, reader.best_level_for_downsample(side / size), size
+        return side, 0, side
+
+    def check_inside(self, dimensions: Sequence[int]) -> None:
+        """Refuse coordinates outside the slide: the file belongs to another slide."""
+        width, height = dimensions
+        outside = (self.coords < 0).any(axis=1) | (self.coords[:, 0] >= width) | (self.coords[:, 1] >= height)
+        if outside.any():
+            x, y = self.coords[np.flatnonzero(outside)[0]]
+            raise ValueError(
+                f"{self.path}: {int(outside.sum())} patches lie outside the {width}x{height} slide (first at "
+                f"{x}, {y}); is this the coordinates file of that slide?"
+            )
+
+
+def _coords_layout(path: Path, attributes: Mapping[str, Any]) -> Literal["clam", "trident"]:
+    """Which tool wrote a coordinates file, by the attributes only it writes (TRIDENT never writes patch_level)."""
+    given = {key for key, value in attributes.items() if value is not None}  # TRIDENT writes None as "None"
+    if {"patch_size", "patch_level"} <= given:
+        return "clam"
+    magnifications = {"level0_magnification", "target_magnification"} <= given
+    if "patch_size" in given and ("patch_size_level0" in given or magnifications):
+        return "trident"
+    raise ValueError(
+        f"{path}: the attributes of its coords ({', '.join(sorted(attributes)) or 'none'}) give no patch "
+        "geometry; a CLAM coordinates file has patch_size and patch_level, a TRIDENT one patch_size with "
+        "patch_size_level0 (or level0_magnification and target_magnification)"
+    )
+
+
+def read_patch_coords(path: str | Path) -> PatchCoordsFile:
+    """Read a CLAM or TRIDENT patch-coordinate file (`patches/<slide_id>.h5`); a feature bag with TRIDENT's
+    `coords` attributes (ours included) reads as one too."""
+    import h5py
+
+    path = Path(path)
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise ValueError(f"{path} is not a readable HDF5 file ({error}); recreate the coordinates") from error
+    with handle:
+        if "coords" not in handle:
+            raise ValueError(
+                f"{path} has no dataset coords (it has {sorted(handle)}); a patch-coordinate file (CLAM's or "
+                "TRIDENT's patches/<slide>.h5) holds coords [N, 2]"
+            )
+        coords = np.asarray(handle["coords"][()])
+        attributes = {key: _python_value(value) for key, value in handle["coords"].attrs.items()}
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise ValueError(f"{path}: coords have shape {coords.shape}, not [N, 2] level-0 (x, y)")
+    if coords.dtype.kind == "f" and not np.array_equal(coords, np.round(coords)):
+        raise ValueError(f"{path}: coords are not whole level-0 pixels")
+    return PatchCoordsFile(path, coords.astype(np.int64), attributes, _coords_layout(path, attributes))
+
+
+def match_coords_files(
+    slide_ids: Sequence[str], folder: str | Path
+) -> tuple[dict[str, Path], list[str], list[Path]]:
+    """Each slide's coordinates file in `folder` (or in its `patches/`, where CLAM and TRIDENT put them), the
+    slides without one, and the files of no slide. A slide with both TRIDENT's and CLAM's name is an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"coordinates folder not found: {folder}; pass the folder of CLAM's or TRIDENT's patches/<slide>.h5"
+        )
+    if not any(folder.glob("*.h5")) and (folder / "patches").is_dir():
+        folder = folder / "patches"
+    found: dict[str, Path] = {}
+    for slide_id in slide_ids:
+        named = [folder / f"{slide_id}{suffix}" for suffix in COORDS_FILE_SUFFIXES]
+        present = [path for path in named if path.is_file()]
+        if len(present) > 1:
+            raise ValueError(
+                f"{folder} holds {' and '.join(p.name for p in present)}, both the coordinates of {slide_id}; "
+                "keep one"
+            )
+        if present:
+            found[slide_id] = present[0]
+    claimed = set(found.values())
+    missing = sorted(set(slide_ids) - set(found))
+    unused = [path for path in sorted(folder.glob("*.h5")) if path not in claimed]
+    return found, missing, unused

@@ -13,7 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...cli import run_command
+from ...cli import (
+    add_output_argument,
+    add_quiet_argument,
+    add_stain_normalization_argument,
+    run_command,
+)
 from ...tiling import TilingConfig
 from ...tiling.cli import (
     add_patch_arguments,
@@ -34,7 +39,7 @@ from ..common.cli import (
 from .settings import HEAD_NAMES, HeadTrainingConfig, HeatmapSettings, SlideDataSettings, SlideProbeSettings
 
 if TYPE_CHECKING:
-    from .features import SlideExtractionSettings, SlideExtractionSummary
+    from .features import SlideExtractionSettings
 
 __all__ = [
     "build_extract_parser",
@@ -68,20 +73,25 @@ def build_extract_parser() -> argparse.ArgumentParser:
         "--slide_list", action="store_true", help="treat each input as a text file of slide paths"
     )
     parser.add_argument(
+        "--coords",
+        type=Path,
+        default=None,
+        help="folder of CLAM's or TRIDENT's patch coordinates (patches/<slide>.h5 or <slide>_patches.h5): the "
+        "slides given as files are read at those patches instead of being tiled; each needs its file",
+    )
+    parser.add_argument(
         "--model", required=True, help="folder, hub id, .ckpt/state-dict file, timm:NAME or hf-hub:ORG/NAME"
     )
     parser.add_argument("--revision", default=None, help="model revision on the hub")
     parser.add_argument("--pooling", choices=("auto", "pooler", "cls", "mean"), default="auto")
-    parser.add_argument("--output_dir", "--out", required=True, type=Path, help="output folder")
+    add_output_argument(parser, "output folder")
     parser.add_argument(
         "--tokens",
         choices=("cls", "cls+mean"),
         default="cls",
         help="a patch's feature: the CLS feature, or it concatenated with the mean of the patch tokens (2 x D)",
     )
-    parser.add_argument(
-        "--no_stain_normalization", action="store_true", help="skip Macenko (the default normalizes)"
-    )
+    add_stain_normalization_argument(parser)
     parser.add_argument(
         "--stain_reference", type=Path, default=None, help="JSON with stain_matrix, max_concentrations"
     )
@@ -91,7 +101,7 @@ def build_extract_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--tiling_workers", type=int, default=1, help="processes tiling the slides given as files"
     )
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_argument(run)
     add_patch_arguments(parser.add_argument_group("tiling of the slides given as files (as exaonepath-tile)"))
     add_tissue_arguments(parser.add_argument_group("tissue detection (as exaonepath-tile)"))
     add_rank_arguments(parser)
@@ -118,9 +128,10 @@ def extract_settings(args: argparse.Namespace) -> SlideExtractionSettings:
         output_dir=args.output_dir,
         pooling=args.pooling,
         revision=args.revision,
-        stain_normalize=not args.no_stain_normalization,
+        stain_normalize=args.stain_normalization == "on",
         stain_reference=read_stain_reference(args.stain_reference),
         tiling=tiling,
+        coords=args.coords,
         tiling_workers=args.tiling_workers,
         forward=forward_settings(args, tokens=args.tokens),
         device=args.device,
@@ -133,13 +144,11 @@ def extract_main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 when every slide of this process is done, 1 when some failed (the others are written),
     2 on bad input."""
     args = build_extract_parser().parse_args(argv)
-    summaries: list[SlideExtractionSummary] = []
 
-    def command() -> None:
+    def command() -> int:
         from .features import extract_slide_features
 
         summary = extract_slide_features(extract_settings(args))
-        summaries.append(summary)
         share = f"{summary.rank}: " if summary.rank.is_distributed else ""
         print(
             f"{share}{len(summary.extracted)} slides extracted, {len(summary.skipped)} already done, "
@@ -148,11 +157,10 @@ def extract_main(argv: Sequence[str] | None = None) -> int:
         )
         if summary.failures:
             print_failures(summary.report_path, summary.failures)
+            return 1
+        return 0
 
-    code = run_command("exaonepath-extract", command)
-    if code:
-        return code
-    return 1 if summaries[0].failures else 0
+    return run_command("exaonepath-extract", command, quiet=args.quiet, libraries=("transformers",))
 
 
 # ------------------------------------------------------------------------------------- exaonepath-slide-probe
@@ -163,7 +171,8 @@ SLIDE_PROBE_DESCRIPTION = """Slide-level prediction: a MIL head trained on per-s
     exaonepath-slide-probe ... --heatmaps --slides SLIDES_DIR   # attention over each test slide, top patches
     accelerate launch -m exaonepath_hf.eval.slide.probe ...     # data-parallel across processes / GPUs
 
-`--features` is a folder of `<slide_id>.h5` feature bags (exaonepath-extract or TRIDENT); `--labels` a CSV
+`--features` is a folder of `<slide_id>.h5` feature bags (exaonepath-extract, TRIDENT, CLAM's h5_files) or of CLAM's
+`<slide_id>.pt` bags (its pt_files; a CLAM --feat_dir is read through both); `--labels` a CSV
 with slide_id, patient_id (or CLAM/TRIDENT's case_id), label[, split] (see `eval.slide.data`: patient-level splits, `--level patient`
 pools a patient's slides). Heads (`eval.slide.mil`): `abmil`, gated attention MIL, or `mean`, mean pooling
 plus a linear layer. Training follows eva's slide protocol: AdamW (lr 1e-3), batch 32, at most 12,500 steps and
@@ -187,12 +196,15 @@ def build_slide_probe_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     defaults, data_defaults = HeadTrainingConfig(), SlideDataSettings()
-    parser.add_argument("--features", type=Path, required=True, help="folder of <slide_id>.h5 feature bags")
+    parser.add_argument(
+        "--features", type=Path, required=True, help="folder of <slide_id>.h5 or CLAM .pt feature bags"
+    )
     parser.add_argument(
         "--labels", type=Path, required=True, help="CSV: slide_id, patient_id (or case_id), label[, split]"
     )
     parser.add_argument("--head", choices=sorted(HEAD_NAMES), default=defaults.head)
-    parser.add_argument("--output_dir", type=Path, default=Path("results/slide_probe"))
+    add_output_argument(parser, "records, report and heatmaps", default=Path("results/slide_probe"))
+    add_quiet_argument(parser)
     parser.add_argument("--name", default=None, help="task name in the report (default: the CSV's file name)")
     parser.add_argument("--class_names", default=None, help="comma-separated label order to pin")
     parser.add_argument(
@@ -285,4 +297,4 @@ def slide_probe_main(argv: Sequence[str] | None = None) -> int:
 
         run_slide_probe(slide_probe_settings(args))
 
-    return run_command("exaonepath-slide-probe", command)
+    return run_command("exaonepath-slide-probe", command, quiet=args.quiet, libraries=("transformers",))

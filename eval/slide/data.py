@@ -3,7 +3,9 @@
 The CSV has one row per slide, with the columns `slide_id`, `patient_id` (or `case_id`, as CLAM and TRIDENT
 call it), `label` and optionally `split` (train / val / test; the aliases of `eval.common.data` such as
 `validation` or `testing` work too). The
-feature folder holds `<slide_id>.h5` files in TRIDENT's layout (`eval.slide.bags`). Every labelled slide needs a
+feature folder holds `<slide_id>.h5` files in TRIDENT's layout (exaonepath-extract, TRIDENT, CLAM's `h5_files/`)
+or CLAM's `<slide_id>.pt` bags (`eval.slide.bags`); a CLAM feature folder (`h5_files/` and `pt_files/`) is read
+through both, an .h5 bag winning over a .pt one of the same slide. Every labelled slide needs a
 file; a file without a row is an error too unless `allow_extra_features` (a cohort's folder serving a task that
 labels only some of its slides).
 
@@ -40,11 +42,10 @@ from sklearn.model_selection import StratifiedGroupKFold
 from tqdm.auto import tqdm
 
 from ..common.data import SPLIT_ALIASES, SPLIT_NAMES
-from .bags import load_slide_features
+from .bags import FEATURE_SUFFIXES, listing, load_slide_features
 from .settings import SlideDataSettings
 
 __all__ = [
-    "FEATURE_SUFFIX",
     "SlideDataset",
     "SlideSegment",
     "Bag",
@@ -57,15 +58,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FEATURE_SUFFIX = ".h5"
 _REQUIRED_COLUMNS = ("slide_id", "patient_id", "label")
 _PATIENT_ALIAS = "case_id"  # CLAM's and TRIDENT's name for patient_id
-_LISTED = 10  # ids named in an error message; the rest are counted
-
-
-def _listing(ids: Sequence[str]) -> str:
-    shown = ", ".join(sorted(ids)[:_LISTED])
-    return f"{len(ids)} ({shown}{', ...' if len(ids) > _LISTED else ''})"
+_CLAM_BAG_FOLDERS = ("h5_files", "pt_files")  # what CLAM's --feat_dir holds: the same features twice
 
 
 @dataclass(frozen=True)
@@ -75,8 +70,10 @@ class SlideSegment:
     slide_id: str
     start: int
     stop: int
-    coords: np.ndarray  # [stop - start, 2] level-0 top-left (x, y)
-    attributes: dict[str, Any]  # the feature file's `coords` attributes (patch_size_level0, ...)
+    coords: np.ndarray | None  # [stop - start, 2] level-0 top-left (x, y); None from a CLAM .pt bag
+    attributes: dict[
+        str, Any
+    ]  # the feature file's `coords` attributes (patch_size_level0, ...); {} from a .pt
 
 
 @dataclass
@@ -165,24 +162,41 @@ def read_labels_csv(path: str | Path) -> list[dict[str, str]]:
     for column in _REQUIRED_COLUMNS:
         empty = [str(i + 2) for i, row in enumerate(rows) if not row[column]]
         if empty:
-            raise ValueError(f"{path}: empty {column} on line(s) {_listing(empty)}")
+            raise ValueError(f"{path}: empty {column} on line(s) {listing(empty)}")
     seen: dict[str, int] = defaultdict(int)
     for row in rows:
         seen[row["slide_id"]] += 1
     duplicated = [slide for slide, count in seen.items() if count > 1]
     if duplicated:
-        raise ValueError(f"{path}: slide_id repeated in {_listing(duplicated)} rows; one row per slide")
+        raise ValueError(f"{path}: slide_id repeated in {listing(duplicated)} rows; one row per slide")
     return rows
 
 
+def _bags_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in FEATURE_SUFFIXES and p.is_file())
+
+
 def feature_files(features_dir: str | Path) -> dict[str, Path]:
-    """`<slide_id>.h5` files of `features_dir`, by slide id."""
+    """The feature bags of `features_dir` by slide id: `<slide_id>.h5` and `<slide_id>.pt` files, the .h5 one
+    where a slide has both (it has coordinates). A folder with no bag but CLAM's `h5_files/` or `pt_files/`
+    (CLAM's `--feat_dir`) is read through them, likewise."""
     features_dir = Path(features_dir)
     if not features_dir.is_dir():
         raise FileNotFoundError(
-            f"feature folder not found: {features_dir}; extract features with exaonepath-extract (or TRIDENT)"
+            f"feature folder not found: {features_dir}; extract features with exaonepath-extract (or TRIDENT, "
+            "CLAM)"
         )
-    return {p.name[: -len(FEATURE_SUFFIX)]: p for p in sorted(features_dir.glob(f"*{FEATURE_SUFFIX}"))}
+    folders = [features_dir]
+    if not _bags_in(features_dir):
+        folders = [features_dir / name for name in _CLAM_BAG_FOLDERS if (features_dir / name).is_dir()]
+    preference = {suffix: rank for rank, suffix in enumerate(FEATURE_SUFFIXES)}
+    files: dict[str, Path] = {}
+    for path in (p for folder in folders for p in _bags_in(folder)):
+        slide_id = path.stem
+        known = files.get(slide_id)
+        if known is None or preference[path.suffix] < preference[known.suffix]:
+            files[slide_id] = path
+    return dict(sorted(files.items()))
 
 
 def _class_order(labels: Sequence[str], class_names: Sequence[str] | None, source: Path) -> tuple[str, ...]:
@@ -262,7 +276,7 @@ def _given_splits(rows: list[dict[str, str]], source: Path) -> list[str] | None:
     if unknown:
         raise ValueError(
             f"{source}: split must be train, val or test on every row when the column is used; "
-            f"{_listing(unknown)} are not"
+            f"{listing(unknown)} are not"
         )
     if "test" not in names or "train" not in names:
         raise ValueError(
@@ -274,7 +288,7 @@ def _given_splits(rows: list[dict[str, str]], source: Path) -> list[str] | None:
     shared = [patient for patient, splits in split_of_patient.items() if len(splits) > 1]
     if shared:
         raise ValueError(
-            f"{source}: patients with slides in two splits: {_listing(shared)}; a patient's slides must "
+            f"{source}: patients with slides in two splits: {listing(shared)}; a patient's slides must "
             "share one split (otherwise the test set leaks into training)"
         )
     return names
@@ -288,7 +302,7 @@ def _pooled(rows: list[dict[str, Any]], source: Path) -> list[dict[str, Any]]:
     mixed = [p for p, slides in by_patient.items() if len({s["label"] for s in slides}) > 1]
     if mixed:
         raise ValueError(
-            f"{source}: patients whose slides have different labels: {_listing(mixed)}; patient-level bags "
+            f"{source}: patients whose slides have different labels: {listing(mixed)}; patient-level bags "
             "need one label per patient (use --level slide)"
         )
     return [
@@ -318,11 +332,11 @@ def load_slide_dataset(
     problems = []
     if without_file:
         problems.append(
-            f"slides in {labels_csv} without a feature file in {features_dir}: {_listing(without_file)}"
+            f"slides in {labels_csv} without a feature file in {features_dir}: {listing(without_file)}"
         )
     if without_row and not settings.allow_extra_features:
         problems.append(
-            f"feature files in {features_dir} without a row in {labels_csv}: {_listing(without_row)} "
+            f"feature files in {features_dir} without a row in {labels_csv}: {listing(without_row)} "
             "(pass --allow_extra_features to ignore them)"
         )
     if problems:

@@ -6,7 +6,18 @@
 Inputs are `exaonepath-tile` output folders (their complete slides, as their manifests list them) and slide
 files or folders of slides, which are tiled on the way into `DIR/tiles/` (coordinates and thumbnails only; the
 pixels are read from the slide) with the tiler's flags. Every patch goes through the encoder's processor
-(Macenko on unless `--no_stain_normalization`) and any encoder `load_encoder` takes.
+(Macenko on unless `--stain_normalization off`) and any encoder `load_encoder` takes.
+
+With `--coords FOLDER` the slides given as files are not tiled: their patches are the ones CLAM or TRIDENT
+chose, read from `FOLDER/<slide_id>_patches.h5` (TRIDENT) or `FOLDER/<slide_id>.h5` (CLAM), or the same
+names in `FOLDER/patches/` (`bags.read_patch_coords`). Each patch is read from the slide at the file's level
+and size and handed to the processor as the tiler's patches are: TRIDENT's `patch_size_level0` level-0 pixels
+at native resolution, or with `--resize` read from the coarsest level still fine enough and resized to its
+`patch_size`; CLAM's `patch_size` pixels of `patch_level`, as CLAM reads them. A slide without a coordinates
+file stops the run before any work (all of them named: add their files or leave those slides out);
+coordinates files of no given slide are counted in the report and logged, as a cohort's folder serves any
+subset of its slides. Of the tiling flags only `--resize`, `--backend` and `--mpp` (for slides without one)
+apply to these slides.
 
 Output folder `DIR`:
 
@@ -14,7 +25,8 @@ Output folder `DIR`:
     extraction_config.json        encoder, preprocessing, tokens, precision: a rerun into DIR must match them
     extraction_report.json        this run's extracted / skipped / failed slides (the error of each failure);
                                   a rank of a multi-process run writes extraction_report.rank-NNNNN.json
-    tiles/                        exaonepath-tile output of the slides given as files (thumbnails for heatmaps)
+    tiles/                        exaonepath-tile output of the slides given as files (thumbnails for heatmaps;
+                                  not with --coords)
 
 A rerun skips slides whose file exists; a slide that cannot be read is reported and the others go on. Several
 processes (torchrun, `accelerate launch`, srun, or `--rank/--world_size`) split the slides between them
@@ -28,8 +40,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +56,7 @@ from ...stain_normalization import StainReference
 from ...tiling import (
     RankInfo,
     ShardPatches,
+    SlideReader,
     TiledSlide,
     TilingConfig,
     open_slide,
@@ -55,10 +69,18 @@ from ...tiling import (
     tiling_output_folder,
 )
 from ...tiling.ranks import record_name
-from ...tiling.slide_io import expand_slide_inputs
+from ...tiling.slide_io import MissingMPPError, expand_slide_inputs
 from ..common.encoders import Encoder, Pooling, Preprocessing, load_encoder
 from ..common.extraction import FeatureBatch, ForwardSettings, ForwardTimes, stream_features
-from .bags import patch_geometry, write_slide_features
+from .bags import (
+    MAGNIFICATION_MICRONS,
+    PatchCoordsFile,
+    listing,
+    match_coords_files,
+    patch_geometry,
+    read_patch_coords,
+    write_slide_features,
+)
 
 __all__ = [
     "SlideExtractionSettings",
@@ -78,9 +100,11 @@ class SlideExtractionSettings:
 
     `inputs`: `exaonepath-tile` output folders, slide files, and folders of slide files (a folder holding .dcm
     files is one DICOM slide). `tiling` cuts the slides given as files (its `write_images` is ignored: only
-    coordinates are stored, the pixels are read from the slide). `forward`: batches, loader workers, tokens,
-    precision and where the model's processor runs (`ForwardSettings`). `rank`/`world_size` default to the
-    environment (`ranks.resolve_rank`); `device` to this rank's GPU, else the CPU.
+    coordinates are stored, the pixels are read from the slide); with `coords`, a folder of CLAM or TRIDENT
+    patch-coordinate files, those slides are read at the files' patches instead (module docstring). `forward`:
+    batches, loader workers, tokens, precision and where the model's processor runs (`ForwardSettings`).
+    `rank`/`world_size` default to the environment (`ranks.resolve_rank`); `device` to this rank's GPU, else
+    the CPU.
     """
 
     inputs: tuple[Path, ...]
@@ -91,6 +115,7 @@ class SlideExtractionSettings:
     stain_normalize: bool = True
     stain_reference: StainReference | None = None
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    coords: Path | None = None
     tiling_workers: int = 1
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     device: str | None = None
@@ -116,6 +141,7 @@ class SlideExtractionSummary:
     patch_failures: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # slide_id: patch, error
     num_patches: int = 0  # patches of the slides extracted by this run
     failed_patches: int = 0  # patches left out of their slide's bag (unreadable or rejected; in the report)
+    unused_coords_files: list[str] = field(default_factory=list)  # --coords files of no input slide
     seconds: float = 0.0
     forward_seconds: float = 0.0  # preprocessing on the device and the encoder's forward pass
     wait_seconds: float = 0.0  # waiting for the loader workers
@@ -140,6 +166,7 @@ class SlideExtractionSummary:
             "patch_failures": self.patch_failures,
             "num_patches": self.num_patches,
             "failed_patches": self.failed_patches,
+            "unused_coords_files": self.unused_coords_files,
             "seconds": round(self.seconds, 3),
             "forward_seconds": round(self.forward_seconds, 3),
             "wait_seconds": round(self.wait_seconds, 3),
@@ -200,13 +227,123 @@ def _tile_share(
     return complete, failures
 
 
-class _SlidePatches(Dataset):
-    """A slide's patches read from the slide at the tiler's coordinates, as the tiler would store them."""
+@dataclass(frozen=True)
+class _SlideJob:
+    """A slide to extract: its patches' coordinates, how they are read, and its bag's `coords` attributes
+    (`bags.patch_geometry` and where they came from). `shard_files`: the tiler's image shards, rows in `coords`
+    order, read instead of the slide where the tiler wrote them."""
 
-    def __init__(self, slide: TiledSlide, backend: str):
-        record = slide.record
-        self.path, self.backend, self.coords = record.path, backend, slide.coords().xy
-        self.geometry = (record.patch_size_level0, record.read_level, record.stored_patch_size)
+    slide_id: str
+    path: str  # the slide file
+    coords: np.ndarray  # [N, 2] level-0 top-left (x, y), in bag order
+    geometry: tuple[int, int, int]  # `read_patch_at`'s patch_size_level0, read_level, stored size
+    attributes: dict[str, Any]
+    shard_files: tuple[Path, ...] = ()
+
+
+def _tiled_job(slide: TiledSlide) -> _SlideJob:
+    """A slide of a tiling output folder, its pixels from its shards where the tiler wrote them."""
+    record, config = slide.record, slide.config
+    if record.num_patches == 0:
+        raise ValueError(
+            f"the tiler kept no tissue patch of {slide.slide_id} (see {slide.out_dir / 'thumbnails'}); "
+            "an empty bag predicts nothing: lower --min_tissue or check the slide"
+        )
+    width, height = record.dimensions
+    geometry = patch_geometry(
+        slide.slide_id,
+        patch_size=config.patch_size,
+        patch_size_level0=record.patch_size_level0,
+        level0_mpp=record.slide_mpp,
+        target_mpp=config.target_mpp,
+        level0_width=width,
+        level0_height=height,
+    )
+    return _SlideJob(
+        slide.slide_id,
+        record.path,
+        slide.coords().xy,
+        (record.patch_size_level0, record.read_level, record.stored_patch_size),
+        {**geometry, "mpp_source": record.mpp_source, "min_tissue_fraction": config.min_tissue_fraction},
+        tuple(slide.shard_files()),
+    )
+
+
+def _level0_mpp(
+    reader: SlideReader, coords_file: PatchCoordsFile, fallback: float | None
+) -> tuple[float, str]:
+    """The slide's level-0 µm/px and its source, for the bag's attributes only (the file's geometry cuts the
+    patches): the slide's or `--mpp`, else TRIDENT's recorded level-0 magnification."""
+    try:
+        return reader.resolve_mpp(fallback=fallback)
+    except MissingMPPError:
+        magnification = coords_file.attributes.get("level0_magnification")
+        if not magnification:
+            raise
+        return MAGNIFICATION_MICRONS / float(magnification), "coords file"
+
+
+def _coords_file_job(slide_path: Path, coords_path: Path, tiling: TilingConfig) -> _SlideJob:
+    """A slide read at the patches of its CLAM or TRIDENT coordinates file (module docstring)."""
+    slide_id = slide_id_from_path(slide_path)
+    coords_file = read_patch_coords(coords_path)
+    if not len(coords_file.coords):
+        raise ValueError(
+            f"{coords_path} lists no patch of {slide_id}; an empty bag predicts nothing: check the slide's "
+            "tissue segmentation or leave the slide out"
+        )
+    with open_slide(slide_path, tiling.backend) as reader:
+        geometry = coords_file.geometry(reader, tiling.resize_to_target)
+        coords_file.check_inside(reader.dimensions)
+        level0_mpp, mpp_source = _level0_mpp(reader, coords_file, tiling.mpp)
+        width, height = reader.dimensions
+    side, size = geometry[0], coords_file.patch_size
+    target = coords_file.attributes.get("target_magnification")
+    attributes = patch_geometry(
+        slide_id,
+        patch_size=size,
+        patch_size_level0=side,
+        level0_mpp=level0_mpp,
+        # TRIDENT's nominal magnification, as a tiled bag records the nominal target_mpp; CLAM names none
+        target_mpp=MAGNIFICATION_MICRONS / float(target) if target else level0_mpp * side / size,
+        level0_width=width,
+        level0_height=height,
+        overlap=int(coords_file.attributes.get("overlap") or 0),
+    )
+    provenance = {
+        "mpp_source": mpp_source,
+        "coords_file": coords_path.name,
+        "coords_layout": coords_file.layout,
+    }
+    path = str(Path(slide_path).resolve())
+    return _SlideJob(slide_id, path, coords_file.coords, geometry, {**attributes, **provenance})
+
+
+def _pair_with_coords(slides: list[Path], folder: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """Each slide with its coordinates file in `folder`, and the names of the files of no slide; a slide without
+    a file stops the run (module docstring)."""
+    if not slides:
+        raise ValueError(
+            f"--coords {folder} applies to slides given as files or folders of slides, and the inputs hold none"
+        )
+    ids = [slide_id_from_path(path) for path in slides]
+    found, missing, unused = match_coords_files(ids, folder)
+    if missing:
+        raise ValueError(
+            f"slides without a coordinates file (<slide_id>_patches.h5 or <slide_id>.h5) in {folder}: "
+            f"{listing(missing)}; add their files, or leave those slides out of the inputs"
+        )
+    if unused:
+        logger.info("%d coordinates files in %s are of no input slide: not used", len(unused), folder)
+    pairs = [(path, found[slide_id]) for path, slide_id in zip(slides, ids, strict=True)]
+    return pairs, [path.name for path in unused]
+
+
+class _SlidePatches(Dataset):
+    """A slide's patches read from the slide at its coordinates, as the tiler would store them."""
+
+    def __init__(self, job: _SlideJob, backend: str):
+        self.path, self.backend, self.coords, self.geometry = job.path, backend, job.coords, job.geometry
         self._reader = None  # opened on first use, in the process (loader worker) that reads
 
     def __len__(self) -> int:
@@ -224,11 +361,11 @@ class _SlidePatches(Dataset):
             self._reader = None
 
 
-def _patches(slide: TiledSlide, backend: str) -> ShardPatches | _SlidePatches:
+def _patches(job: _SlideJob, backend: str) -> ShardPatches | _SlidePatches:
     """The slide's patches: from its shards, or read from the slide where the tiler wrote no images."""
-    if slide.record.shards:
-        return ShardPatches(slide.shard_files())
-    return _SlidePatches(slide, backend)
+    if job.shard_files:
+        return ShardPatches(job.shard_files)
+    return _SlidePatches(job, backend)
 
 
 class _SlidesAsOneSource(Dataset):
@@ -239,7 +376,7 @@ class _SlidesAsOneSource(Dataset):
     that cannot be read. A worker reads runs of consecutive patches: it closes a slide it has moved past.
     """
 
-    def __init__(self, slides: Sequence[TiledSlide], backend: str):
+    def __init__(self, slides: Sequence[_SlideJob], backend: str):
         self.readers = [_patches(slide, backend) for slide in slides]
         self.starts = np.cumsum([0] + [len(reader) for reader in self.readers])
         self._open: int | None = None
@@ -276,7 +413,7 @@ class _PendingBag:
 class _BagWriter:
     """Collects the stream's features per slide and writes a slide's bag as soon as its last patch is in."""
 
-    def __init__(self, slides: Sequence[TiledSlide], output_dir: Path, produced_by: dict[str, Any], summary):
+    def __init__(self, slides: Sequence[_SlideJob], output_dir: Path, produced_by: dict[str, Any], summary):
         self.slides, self.output_dir, self.produced_by, self.summary = (
             slides,
             output_dir,
@@ -306,10 +443,10 @@ class _BagWriter:
             bag.seen += 1
             touched[slide] = None
         for slide in touched:
-            if self.pending[slide].seen == self.slides[slide].record.num_patches:
+            if self.pending[slide].seen == len(self.slides[slide].coords):
                 self._finish(self.slides[slide], self.pending.pop(slide))
 
-    def _finish(self, slide: TiledSlide, bag: _PendingBag) -> None:
+    def _finish(self, slide: _SlideJob, bag: _PendingBag) -> None:
         try:
             kept = sum(len(run) for run in bag.features)
             if not kept:
@@ -328,16 +465,16 @@ class _BagWriter:
                 self.output_dir / f"{slide.slide_id}.h5",
                 np.concatenate(bag.features),
                 np.concatenate(bag.coords),
-                _slide_attributes(slide),
+                slide.attributes,
                 {
                     **self.produced_by,
-                    "slide_path": slide.record.path,
+                    "slide_path": slide.path,
                     "stain_fallbacks": bag.fallbacks,
                     "failed_patches": len(bag.failed),
                 },
             )
         except Exception as error:  # one bad slide is reported, never stops the others
-            self.summary.failures.append(_failure(slide, "extraction", error))
+            self.summary.failures.append(_failure(slide.slide_id, slide.path, "extraction", error))
             return
         self.summary.extracted.append(slide.slide_id)
         self.summary.num_patches += kept
@@ -346,31 +483,16 @@ class _BagWriter:
             self.summary.patch_failures[slide.slide_id] = bag.failed
 
 
-def _failure(slide: TiledSlide, stage: str, error: Exception) -> dict[str, str]:
-    logger.warning("slide %s failed: %s: %s", slide.slide_id, type(error).__name__, error)
-    logger.debug("slide %s failed", slide.slide_id, exc_info=True)
+def _failure(slide_id: str, path: str, stage: str, error: Exception) -> dict[str, str]:
+    logger.warning("slide %s failed: %s: %s", slide_id, type(error).__name__, error)
+    logger.debug("slide %s failed", slide_id, exc_info=True)
     return {
-        "slide_id": slide.slide_id,
-        "path": slide.record.path,
+        "slide_id": slide_id,
+        "path": path,
         "stage": stage,
         "error": type(error).__name__,
         "message": str(error),
     }
-
-
-def _slide_attributes(slide: TiledSlide) -> dict[str, Any]:
-    record, config = slide.record, slide.config
-    width, height = record.dimensions
-    geometry = patch_geometry(
-        slide.slide_id,
-        patch_size=config.patch_size,
-        patch_size_level0=record.patch_size_level0,
-        level0_mpp=record.slide_mpp,
-        target_mpp=config.target_mpp,
-        level0_width=width,
-        level0_height=height,
-    )
-    return {**geometry, "mpp_source": record.mpp_source, "min_tissue_fraction": config.min_tissue_fraction}
 
 
 def _device(settings: SlideExtractionSettings, rank: RankInfo) -> torch.device:
@@ -392,6 +514,11 @@ def extract_slide_features(settings: SlideExtractionSettings) -> SlideExtraction
     started = time.perf_counter()
     rank = resolve_rank(settings.rank, settings.world_size)
     tiled, to_tile = _collect_inputs(settings.inputs)
+    paired: list[tuple[Path, Path]] = []
+    unused_coords: list[str] = []
+    if settings.coords is not None:  # the slides given as files are read at these coordinates, not tiled
+        paired, unused_coords = _pair_with_coords(to_tile, Path(settings.coords))
+        to_tile = []
     device = _device(settings, rank)
     encoder = load_encoder(
         settings.model, pooling=settings.pooling, revision=settings.revision, device=device
@@ -406,10 +533,12 @@ def extract_slide_features(settings: SlideExtractionSettings) -> SlideExtraction
         "holds features made with other settings",
         "rerun with the same model and settings to resume, or choose a new --output_dir",
     )
-    summary = SlideExtractionSummary(output_dir=Path(settings.output_dir), rank=rank)
+    summary = SlideExtractionSummary(
+        output_dir=Path(settings.output_dir), rank=rank, unused_coords_files=unused_coords
+    )
     if rank.is_distributed:
         logger.info("%s on %s", rank, device)
-    todo = _slides_to_extract(tiled, to_tile, settings, rank, summary)
+    todo = _slides_to_extract(tiled, to_tile, paired, settings, rank, summary)
     times = ForwardTimes()
     try:
         if todo:
@@ -444,26 +573,33 @@ def _produced_by(encoder: Encoder, preprocessing: Preprocessing, forward: Forwar
 def _slides_to_extract(
     tiled: list[TiledSlide],
     to_tile: list[Path],
+    paired: list[tuple[Path, Path]],
     settings: SlideExtractionSettings,
     rank: RankInfo,
     summary: SlideExtractionSummary,
-) -> list[TiledSlide]:
-    """This rank's share of the slides (tiling the ones given as files), less the ones already extracted and
-    the empty ones (reported: an empty bag predicts nothing)."""
+) -> list[_SlideJob]:
+    """This rank's share of the slides (tiling the ones given as files, or pairing them with `--coords` files),
+    less the ones already extracted; a slide that cannot be prepared (no patch: an empty bag predicts nothing,
+    an unreadable coordinates file) is reported and the others go on."""
     share = split_for_rank(tiled, rank.rank, rank.world_size, key=lambda slide: slide.slide_id)
+    pairs = split_for_rank(paired, rank.rank, rank.world_size, key=lambda pair: slide_id_from_path(pair[0]))
     newly_tiled, summary.failures = _tile_share(to_tile, settings, rank)
+    candidates: list[tuple[str, str, str, Callable[[], _SlideJob]]] = [
+        (slide.slide_id, slide.record.path, "extraction", partial(_tiled_job, slide))
+        for slide in share + newly_tiled
+    ]
+    for path, coords in pairs:
+        job = partial(_coords_file_job, path, coords, settings.tiling)
+        candidates.append((slide_id_from_path(path), str(path), "coords", job))
     todo = []
-    for slide in sorted(share + newly_tiled, key=lambda slide: slide.slide_id):
-        if (summary.output_dir / f"{slide.slide_id}.h5").is_file():
-            summary.skipped.append(slide.slide_id)
-        elif slide.record.num_patches == 0:
-            error = ValueError(
-                f"the tiler kept no tissue patch of {slide.slide_id} (see {slide.out_dir / 'thumbnails'}); "
-                "an empty bag predicts nothing: lower --min_tissue or check the slide"
-            )
-            summary.failures.append(_failure(slide, "extraction", error))
-        else:
-            todo.append(slide)
+    for slide_id, path, stage, prepare in sorted(candidates, key=lambda candidate: candidate[0]):
+        if (summary.output_dir / f"{slide_id}.h5").is_file():
+            summary.skipped.append(slide_id)
+            continue
+        try:
+            todo.append(prepare())
+        except Exception as error:  # one bad slide is reported, never stops the others
+            summary.failures.append(_failure(slide_id, path, stage, error))
     if summary.skipped:
         logger.info("%d slides already extracted in %s: skipped", len(summary.skipped), summary.output_dir)
     return todo
@@ -473,6 +609,7 @@ def _settings_record(settings: SlideExtractionSettings) -> dict[str, Any]:
     record = asdict(settings)
     record["inputs"] = [str(p) for p in settings.inputs]
     record["output_dir"] = str(settings.output_dir)
+    record["coords"] = None if settings.coords is None else str(settings.coords)
     record["stain_reference"] = settings.stain_reference.to_dict() if settings.stain_reference else None
     return record
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...atomic_io import atomic_write_bytes
+from ...progress import progress_bar
 from ...tiling import open_slide, read_downsampled, slide_id_from_path
 from ...tiling.thumbnail import render_thumbnail
 from .data import Bag, SlideSegment
@@ -124,7 +124,9 @@ def write_heatmaps(
     paths = {slide_id_from_path(p): p for p in sorted(slides_dir.iterdir()) if not p.name.startswith(".")}
     written, missing, attention_of = [], [], {}
     segments = [(bag, segment) for bag in bags for segment in bag.segments]
-    for bag, segment in tqdm(segments, desc="heatmaps", unit="slide", disable=len(segments) < 2):
+    for bag, segment in progress_bar(
+        iterable=segments, desc="heatmaps", unit="slide", enabled=len(segments) > 1
+    ):
         if segment.slide_id not in paths:
             missing.append(segment.slide_id)
             continue

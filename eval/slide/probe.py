@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,10 +21,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ...atomic_io import atomic_save_tensors, atomic_write_bytes, write_json
+from ...progress import progress_bar
 from ..common.metrics import METRIC_KEYS, METRIC_PATH, load_metric
 from ..common.metrics.pathology_metrics import classification_metrics
 from ..common.records import environment, slugify, summarize_seeds, summary_cell
@@ -32,6 +32,9 @@ from .data import Bag, SlideDataset, load_bags, load_slide_dataset
 from .heatmaps import write_heatmaps
 from .mil import BagCollator, build_head
 from .settings import HeadTrainingConfig, SlideProbeSettings
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = [
     "SLIDE_RECORD_SUFFIX",
@@ -212,11 +215,11 @@ def fit_head(
     set_seed(seed)
     training = _prepare_training(train, val, config, num_classes, seed, accelerator)
     selection, history, epoch, stopped_early, train_seconds = _Selection(), [], 0, False, 0.0
-    with tqdm(
+    with progress_bar(
         total=training.total,
         desc=f"{config.head} seed {seed}",
         unit="step",
-        disable=not accelerator.is_local_main_process,
+        enabled=accelerator.is_local_main_process,
     ) as bar:
         while training.step < training.total and not stopped_early:
             epoch_started = time.perf_counter()

@@ -1,14 +1,14 @@
-"""`exaonepath-tile SLIDES... --out DIR`: cut tissue patches from whole-slide images into parquet shards."""
+"""`exaonepath-tile SLIDES... --output_dir DIR`: cut tissue patches from whole-slide images into parquet shards."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from ..cli import add_output_argument, add_quiet_argument, run_command
 from .config import TilingConfig
 from .pipeline import tile_slides
 from .ranks import add_rank_arguments, resolve_rank
@@ -63,13 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="treat each SLIDES argument as a text file of slide paths",
     )
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    add_output_argument(parser, "output folder")
     parser.add_argument("--workers", type=int, default=1, help="slides tiled in parallel (processes)")
     add_patch_arguments(parser.add_argument_group("patches"))
     _add_output_arguments(parser.add_argument_group("output"))
     add_tissue_arguments(parser.add_argument_group("tissue detection"))
     add_rank_arguments(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    add_quiet_argument(parser)
     return parser
 
 
@@ -224,33 +224,27 @@ def print_failures(listing: Path, failures: Iterable[Mapping[str, str]]) -> None
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 0 when every slide was tiled, 1 when some failed (the others are done)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
+    args = build_parser().parse_args(argv)
+    return run_command("exaonepath-tile", lambda: _tile(args), quiet=args.quiet)
+
+
+def _tile(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    slides = expand_slide_inputs(slide_paths(args.slides, args.slide_list))
+    rank = resolve_rank(args.rank, args.world_size)
+    summary = tile_slides(
+        slides,
+        args.output_dir,
+        config,
+        num_workers=args.workers,
+        progress=not args.quiet,
+        rank=rank.rank,
+        world_size=rank.world_size,
     )
-    try:
-        config = config_from_args(args)
-        slides = expand_slide_inputs(slide_paths(args.slides, args.slide_list))
-        rank = resolve_rank(args.rank, args.world_size)
-    except (ValueError, OSError) as error:
-        parser.error(str(error))
-    try:
-        summary = tile_slides(
-            slides,
-            args.out,
-            config,
-            num_workers=args.workers,
-            progress=not args.quiet,
-            rank=rank.rank,
-            world_size=rank.world_size,
-        )
-    except ValueError as error:  # raised before any slide is touched: duplicate ids, mismatched settings
-        parser.error(str(error))
     share = f"{rank}: " if rank.is_distributed else ""
     print(
         f"{share}{len(summary.tiled)} slides tiled, {len(summary.skipped)} already complete, "
-        f"{len(summary.failures)} failed; {summary.num_patches} patches in {args.out / 'shards'} "
+        f"{len(summary.failures)} failed; {summary.num_patches} patches in {args.output_dir / 'shards'} "
         f"({summary.seconds:.1f} s)"
     )
     if summary.failures:

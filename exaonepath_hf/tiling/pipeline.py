@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from ..atomic_io import atomic_write_bytes, move_files_into, record_folder_settings, write_json
+from ..progress import progress_bar
 from .config import TilingConfig
 from .grid import grid_coordinates, level0_patch_size, tissue_fractions
 from .output import SlideFailure, SlideRecord, TilingManifest, write_coords_csv
@@ -479,9 +480,7 @@ def _skip_complete(tasks: Sequence[_Task], summary: TilingSummary) -> list[_Task
 def _run_tasks(todo: Sequence[_Task], num_workers: int, summary: TilingSummary, progress: bool) -> None:
     """Tile the slides of `todo` (in this process or in `num_workers` processes) into `summary`, with a
     progress bar; failures.json is rewritten at each failure, so that it is current while the run goes on."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(todo), desc="tiling", unit="slide", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="tiling", unit="slide", enabled=progress)
 
     def on_done(task: _Task, outcome: _Outcome) -> None:
         if isinstance(outcome, SlideFailure):
