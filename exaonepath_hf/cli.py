@@ -35,6 +35,12 @@ BAD_INPUT_EXIT_CODE = 2
 INTERRUPTED_EXIT_CODE = 130
 
 
+#: Where each Hugging Face library turns its progress bars off. Named, not imported: a command imports only the
+#: libraries it says it uses (`exaonepath-tile` none: its worker processes stay light).
+_PROGRESS_SWITCHES = {
+    "transformers": ("transformers.utils.logging", "disable_progress_bar"),
+    "datasets": ("datasets", "disable_progress_bars"),
+}
 #: Every command's log lines, ours and the Hugging Face libraries' alike.
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: `--stain_normalization`: Macenko on each patch (the paper) or not.
@@ -105,22 +111,8 @@ def configure_output(quiet: bool = False, libraries: tuple[str, ...] = ()) -> No
         library_logger.propagate = True
         library_logger.setLevel(logging.WARNING)
         if no_bars:  # the environment is read once, at the library's import, which may be behind us
-            _PROGRESS_SWITCHES[library]()
-
-
-def _disable_transformers_bars() -> None:
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-
-
-def _disable_datasets_bars() -> None:
-    import datasets
-
-    datasets.disable_progress_bars()
-
-
-_PROGRESS_SWITCHES = {"transformers": _disable_transformers_bars, "datasets": _disable_datasets_bars}
+            module, switch = _PROGRESS_SWITCHES[library]
+            getattr(importlib.import_module(module), switch)()
 
 
 def run_command(
@@ -130,8 +122,9 @@ def run_command(
     quiet: bool = False,
     libraries: tuple[str, ...] = (),
 ) -> int:
-    """Runs `command()`; returns 0 (or the exit code `command` returned), or `BAD_INPUT_EXIT_CODE` after naming the bad input on stderr, or
-    `INTERRUPTED_EXIT_CODE` after saying how to go on (`interrupted`) when the user pressed Ctrl-C.
+    """Runs `command()`; returns 0 (or the exit code `command` returned), or `BAD_INPUT_EXIT_CODE` after naming
+    the bad input on stderr, or `INTERRUPTED_EXIT_CODE` after saying how to go on (`interrupted`) when the user
+    pressed Ctrl-C.
 
     Bad input is a missing file, an output that exists, or a value the library rejects (FileNotFoundError,
     FileExistsError, ValueError); anything else is a bug or an environment failure and propagates with its

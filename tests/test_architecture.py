@@ -329,7 +329,9 @@ def test_the_declared_transformers_range_is_the_one_ci_tests_at_both_ends():
     script = (PROJECT_ROOT / ".ci" / "transformers_range").read_text()
     oldest = re.search(r"^oldest=(\S+)$", script, re.MULTILINE).group(1)
     newest = re.search(r"^newest=(\S+)$", script, re.MULTILINE).group(1)
-    requirement = re.search(r"^\s+transformers(>=\S+)$", (PROJECT_ROOT / "setup.cfg").read_text(), re.MULTILINE)
+    requirement = re.search(
+        r"^\s+transformers(>=\S+)$", (PROJECT_ROOT / "setup.cfg").read_text(), re.MULTILINE
+    )
     lower, upper = re.fullmatch(r">=([\d.]+),<([\d.]+)", requirement.group(1)).groups()
     assert lower == oldest
     major, minor, _ = newest.split(".")

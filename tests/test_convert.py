@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from unittest import mock
 
+import httpx
 import numpy as np
 import pytest
 import timm
@@ -76,7 +78,7 @@ def release_ckpt(timm_vit, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def converted(release_ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("converted") / "exaonepath"
-    assert convert_main([str(release_ckpt), "--out", str(out)]) == 0
+    assert convert_main([str(release_ckpt), "--out", str(out), "--weights_source", "exaonepath-release"]) == 0
     return out
 
 
@@ -200,11 +202,104 @@ def test_pickles_with_code_are_refused(tmp_path):
         load_backbone(path)
 
 
-def test_existing_output_is_not_overwritten_silently(converted, release_ckpt, capsys):
+def error_lines(stderr: str) -> list[str]:
+    """The command's own error lines; a traceback would add others."""
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if line.startswith("exaonepath-convert: error:")]
+
+
+def refuse_to_read(*args, **kwargs):
+    raise AssertionError("the checkpoint was read before the command refused")
+
+
+def test_existing_output_is_refused_before_the_checkpoint_is_read(converted, release_ckpt, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in converted.iterdir()}
-    assert convert_main([str(release_ckpt), "--out", str(converted)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    with mock.patch("exaonepath_hf.convert.load_backbone", refuse_to_read):
+        assert convert_main([str(release_ckpt), "--out", str(converted)]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert str(converted) in line and "--overwrite" in line
     assert {p.name: p.stat().st_mtime_ns for p in converted.iterdir()} == before
+
+
+def test_converted_card_claims_nothing_about_other_weights(timm_vit, tmp_path):
+    """timm/ImageNet or random weights: no LG licence, no "pretrained on H&E", the source named."""
+    weights = tmp_path / "vit_base_imagenet.safetensors"
+    save_file({key: value.contiguous() for key, value in timm_vit.state_dict().items()}, weights)
+    out = tmp_path / "converted"
+    assert convert_main([str(weights), "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    front_matter = card.split("---")[1]
+    assert "license" not in front_matter and "library_name: transformers" in front_matter
+    assert "LG AI Research" not in card and "H&E" not in card and "285,153,903" not in card
+    assert (
+        "# EXAONEPath-architecture ViT (converted weights)" in card
+        and "`vit_base_imagenet.safetensors`" in card
+    )
+    assert "not declared to be the released EXAONEPath weights" in card and "768-d, 12 blocks" in card
+    assert "AutoModel.from_pretrained" in card, "the loading instructions are kept"
+
+
+def test_release_claim_needs_the_release_architecture(tmp_path, capsys):
+    weights = tmp_path / "tiny.safetensors"
+    save_file(tiny_state_dict(), weights)
+    out = tmp_path / "claimed"
+    assert convert_main([str(weights), "--out", str(out), "--weights_source", "exaonepath-release"]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "ViT-B/16" in line and "hidden_size 64 (release 768)" in line
+    assert not out.exists()
+
+
+def test_folder_source_keeps_its_stain_reference(converted, shared_data, tmp_path):
+    """Reconverting a folder (e.g. a pretraining export) keeps the stain reference it was trained with."""
+    processor = ExaonePathImageProcessor()
+    processor.fit_stain_reference(Image.open(shared_data / "he-images" / "tiatoolbox_target_image.png"))
+    source = tmp_path / "source"
+    shutil.copytree(converted, source)
+    processor.save_pretrained(source)
+    out = tmp_path / "reconverted"
+    assert convert_main([str(source), "--out", str(out)]) == 0
+    assert ExaonePathImageProcessor.from_pretrained(out).stain_reference == processor.stain_reference
+
+
+def test_offline_push_is_refused_in_one_line_before_converting(release_ckpt, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "pushed"
+    with mock.patch("exaonepath_hf.convert.load_backbone", refuse_to_read):
+        assert (
+            convert_main([str(release_ckpt), "--out", str(out), "--push_to_hub", "lab/exaonepath-test"]) == 2
+        )
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "cannot push to lab/exaonepath-test" in line and "HF_HUB_OFFLINE" in line
+    assert not out.exists()
+
+
+def unauthorized() -> Exception:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    url = "https://huggingface.co/api/repos/create"
+    response = httpx.Response(401, request=httpx.Request("POST", url))
+    return HfHubHTTPError(
+        f"401 Client Error: Unauthorized for url: {url}\n(Request ID: x)", response=response
+    )
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [lambda: httpx.ConnectError("[Errno -2] Name or service not known"), unauthorized],
+    ids=["network", "unauthorized"],
+)
+def test_failed_upload_is_one_line_and_keeps_the_folder(tmp_path, capsys, monkeypatch, failure):
+    monkeypatch.setattr("exaonepath_hf.hub.hub_unreachable_reason", lambda: None)  # the hub answers the probe
+    weights = tmp_path / "tiny.safetensors"
+    save_file(tiny_state_dict(), weights)
+    out = tmp_path / "pushed"
+    with mock.patch("huggingface_hub.HfApi.create_repo", side_effect=failure()):
+        assert convert_main([str(weights), "--out", str(out), "--push_to_hub", "lab/exaonepath-test"]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert f"hf upload lab/exaonepath-test {out}" in line
+    assert FOLDER_FILES <= {path.name for path in out.iterdir()}, "the folder is kept for a later upload"
 
 
 REMOTE_CODE_SCRIPT = textwrap.dedent(

@@ -1,11 +1,13 @@
 """Every README code block runs as written, in order, in a workspace holding the files it names.
 
 A block is preceded by `<!-- readme-test: run -->` or `<!-- readme-test: skip (reason) -->` (or is the test
-command itself). The workspace gets small stand-ins for the user's files: a tiny ViT saved in the release
+command itself); `<!-- readme-test: run if importable MODULE -->` runs where an optional framework is installed
+and is reported as a skip elsewhere. The workspace gets small stand-ins for the user's files: a tiny ViT saved in the release
 checkpoint layout as `EXAONEPath.ckpt`, real H&E images as `patch.png` / `target.png`, the bundled slide in
 `slides/`, and CRC-VAL-HE-7K samples as an imagefolder (class subfolders).
 """
 
+import importlib.util
 import os
 import re
 import shutil
@@ -22,6 +24,7 @@ from exaonepath_hf.demo import sample_slide
 
 BLOCK = re.compile(r"(?:<!-- (?P<marker>[^>]*) -->\n)?```(?P<language>\w+)\n(?P<code>.*?)```", re.DOTALL)
 RUNNABLE_LANGUAGES = {"bash", "python"}
+RUN_IF_IMPORTABLE = re.compile(r"readme-test: run if importable (?P<module>[\w.]+)")
 
 
 def readme_blocks() -> list[dict]:
@@ -37,8 +40,28 @@ def test_every_code_block_says_whether_it_runs():
         assert (
             marker == "test-command"
             or marker == "readme-test: run"
+            or RUN_IF_IMPORTABLE.fullmatch(marker)
             or re.fullmatch(r"readme-test: skip \(.+\)", marker)
         ), f"README block without a readme-test marker:\n{block['code']}"
+
+
+def runs_here(marker: str) -> bool:
+    match = RUN_IF_IMPORTABLE.fullmatch(marker)
+    return marker == "readme-test: run" or bool(match and importlib.util.find_spec(match["module"]))
+
+
+def optional_modules() -> list[str]:
+    markers = (RUN_IF_IMPORTABLE.fullmatch(block["marker"] or "") for block in readme_blocks())
+    return sorted({match["module"] for match in markers if match})
+
+
+@pytest.mark.parametrize("module", optional_modules())
+def test_blocks_of_optional_frameworks_run_where_installed(module):
+    """`test_readme_blocks_run_as_written` runs them where `module` is installed; elsewhere this says so."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(
+            f"{module} is not installed: its README blocks were not run (pip install '.[frameworks]')"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +95,7 @@ def test_readme_blocks_run_as_written(workspace, tmp_path):
     }
     ran = 0
     for block in readme_blocks():
-        if block["marker"] != "readme-test: run":
+        if not runs_here(block["marker"] or ""):
             continue
         command = (
             ["bash", "-euo", "pipefail", "-c", block["code"]]

@@ -63,6 +63,24 @@ def test_resolve_source_kinds(tmp_path, patch_folder):
         resolve_source(str(tmp_path))
 
 
+def test_an_unusable_source_says_what_to_pass(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"data.source is not set: add data.source=PATCHES"):
+        resolve_source("")
+    (tmp_path / "slide.svs").write_bytes(b"")
+    with pytest.raises(
+        ValueError, match=r"is a slide: tile it first \(exaonepath-tile .*slide.svs --out tiles\)"
+    ):
+        resolve_source(str(tmp_path / "slide.svs"))
+    # A name that is no local path is a hub id: offline, one line that names the folder it looked in.
+    monkeypatch.chdir(tmp_path)
+    import huggingface_hub
+
+    for module in (datasets.config, huggingface_hub.constants):
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=rf"data.source tiles is neither a file or folder in {tmp_path}"):
+        load_pretraining_patches(resolve_source("tiles"))
+
+
 def test_tiler_shards_are_read_with_their_ids(tmp_path, shared_data):
     """An `exaonepath-tile` output folder: parquet shards with an Image column and slide coordinates."""
     patches = sorted((shared_data / "tcga-tiles" / "TCGA-3X-AAVA-01Z-00-DX1").iterdir())[:4]

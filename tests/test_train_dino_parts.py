@@ -326,6 +326,34 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(path, ["max_steps"])
 
 
+def test_config_errors_name_the_key_what_it_takes_and_where_it_was_given(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("run:\n  max_stpes: 5\n")
+    with pytest.raises(
+        ValueError, match=rf"run.max_stpes \(did you mean run.max_steps\?\) in config {path};"
+    ):
+        load_config(path)
+    with pytest.raises(
+        ValueError, match=r"run.max_steps must be an integer or null, got 'abc' in the override"
+    ):
+        load_config("cpu_smoke", ["run.max_steps=abc"])
+    with pytest.raises(ValueError, match=r"run.compile must be true or false, got 1"):
+        load_config("cpu_smoke", ["run.compile=1"])
+    with pytest.raises(
+        ValueError, match=r"optim.betas must be a list of 2 \(a number, a number\), got \[0.9\]"
+    ):
+        load_config("cpu_smoke", ["optim.betas=[0.9]"])
+    with pytest.raises(ValueError, match=r"config section model must be a mapping"):
+        load_config("cpu_smoke", ["model=3"])
+    path.write_text("run: [1\n")
+    with pytest.raises(ValueError, match=rf"config {path} is not valid YAML: [^\n]*line 2") as error:
+        load_config(path)
+    assert "\n" not in str(error.value)  # the command prints it as its one line
+    # PyYAML reads 1e-4 as a string; a number field takes it as the number it spells.
+    assert load_config("cpu_smoke", ["optim.lr=1e-4"]).optim.lr == 1e-4
+    assert load_config("cpu_smoke", ["optim.min_lr=0"]).optim.min_lr == 0  # an integer is a number
+
+
 # ------------------------------------------------------------------------------------------------ on a GPU
 
 

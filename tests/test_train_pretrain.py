@@ -295,7 +295,7 @@ def test_push_to_hub_uploads_the_exported_folder(tmp_path, monkeypatch):
 def test_config_is_a_packaged_name_or_a_path(tmp_path):
     from exaonepath_hf.train.dino.config import load_config
     from exaonepath_hf.train.dino.config_files import config_path, packaged_config_names
-    from exaonepath_hf.train.pretrain_dino import parse_args
+    from exaonepath_hf.train.pretrain_dino import build_parser
 
     assert packaged_config_names() == ["cpu_smoke", "one_gpu", "paper"]
     packaged = config_path("cpu_smoke")
@@ -303,7 +303,7 @@ def test_config_is_a_packaged_name_or_a_path(tmp_path):
     assert load_config("cpu_smoke") == load_config(PROJECT_ROOT / "train" / "configs" / "cpu_smoke.yaml")
     assert load_config("cpu_smoke", ["run.max_steps=3"]).run.max_steps == 3
     assert config_path("8_gpus", "accelerate_configs").name == "8_gpus.yaml"
-    assert parse_args(["--config", "cpu_smoke", "run.seed=1"]).overrides == ["run.seed=1"]
+    assert build_parser().parse_args(["--config", "cpu_smoke", "run.seed=1"]).overrides == ["run.seed=1"]
     # A file wins over a packaged name; an unknown name lists the packaged ones.
     (tmp_path / "mine.yaml").write_text("run:\n  seed: 5\n")
     assert load_config(tmp_path / "mine.yaml").run.seed == 5
@@ -416,3 +416,80 @@ def test_a_rerun_without_resume_into_a_run_with_checkpoints_stops_in_one_line(pa
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "step_2" in error[0] and "--resume" in error[0], error
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # no repeated steps appended
+
+
+def _one_line_error(capsys) -> str:
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("exaonepath-pretrain: error: "), error
+    return error[0]
+
+
+def test_the_run_folder_keeps_its_config_and_fixes_the_model_of_export_and_resume(
+    patch_folder, tmp_path, capsys, caplog
+):
+    """A run saves its resolved config; `--export_only` with another `--config` exports the run's model (one
+    warning line), `--resume` with another model stops in one line, and a folder without the file (an older
+    run) stops in one line instead of a size-mismatch traceback."""
+    from safetensors.torch import load_file
+
+    from exaonepath_hf.train.dino.config import load_config
+
+    run = tmp_path / "run"
+    overrides = [f"data.source={patch_folder}", f"run.output_dir={run}", "run.max_steps=2",
+                 "run.checkpoint_every=2", "run.record_samples=false", "data.num_workers=0"]  # fmt: skip
+    assert _main_in_process(["--config", SMOKE, *overrides]) == 0
+    assert load_config(run / "config.yaml") == load_config(SMOKE, overrides)
+
+    other = ["model.hidden_size=64", "model.num_attention_heads=4"]
+    capsys.readouterr()
+    again = tmp_path / "again"
+    argv = ["--config", SMOKE, f"run.output_dir={run}", f"run.export_dir={again}", *other, "--export_only"]
+    assert _main_in_process(argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name.endswith("run_folder")]
+    assert len(warnings) == 1 and "model.hidden_size: run 32, --config 64" in warnings[0], warnings
+    first, second = load_file(run / "export" / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((again / "config.json").read_text())["hidden_size"] == 32
+
+    capsys.readouterr()
+    assert _main_in_process(["--config", SMOKE, *overrides, *other, "--resume"]) == 2
+    error = _one_line_error(capsys)
+    assert "model.hidden_size: run 32, --config 64" in error and f"--config {run / 'config.yaml'}" in error
+
+    (run / "config.yaml").unlink()  # a run folder from before runs kept their config
+    assert _main_in_process(["--config", SMOKE, f"run.output_dir={run}", *other, "--export_only"]) == 2
+    assert "size mismatch" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["run.max_step=3"], "unknown config key run.max_step (did you mean run.max_steps?)"),
+        (["run.max_steps=three"], "run.max_steps must be an integer or null, got 'three'"),
+        ([], "data.source is not set: add data.source="),  # cpu_smoke names no developer's folder
+        (
+            ["data.source=tiles"],
+            "data.source tiles is neither a file or folder",
+        ),  # offline: not a hub id either
+    ],
+)
+def test_a_config_typo_or_missing_data_is_one_line_and_exit_code_2(overrides, expected, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert (
+        _main_in_process(["--config", SMOKE, f"run.output_dir={run}", "data.num_workers=0", *overrides]) == 2
+    )
+    assert expected in _one_line_error(capsys)
+    assert not (run / "checkpoints").exists()
+
+
+def test_an_offline_push_is_one_line_before_training(patch_folder, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    run = tmp_path / "run"
+    argv = ["--config", SMOKE, f"data.source={patch_folder}", f"run.output_dir={run}", "run.max_steps=1",
+            "data.num_workers=0", "--push_to_hub", "org/dino"]  # fmt: skip
+    assert _main_in_process(argv) == 2
+    error = _one_line_error(capsys)
+    assert "org/dino" in error and "HF_HUB_OFFLINE" in error
+    assert not run.exists()  # refused before anything was built or trained

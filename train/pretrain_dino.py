@@ -23,6 +23,23 @@ argument overrides it (e.g. run.max_steps=100 data.num_workers=4). The script ru
     # continue exactly from the newest checkpoint / only export the teacher of the newest checkpoint
     ... -m exaonepath_hf.train.pretrain_dino --config paper ... --resume
     exaonepath-pretrain --config paper run.output_dir=... --export_only --push_to_hub my-org/exaonepath-dino
+
+`data.source` has no default: pass it (a folder of patches, an `exaonepath-tile --out` folder, a shard glob or
+a hub dataset id). Every run writes its resolved config (after the overrides) to `<run.output_dir>/config.yaml`
+when it starts, and the run's checkpoints are read with the model it describes:
+
+- `--export_only` exports the run as trained, whatever model `--config` describes: the saved config gives the
+  model, the stain reference and the card's training config; the command gives only where to read and write
+  (`run.output_dir`, `run.export_dir`, `run.push_to_hub`, `run.hub_private`), and one warning line names any
+  model field of `--config` that was ignored.
+- `--resume` stops with one line naming the model fields where `--config` differs from the saved config:
+  resume with `--config <run.output_dir>/config.yaml` (plus overrides), or start a new run in another folder.
+  Other fields (steps, lr, workers) may change on a resume.
+
+A run folder from before runs saved their config is read with `--config`, as before; a checkpoint of another
+shape then stops with one line. Bad input (a config typo or wrong type, a missing `data.source`, a rerun into a
+folder with checkpoints without `--resume`, a push while the hub cannot be reached) stops before the first
+step with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -38,13 +55,13 @@ if __package__ in (None, ""):
 
     sys.exit(main())
 
-from ..cli import run_command
+from ..cli import add_output_argument, add_quiet_argument, run_command
 from .dino.config_files import packaged_config_names
 
-__all__ = ["main", "parse_args"]
+__all__ = ["build_parser", "main"]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exaonepath-pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -58,28 +75,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         help="checkpoint and exit at this step (schedules still span the whole run)",
     )
+    add_output_argument(parser, "the run folder, as run.output_dir=DIR", required=False)
+    add_quiet_argument(parser)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the YAML")
-    return parser.parse_args(None if argv is None else list(argv))
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)  # before the training library is imported: --help and bad flags answer at once
-    from .dino.config import load_config
-    from .dino.loop import RunOptions, pretrain
+    # parsed before the training library is imported: --help and bad flags answer at once
+    args = build_parser().parse_args(None if argv is None else list(argv))
+    overrides = [*args.overrides, *([f"run.output_dir={args.output_dir}"] if args.output_dir else [])]
 
-    options = RunOptions(
-        resume=args.resume,
-        export_only=args.export_only,
-        push_to_hub=args.push_to_hub,
-        stop_at_step=args.stop_at_step,
-    )
-    codes = []
-    code = run_command(
+    def run() -> int:
+        from .dino.config import load_config
+        from .dino.loop import RunOptions, pretrain
+
+        options = RunOptions(
+            resume=args.resume,
+            export_only=args.export_only,
+            push_to_hub=args.push_to_hub,
+            stop_at_step=args.stop_at_step,
+        )
+        return pretrain(load_config(args.config, overrides), options)
+
+    return run_command(
         "exaonepath-pretrain",
-        lambda: codes.append(pretrain(load_config(args.config, args.overrides), options)),
+        run,
         interrupted="rerun the same command with --resume to continue from the last checkpoint",
+        quiet=args.quiet,
+        libraries=("transformers", "datasets"),
     )
-    return code or codes[0]
 
 
 if __name__ == "__main__":

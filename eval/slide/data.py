@@ -39,8 +39,8 @@ import datasets
 import numpy as np
 import torch
 from sklearn.model_selection import StratifiedGroupKFold
-from tqdm.auto import tqdm
 
+from ...progress import progress_bar
 from ..common.data import SPLIT_ALIASES, SPLIT_NAMES
 from .bags import FEATURE_SUFFIXES, listing, load_slide_features
 from .settings import SlideDataSettings
@@ -390,7 +390,7 @@ def load_slide_dataset(
 def load_bags(table: datasets.Dataset, desc: str = "bags") -> list[Bag]:
     """The feature bags of `table`'s rows in memory (float32), each with its slides' coordinates."""
     bags, dim = [], None
-    for row in tqdm(table, desc=desc, unit="bag", disable=len(table) < 2):
+    for row in progress_bar(iterable=table, desc=desc, unit="bag", enabled=len(table) > 1):
         parts, segments, start = [], [], 0
         for slide_id, path in zip(row["slide_ids"], row["feature_files"], strict=True):
             slide = load_slide_features(path)

@@ -87,34 +87,12 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, step: 
     return final
 
 
-TRAINED_MODEL_CARD = """---
-library_name: transformers
-pipeline_tag: image-feature-extraction
-tags: [pathology, histopathology, vision-transformer, dino, macenko, exaonepath]
-arxiv: 2408.00380
----
-
-# EXAONEPath-architecture ViT pretrained with DINO
-
+#: What the pretraining export's card says its weights are (`convert.architecture_card` claims no licence).
+TRAINED_MODEL_ABOUT = """\
 A backbone pretrained with [exaonepath-hf](https://github.com/exaonepath-hf/exaonepath-hf)'s DINO recipe
 (arXiv 2408.00380): Macenko stain normalization of every patch before the DINO augmentations. These are not the
 released EXAONEPath weights; the licence is the author's choice, within that of the initialization weights.
-
-```python
-from transformers import AutoImageProcessor, AutoModel
-processor = AutoImageProcessor.from_pretrained("THIS_REPO", trust_remote_code=True)
-model = AutoModel.from_pretrained("THIS_REPO", trust_remote_code=True).eval()
-features = model(**processor(images, return_tensors="pt")).pooler_output
-```
-
-The processor carries the stain reference used in training (`preprocessor_config.json`). For research only,
-not for diagnosis.
-
-## Training configuration
-
-```json
-{config}
-```
+The processor carries the stain reference used in training (`preprocessor_config.json`).
 """
 
 
@@ -132,13 +110,19 @@ def export_backbone(
     `trust_remote_code=True` from the hub) and has a model card with `training_config`. `push_to_hub` uploads
     the folder to that model repo id.
     """
-    from ...convert import push_folder_to_hub, save_folder
+    from ...convert import architecture_card, push_folder_to_hub, save_folder
     from ...image_processing_exaonepath import ExaonePathImageProcessor
 
     processor = ExaonePathImageProcessor(stain_reference=stain_reference.to_dict())
-    card = TRAINED_MODEL_CARD.replace("{config}", json.dumps(training_config or {}, indent=2, default=str))
+    config_text = json.dumps(training_config or {}, indent=2, default=str)
+    card = architecture_card(
+        "EXAONEPath-architecture ViT pretrained with DINO",
+        TRAINED_MODEL_ABOUT,
+        tags=("pathology", "histopathology", "vision-transformer", "dino", "macenko", "exaonepath"),
+        details=f"## Training configuration\n\n```json\n{config_text}\n```",
+    )
     out_dir = save_folder(backbone, out_dir, processor=processor, overwrite=True, model_card=card)
-    if push_to_hub:
+    if push_to_hub:  # a failed upload is one ValueError saying how to upload the folder later
         push_folder_to_hub(
             out_dir,
             push_to_hub,

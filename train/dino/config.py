@@ -6,8 +6,12 @@ A config is named by a path to a YAML file or by the name of one shipped with th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -135,6 +139,12 @@ class RunConfig:
     # torch.compile the student and teacher backbones (in place: checkpoints keep their tensor names)
     compile: bool = False
 
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(
+                f"run.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}"
+            )
+
 
 @dataclass
 class PretrainConfig:
@@ -173,21 +183,78 @@ class PretrainConfig:
         )
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def _build(cls: type, values: dict[str, Any], section: str, source: Callable[[str], str]) -> Any:
+    """`cls` from a mapping of the config's `section` ("" at the top), every value checked against its field's
+    type: a typo or a wrong type is one line naming the key, what it takes and where it was given
+    (`source(key)`)."""
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown} in '{where}'; valid keys: {sorted(known)}")
+    if unknown:  # the first is enough: the user reruns after fixing it
+        name = unknown[0]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {_dotted(section, close[0])}?)" if close else ""
+        raise ValueError(
+            f"unknown config key {_dotted(section, name)}{hint} in {source(_dotted(section, name))}; "
+            f"the keys of {section or 'the config'} are {', '.join(known)}"
+        )
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
-        hint = hints[name]
+        key, hint = _dotted(section, name), hints[name]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise ValueError(f"config section '{where}.{name}' must be a mapping, got {value!r}")
-            value = _build(hint, value, f"{where}.{name}")
-        kwargs[name] = value
+                raise ValueError(f"config section {key} must be a mapping, got {value!r} in {source(key)}")
+            kwargs[name] = _build(hint, value, key, source)
+        else:
+            kwargs[name] = _typed(value, hint, key, source)
     return cls(**kwargs)
+
+
+def _dotted(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+def _typed(value: Any, hint: Any, key: str, source: Callable[[str], str]) -> Any:
+    """`value` if it has the type `hint` (a number given as a string, e.g. 1e-4, becomes a float), else a
+    ValueError."""
+    if _matches(value, hint):
+        return value
+    if isinstance(value, str) and float in (hint, *typing.get_args(hint)):
+        with contextlib.suppress(ValueError):
+            return float(value)  # PyYAML reads exponents without a dot (1e-4) as strings
+    raise ValueError(f"config key {key} must be {_describe(hint)}, got {value!r} in {source(key)}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is tuple:
+        return isinstance(value, list | tuple) and len(value) == len(args) and all(map(_matches, value, args))
+    if hint is float:  # an integer is a number too (YAML's 1 for 1.0); a bool is not
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (bool, str, dict, type(None)):
+        return isinstance(value, hint)
+    return True  # a type this module does not declare: not checked
+
+
+def _describe(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {len(args)} ({', '.join(_describe(arg) for arg in args)})"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    return names.get(hint, "null" if hint is type(None) else str(hint))
+
+
+def _yaml(text: str, what: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:  # its message spans lines: one line, as every command error is
+        raise ValueError(f"{what} is not valid YAML: {' '.join(str(error).split())}") from None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -204,15 +271,21 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a YAML config (a path or a packaged name, see `config_path`) and apply `section.key=value` overrides
     (values parsed as YAML: 3, 1e-4, [1, 2], null)."""
     tree: dict[str, Any] = {}
+    given = path
     if path is not None:
         path = config_path(path)
-        text = path.read_text()
-        tree = yaml.safe_load(text) or {}
+        tree = _yaml(path.read_text(), f"config {path}") or {}
         if not isinstance(tree, dict):
             raise ValueError(f"config {path} must be a YAML mapping of sections")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. run.max_steps=20)")
-        _set_dotted(tree, key.lstrip("-"), yaml.safe_load(raw))
-    return _build(PretrainConfig, tree, str(path or "<defaults>"))
+        _set_dotted(tree, key.lstrip("-"), _yaml(raw, f"the value of override {item!r}"))
+    overridden = {item.partition("=")[0].lstrip("-"): item for item in overrides or []}
+
+    def source(key: str) -> str:  # the override that set `key` or one of its sections, else the file
+        given_by = [item for name, item in overridden.items() if name == key or name.startswith(f"{key}.")]
+        return f"the override {given_by[0]!r}" if given_by else f"config {given or 'defaults'}"
+
+    return _build(PretrainConfig, tree, "", source)

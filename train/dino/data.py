@@ -39,10 +39,13 @@ import torch
 
 from ...images import IMAGE_SUFFIXES, decode_rgb, image_files, source_name
 from ...tiling.output import resolve_shards, tiling_output_folder
+from ...tiling.slide_io import SLIDE_SUFFIXES
 from .shuffle import steady_shuffle
 
 __all__ = [
+    "SOURCE_KINDS",
     "build_rank_loader",
+    "check_source",
     "OrderedBatches",
     "PatchSource",
     "PatchStream",
@@ -68,19 +71,36 @@ class PatchSource:
     hub_id: str | None = None
 
 
-def resolve_source(source: str) -> PatchSource:
-    """What `data.source` names: a tiling output, a folder or glob of shards or images, or a hub dataset id."""
+#: What `data.source` takes, for the errors that say what to pass.
+SOURCE_KINDS = "a folder of images, an exaonepath-tile output folder, a parquet or webdataset .tar glob, or a hub dataset id"
+
+
+def check_source(source: str) -> None:
+    """Raises ValueError, naming what to pass instead, when `data.source` is unset, is a path that does not exist
+    or is a slide; cheap (no listing), so that a run checks it before building anything."""
     if not source:
         raise ValueError(
-            "data.source is empty: give an image folder, a tiler output folder, shard glob or hub id"
+            f"data.source is not set: add data.source=PATCHES to the command, where PATCHES is {SOURCE_KINDS} "
+            "(to try it: exaonepath-tile a slide, e.g. the package's sample slide, and pass its --out folder)"
         )
+    path = Path(source).expanduser()
+    if path.suffix.lower() in set(SLIDE_SUFFIXES) - set(IMAGE_SUFFIXES):  # a .tif may be a patch
+        raise ValueError(
+            f"data.source {source} is a slide: tile it first (exaonepath-tile {source} --out tiles) "
+            "and pass data.source=tiles"
+        )
+    if source.startswith((".", "/", "~")) and not (path.exists() or glob.has_magic(source)):
+        raise ValueError(f"data.source {source} does not exist: pass {SOURCE_KINDS}")
+
+
+def resolve_source(source: str) -> PatchSource:
+    """What `data.source` names: a tiling output, a folder or glob of shards or images, or a hub dataset id."""
+    check_source(source)
     path = Path(source).expanduser()
     if path.is_dir():
         return _folder_source(path, source)
     if path.is_file() or glob.has_magic(source):
         return _files_source(sorted(glob.glob(str(path), recursive=True)), source)
-    if source.startswith((".", "/", "~")):
-        raise ValueError(f"data.source {source} does not exist")
     return PatchSource("hub", hub_id=source)
 
 
@@ -150,7 +170,7 @@ def load_pretraining_patches(
             source.kind, data_files=list(source.files), split="train", streaming=True
         )
     else:
-        dataset = datasets.load_dataset(source.hub_id, split=split, streaming=True)
+        dataset = _load_hub_dataset(source.hub_id, split)
     features = dataset.features or {}
     if image_column is None:
         image_column = next(
@@ -162,6 +182,18 @@ def load_pretraining_patches(
             "set data.image_column"
         )
     return dataset.cast_column(image_column, datasets.Image(decode=False)), image_column
+
+
+def _load_hub_dataset(hub_id: str, split: str):
+    """The streaming hub dataset `hub_id`; a name that is neither a local path nor a reachable dataset (often
+    a folder the user has not made yet, e.g. `tiles`) is one ValueError saying so."""
+    try:
+        return datasets.load_dataset(hub_id, split=split, streaming=True)
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise ValueError(
+            f"data.source {hub_id} is neither a file or folder in {Path.cwd()} nor a hub dataset to be had ({error}); "
+            f"pass {SOURCE_KINDS}"
+        ) from None
 
 
 def shuffle_shards(dataset, seed: int):

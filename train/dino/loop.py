@@ -19,11 +19,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...atomic_io import write_json
 from ...convert import load_backbone
+from ...hub import require_hub
 from ...modeling_exaonepath import ExaonePathModel
+from ...progress import progress_bar
 from ...stain_normalization import DEFAULT_STAIN_REFERENCE, MacenkoNormalizer, StainReference
 from . import data as dino_data
 from .checkpoint import TrainState, export_backbone, latest_checkpoint, save_checkpoint
@@ -38,6 +39,7 @@ from .optim import (
     freeze_last_layer_gradients,
     set_optimizer_hyperparameters,
 )
+from .run_folder import config_for_existing_run, save_run_config
 from .schedules import DINOSchedules, ScheduleValues
 from .teacher import build_teacher, ema_update, weights_digest
 
@@ -117,8 +119,12 @@ class PendingCounts:
 def pretrain(cfg: PretrainConfig, options: RunOptions = RunOptions()) -> int:
     """Train (or, with `options.export_only`, export) as `cfg` says; returns the exit code.
 
-    Raises FileExistsError, before anything is built, when the run folder holds checkpoints and neither
-    `resume` nor `export_only` is asked: starting again at step 0 would append repeated steps to its logs.
+    Bad input stops the run before anything is built, with a ValueError, FileNotFoundError or FileExistsError
+    of one line: a run folder holding checkpoints without `resume` or `export_only` (starting again at step 0
+    would append repeated steps to its logs), a resume whose model differs from the run's saved config
+    (`run_folder`), an unusable `data.source` (a hub id that cannot be read only once the data is opened), or
+    a push while the hub cannot be reached. A fresh or resumed run saves its resolved config in its folder
+    once its checkpoint is restored.
     """
     newest = latest_checkpoint(Path(cfg.run.output_dir) / "checkpoints")
     if newest is not None and not (options.resume or options.export_only):
@@ -126,13 +132,22 @@ def pretrain(cfg: PretrainConfig, options: RunOptions = RunOptions()) -> int:
             f"{cfg.run.output_dir} holds checkpoints up to {newest.name}: rerun with --resume to continue "
             "from it, or choose another run.output_dir to start a new run"
         )
+    if newest is not None:
+        cfg = config_for_existing_run(cfg, export_only=options.export_only)
+    if not options.export_only:
+        dino_data.check_source(cfg.data.source)
+    repo_id = options.push_to_hub or cfg.run.push_to_hub
+    if repo_id:  # checked first: a run must not find out after days that its upload cannot happen
+        require_hub(f"push the exported model to {repo_id}")
     accelerator = start_accelerator(cfg.run)
     reference = stain_reference_from_config(cfg.data.stain_reference)
-    parts = build_training(cfg, accelerator, reference)
+    parts = build_training(cfg, accelerator, reference, load_init_weights=newest is None)
     restore_checkpoint(parts, resume=options.resume, export_only=options.export_only)
     if options.export_only:
         export(cfg, accelerator, parts.teacher, reference, options.push_to_hub)
     else:
+        if accelerator.is_main_process:
+            save_run_config(cfg)
         run_training(cfg, parts, reference, options)
     accelerator.end_training()
     return 0
@@ -161,10 +176,15 @@ def start_accelerator(run: RunConfig) -> Accelerator:
     return accelerator
 
 
-def build_student(cfg: PretrainConfig) -> MultiCropNetwork:
+def build_student(cfg: PretrainConfig, load_init_weights: bool = True) -> MultiCropNetwork:
+    """The student; `model.init_weights` are read only with `load_init_weights` (a checkpoint that is about to
+    be restored overwrites them: an export then needs no copy of the starting weights)."""
     m = cfg.model
     config = m.to_exaonepath_config()
-    backbone = load_backbone(m.init_weights, config=config) if m.init_weights else ExaonePathModel(config)
+    if m.init_weights and load_init_weights:
+        backbone = load_backbone(m.init_weights, config=config)
+    else:
+        backbone = ExaonePathModel(config)
     head = DINOHead(
         m.hidden_size,
         m.out_dim,
@@ -176,9 +196,11 @@ def build_student(cfg: PretrainConfig) -> MultiCropNetwork:
     return MultiCropNetwork(backbone.train(), head)
 
 
-def build_training(cfg: PretrainConfig, accelerator: Accelerator, reference: StainReference) -> TrainingParts:
+def build_training(
+    cfg: PretrainConfig, accelerator: Accelerator, reference: StainReference, load_init_weights: bool = True
+) -> TrainingParts:
     # On the device before the optimizer is built, so that it can choose the fused kernel.
-    student = build_student(cfg).to(accelerator.device)
+    student = build_student(cfg, load_init_weights).to(accelerator.device)
     optimizer = build_optimizer(student, cfg.optim.betas)
     student, optimizer = accelerator.prepare(student, optimizer)
     # After prepare, from the unwrapped student: built before, each rank would copy different weights.
@@ -223,12 +245,29 @@ def build_rank_batches(
 def restore_checkpoint(parts: TrainingParts, resume: bool, export_only: bool) -> None:
     newest = latest_checkpoint(parts.checkpoints) if resume or export_only else None
     if newest is not None:
-        parts.accelerator.load_state(str(newest))
+        load_checkpoint(parts.accelerator, newest)
         logger.info("resumed from %s (step %d)", newest, parts.state.step)
     elif export_only:
         raise FileNotFoundError(f"no step_N checkpoint in {parts.checkpoints} to export")
     elif resume:  # the same command can start a job and requeue it after a preemption
         logger.warning("--resume: no checkpoint in %s yet, starting from scratch", parts.checkpoints)
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
+    """`accelerator.load_state`; a checkpoint of another model shape (a folder from before runs saved their
+    config, with another `--config`) is one ValueError naming the first tensor that differs."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except RuntimeError as error:
+        # torch's load_state_dict: "Error(s) in loading state_dict for ...:" then one line per tensor
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if not lines or "state_dict" not in lines[0]:
+            raise
+        first_difference = lines[1] if len(lines) > 1 else lines[0]
+        raise ValueError(
+            f"checkpoint {checkpoint} holds another model than --config describes ({first_difference}): "
+            "pass the config and overrides the run was trained with"
+        ) from None
 
 
 def stain_reference_from_config(value: str | dict | None) -> StainReference:
@@ -286,8 +325,9 @@ def train_until(
     run = cfg.run
     state, seen_ids, pending = parts.state, [], PendingCounts()
     window = MetricsWindow(state.images_seen)
-    bar = tqdm(total=plan.total_steps, initial=state.step, disable=not parts.accelerator.is_main_process,
-               desc="dino")  # fmt: skip
+    bar = progress_bar(
+        total=plan.total_steps, initial=state.step, enabled=parts.accelerator.is_main_process, desc="dino"
+    )
     while state.step < stop_at:
         values = schedules.at(state.step)
         tick = time.perf_counter()
