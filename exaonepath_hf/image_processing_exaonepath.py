@@ -44,11 +44,13 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs
 
 from .stain_normalization import (
+    DEFAULT_MAX_STAIN_ANGLE,
     DEFAULT_MIN_TISSUE_FRACTION,
     DEFAULT_STAIN_REFERENCE,
     MacenkoNormalizer,
     StainReference,
     _group_by_shape,
+    _validated_max_stain_angle,
 )
 
 __all__ = ["ExaonePathImageProcessor", "ExaonePathImageProcessorKwargs"]
@@ -69,6 +71,11 @@ class ExaonePathImageProcessorKwargs(ImagesKwargs, total=False):
         stain_beta: optical density below which a pixel is background.
         min_tissue_fraction: images with a smaller tissue fraction are not stain-normalized (0 = the release's
             rule); see ``stain_normalization.DEFAULT_MIN_TISSUE_FRACTION``.
+        max_stain_angle: images whose tissue is not H&E-coloured (IHC, ink, dark fluorescence-like images, noise:
+            a stain angle above this many degrees) are not stain-normalized; see
+            ``stain_normalization.DEFAULT_MAX_STAIN_ANGLE``. ``None`` given to the processor (or ``null`` in
+            ``preprocessor_config.json``) switches the check off, as in the release; a config without the key
+            gets the default. In a call, ``None`` means the processor's setting, as for every argument.
     """
 
     do_stain_normalize: bool | None
@@ -77,14 +84,17 @@ class ExaonePathImageProcessorKwargs(ImagesKwargs, total=False):
     stain_alpha: int | float | None
     stain_beta: int | float | None
     min_tissue_fraction: int | float | None
+    max_stain_angle: int | float | None
 
 
 class ExaonePathImageProcessor(TorchvisionBackend):
     r"""EXAONEPath preprocessing: Macenko → resize 256 (bicubic) → center crop 224 → rescale → ImageNet normalize.
 
     Returns a :class:`~transformers.BatchFeature` with ``pixel_values`` and ``stain_normalized`` (bool per image:
-    False where Macenko left the image unchanged, e.g. background; see
-    :class:`~exaonepath_hf.stain_normalization.MacenkoNormalizer`). Pass ``device="cuda"`` to run on a GPU.
+    False where Macenko left the image unchanged, e.g. background, or tissue that is not H&E such as IHC or pen
+    ink; see :class:`~exaonepath_hf.stain_normalization.MacenkoNormalizer`). Pass ``device="cuda"`` to run on a
+    GPU. ``ExaonePathImageProcessor(max_stain_angle=None)`` stain-normalizes non-H&E images too, as the release
+    does.
 
     Example::
 
@@ -114,14 +124,21 @@ class ExaonePathImageProcessor(TorchvisionBackend):
     stain_alpha = 1.0
     stain_beta = 0.15
     min_tissue_fraction = DEFAULT_MIN_TISSUE_FRACTION
+    max_stain_angle = DEFAULT_MAX_STAIN_ANGLE
 
     def __init__(self, **kwargs):
         reference = kwargs.get("stain_reference")
         if isinstance(reference, StainReference):
             kwargs["stain_reference"] = reference.to_dict()
+        # transformers replaces a None argument with the class default; for this key None means "off" (a saved
+        # config says null), so it is kept apart
+        stain_angle_off = "max_stain_angle" in kwargs and kwargs["max_stain_angle"] is None
         super().__init__(**kwargs)
+        if stain_angle_off:
+            self.max_stain_angle = None
         # validate early: a bad reference in a config should fail at load time, not at the first batch
         self.stain_reference = StainReference.from_dict(self.stain_reference).to_dict()
+        self.max_stain_angle = _validated_max_stain_angle(self.max_stain_angle)
 
     # ------------------------------------------------------------------------------------------------ stain API
     def stain_normalizer(self, **overrides: Any) -> MacenkoNormalizer:
@@ -146,6 +163,7 @@ class ExaonePathImageProcessor(TorchvisionBackend):
             "stain_alpha": self.stain_alpha,
             "stain_beta": self.stain_beta,
             "min_tissue_fraction": self.min_tissue_fraction,
+            "max_stain_angle": self.max_stain_angle,
         }
         settings.update({key: value for key, value in overrides.items() if value is not None})
         return {
@@ -154,6 +172,7 @@ class ExaonePathImageProcessor(TorchvisionBackend):
             "alpha": float(settings["stain_alpha"]),
             "beta": float(settings["stain_beta"]),
             "min_tissue_fraction": float(settings["min_tissue_fraction"]),
+            "max_stain_angle": settings["max_stain_angle"],  # validated by MacenkoNormalizer
         }
 
     def _normalizer_for(self, **overrides: Any) -> MacenkoNormalizer:
@@ -244,6 +263,7 @@ class ExaonePathImageProcessor(TorchvisionBackend):
         stain_alpha: float,
         stain_beta: float,
         min_tissue_fraction: float,
+        max_stain_angle: float | None,
         do_resize: bool,
         size: SizeDict,
         resample,
@@ -267,6 +287,7 @@ class ExaonePathImageProcessor(TorchvisionBackend):
                 stain_alpha=stain_alpha,
                 stain_beta=stain_beta,
                 min_tissue_fraction=min_tissue_fraction,
+                max_stain_angle=max_stain_angle,
             )
 
         def resize_crop_normalize(stacked: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,9 @@ The module has two layers:
 
 Images that cannot be normalized come back unchanged (as float 0..1) and are flagged in
 :attr:`MacenkoOutput.normalized`; they never produce NaN and never fail the rest of the batch. See
-:class:`MacenkoNormalizer` for the exact fallback rule and :data:`DEFAULT_MIN_TISSUE_FRACTION` for why it exists.
+:class:`MacenkoNormalizer` for the exact fallback rule, :data:`DEFAULT_MIN_TISSUE_FRACTION` and
+:data:`DEFAULT_MAX_STAIN_ANGLE` for why the rules beyond the release's exist. The second one leaves images that are
+not H&E (IHC, pen ink, dark fluorescence-like images, noise) as they are instead of recolouring them like H&E.
 
 This file is shipped with saved processors (``trust_remote_code``): it imports only numpy, torch and its sibling
 ``stain_engine.py``.
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +50,7 @@ import torch
 from .stain_engine import Buffers, ChunkEngine
 
 __all__ = [
+    "DEFAULT_MAX_STAIN_ANGLE",
     "DEFAULT_MIN_TISSUE_FRACTION",
     "DEFAULT_STAIN_REFERENCE",
     "MacenkoNormalizer",
@@ -66,6 +70,19 @@ __all__ = [
 #: tissue crops (including sparse adipose tissue) have more. Set ``min_tissue_fraction=0`` for the release's
 #: decisions everywhere.
 DEFAULT_MIN_TISSUE_FRACTION = 0.01
+
+#: Largest stain angle, in degrees, of an image that is normalized (see :attr:`StainDecomposition.stain_angle`):
+#: how far the mean optical density of its tissue lies above the plane of the standard H&E stain vectors
+#: (:data:`DEFAULT_STAIN_REFERENCE`), on the side of the neutral (grey) axis. Every mixture of hematoxylin and eosin
+#: lies in that plane, and lab-to-lab stain variation spreads real H&E tissue to both sides of it; brown DAB (IHC),
+#: black ink, dark fluorescence-like images, noise and anything grey lie well above it, at or beyond the neutral
+#: axis (itself 12.8 degrees above the plane). The threshold lies between the two groups with a margin to each, as
+#: measured on the shared H&E data and on constructed non-H&E images (``tests/test_stain_normalization.py``
+#: asserts both sides). Colours inside the plane cannot be told apart from H&E this way: blue ink lies beyond
+#: hematoxylin, red ink near eosin. The fitted stain vectors are not what is compared: Macenko's extreme-percentile
+#: vectors of real H&E tiles (debris, faint eosin, marking dye) stray further from the reference than those of an
+#: IHC image. Set ``max_stain_angle=None`` to normalize every image with tissue, as the release does.
+DEFAULT_MAX_STAIN_ANGLE = 10.0
 
 ImageBatch = torch.Tensor | Sequence[torch.Tensor]
 
@@ -172,6 +189,17 @@ class StainDecomposition:
     to_concentrations: torch.Tensor  # [N, 2, 2]: plane coordinates -> least-squares concentrations
     max_concentrations: torch.Tensor  # [N, 2], nearest-rank 99th percentile
     valid: torch.Tensor  # [N] bool: enough tissue and a well-posed decomposition
+    mean_density: torch.Tensor  # [N, 3]: the mean optical density of the tissue pixels (R, G, B)
+
+    @property
+    def stain_angle(self) -> torch.Tensor:
+        """[N] degrees: how far the tissue's mean optical density lies above the plane of the standard H&E stain
+        vectors, towards the neutral (grey) axis; negative below it. See :data:`DEFAULT_MAX_STAIN_ANGLE`."""
+        normal = _h_and_e_plane_normal(self.mean_density.device)
+        density = self.mean_density.to(torch.float32)
+        # an all-zero density (no tissue: such images are flagged anyway) gives 0, not 0 / 0
+        length = torch.linalg.vector_norm(density, dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+        return torch.rad2deg(torch.asin((density @ normal / length).clamp(-1, 1)))
 
 
 # ------------------------------------------------------------------------------------------------- the algorithm
@@ -183,6 +211,7 @@ def normalize_chunk(
     alpha: float = _ALPHA,
     beta: float = _BETA,
     min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION,
+    max_stain_angle: float | None = DEFAULT_MAX_STAIN_ANGLE,
     out: torch.Tensor | None = None,
     workspace: Buffers | None = None,
 ) -> MacenkoOutput:
@@ -192,7 +221,7 @@ def normalize_chunk(
         images: uint8, or float on the 0..255 scale, on any device; not validated beyond shape and dtype (NaN in,
             NaN out): :class:`MacenkoNormalizer` checks its inputs first.
         reference: the stain appearance to map to; :data:`DEFAULT_STAIN_REFERENCE` when None.
-        io, alpha, beta, min_tissue_fraction: as in :class:`MacenkoNormalizer`.
+        io, alpha, beta, min_tissue_fraction, max_stain_angle: as in :class:`MacenkoNormalizer`.
         out: float32 [N, 3, H, W], contiguous, on the images' device, not overlapping them: written and returned
             as ``images`` of the result (it serves as scratch before). A new tensor when None.
         workspace: where the per-pixel scratch memory comes from: a :class:`~.stain_engine.Buffers` kept by the
@@ -241,9 +270,22 @@ def normalize_chunk(
     # per-image coefficients are not finite (the exponent is then finite, or +-inf without inf - inf)
     coefficients = torch.cat((exponent, decomposition.stain_matrix), dim=-1).flatten(1)
     valid = decomposition.valid & torch.isfinite(coefficients).all(dim=1)
+    if max_stain_angle is not None:  # not H&E: left as it is rather than recoloured like H&E
+        valid &= decomposition.stain_angle <= max_stain_angle
     if not bool(valid.all()):
         out[~valid] = images[~valid].float() / 255.0
     return MacenkoOutput(images=out, normalized=valid)
+
+
+@functools.lru_cache(maxsize=16)
+def _h_and_e_plane_normal(device: torch.device) -> torch.Tensor:
+    """Unit normal [3] of the plane of the standard H&E stain vectors, on the neutral axis' side, on ``device``.
+    Read only."""
+    hematoxylin, eosin = np.array(DEFAULT_STAIN_REFERENCE.stain_matrix, dtype=np.float64).T
+    normal = np.cross(hematoxylin, eosin)
+    normal *= np.sign(normal.sum()) / np.linalg.norm(normal)
+    with torch.inference_mode(False):
+        return torch.tensor(normal, dtype=torch.float32, device=device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -282,7 +324,8 @@ def decompose_stains(
     enough_tissue = tissue_count >= 2
 
     shifted, shift = _shifted_log_intensity(flat, weights, workspace, scratch)
-    plane = _leading_plane(shifted, weights, tissue_count, scratch)
+    plane, shifted_mean = _leading_plane(shifted, weights, tissue_count, scratch)
+    mean_density = (math.log(io) - (shift.double() + shifted_mean)).squeeze(-1).to(torch.float32)
     # the plane coordinates are taken as (-x, y): their ratio is then the angle key of `_stain_vectors` without
     # a negation pass, and `to_concentrations` below takes the sign back (negation is exact: same results)
     signed_plane = torch.cat((-plane[..., :1], plane[..., 1:]), dim=-1)
@@ -310,7 +353,9 @@ def decompose_stains(
     if min_tissue_fraction > 0:  # 0 = the release's own decisions; otherwise also refuse meaningless results
         well_posed = full_rank & (max_concentrations > 0).all(dim=-1)
         valid = valid & well_posed & (tissue_count >= min_tissue_fraction * num_pixels)
-    return StainDecomposition(stain_matrix, projection, to_concentrations, max_concentrations, valid)
+    return StainDecomposition(
+        stain_matrix, projection, to_concentrations, max_concentrations, valid, mean_density
+    )
 
 
 def _empty(workspace: Buffers | None, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
@@ -361,9 +406,10 @@ def _shifted_log_intensity(
 
 def _leading_plane(
     shifted: torch.Tensor, weights: torch.Tensor, tissue_count: torch.Tensor, scratch: torch.Tensor
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The two leading eigenvectors [N, 3, 2] (the largest last) of the covariance of the tissue OD: that of
-    ``log(I + 1)``, taken about the shift of ``shifted``."""
+    ``log(I + 1)``, taken about the shift of ``shifted``; and the tissue mean of ``shifted`` [N, 3, 1] (float64;
+    finite but meaningless for images with fewer than 2 tissue pixels, which are flagged)."""
     n = shifted.shape[0]
     weighted = torch.mul(shifted, weights, out=scratch)
     # the sum is pairwise; a matrix product would accumulate it in order, losing precision on large images
@@ -374,7 +420,7 @@ def _leading_plane(
     # images with < 2 tissue pixels get the identity so that the batched eigh never sees NaN; they are flagged
     identity = torch.eye(3, dtype=covariance.dtype, device=shifted.device).expand(n, 3, 3)
     covariance = torch.where((tissue_count >= 2)[:, None, None], covariance, identity)
-    return torch.linalg.eigh(covariance).eigenvectors[..., 1:].to(torch.float32)
+    return torch.linalg.eigh(covariance).eigenvectors[..., 1:].to(torch.float32), offset / count
 
 
 def _stain_vectors(
@@ -560,6 +606,9 @@ class MacenkoNormalizer:
             chunks are also made small enough that every worker thread gets one. On a GPU a chunk's cost is its
             fixed number of kernel launches, so by default chunks are as large as a memory budget allows (a
             quarter of the free memory, at most 4 GiB of intermediates).
+        max_stain_angle: images whose tissue is not H&E-coloured, i.e. whose stain angle (degrees; see
+            :attr:`StainDecomposition.stain_angle`) is above this, are returned unchanged; see
+            :data:`DEFAULT_MAX_STAIN_ANGLE`. None switches the check off.
 
     Memory: fresh memory costs a page fault per page on first touch, about as much as the arithmetic on it, so
     the normalizer keeps, for its later calls, the per-pixel scratch buffers of its worker threads (about 1.5 MB
@@ -577,9 +626,15 @@ class MacenkoNormalizer:
     - with ``min_tissue_fraction > 0`` (default :data:`DEFAULT_MIN_TISSUE_FRACTION`), also when its tissue
       fraction is below the threshold or its decomposition is degenerate: a rank-deficient stain matrix (both
       stain vectors equal, e.g. a single-coloured image) or a non-positive 99th-percentile concentration. The
-      release returns meaningless images for those.
+      release returns meaningless images for those;
+    - with ``max_stain_angle`` set (default :data:`DEFAULT_MAX_STAIN_ANGLE`), also when its tissue is not
+      H&E-coloured: brown DAB (IHC), black or green ink, dark fluorescence-like images, noise. The release
+      recolours those to look like H&E. The check costs a few arithmetic operations per image; it compares the
+      tissue's mean optical density with the standard H&E stain plane whatever ``reference`` is, so switch it off
+      to normalize other stains (e.g. with a reference fitted to an IHC target).
 
-    ``min_tissue_fraction=0`` therefore reproduces the release's decisions exactly, and its outputs to float32
+    ``min_tissue_fraction=0, max_stain_angle=None`` therefore reproduces the release's decisions exactly, and its
+    outputs to float32
     rounding (except where the tissue covariance is rank-deficient, e.g. 2 tissue pixels: the stain plane is
     then arbitrary in both implementations).
     """
@@ -592,6 +647,7 @@ class MacenkoNormalizer:
         beta: float = _BETA,
         min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION,
         max_batch_pixels: int | None = None,
+        max_stain_angle: float | None = DEFAULT_MAX_STAIN_ANGLE,
     ):
         if not isinstance(reference, StainReference):
             reference = StainReference.from_dict(reference)
@@ -607,12 +663,14 @@ class MacenkoNormalizer:
         self.beta = float(beta)
         self.min_tissue_fraction = float(min_tissue_fraction)
         self.max_batch_pixels = None if max_batch_pixels is None else int(max_batch_pixels)
+        self.max_stain_angle = _validated_max_stain_angle(max_stain_angle)
         self._engine = ChunkEngine()
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(reference={self.reference}, io={self.io}, alpha={self.alpha}, "
-            f"beta={self.beta}, min_tissue_fraction={self.min_tissue_fraction})"
+            f"beta={self.beta}, min_tissue_fraction={self.min_tissue_fraction}, "
+            f"max_stain_angle={self.max_stain_angle})"
         )
 
     def fit(self, images: ImageBatch) -> StainReference:
@@ -733,6 +791,7 @@ class MacenkoNormalizer:
             alpha=self.alpha,
             beta=self.beta,
             min_tissue_fraction=self.min_tissue_fraction,
+            max_stain_angle=self.max_stain_angle,
         )
         by_device: dict[torch.device, list[int]] = {}
         for index, images in enumerate(groups):
@@ -755,6 +814,17 @@ class MacenkoNormalizer:
             ):
                 results[index] = result
         return results
+
+
+def _validated_max_stain_angle(value: float | None) -> float | None:
+    """``max_stain_angle`` as a float (or None), with a clear error for anything else."""
+    # False would read as a threshold of 0 degrees, which refuses much of real H&E
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if value is not None and not (is_number and 0 <= value <= 90):
+        raise ValueError(
+            f"max_stain_angle must be an angle in [0, 90] degrees, or None to switch the check off; got {value!r}"
+        )
+    return None if value is None else float(value)
 
 
 def _default_chunk_pixels(device: torch.device, workers: int) -> int:

@@ -290,3 +290,25 @@ def test_timm_hub_encoder_uses_timms_pooled_features(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(encoder.features(pixels), reference(pixels))
     assert load_encoder("timm:vit_tiny_patch16_224").source == "timm:vit_tiny_patch16_224"
+
+
+def test_the_model_folders_non_he_check_is_the_one_extraction_uses(tiny_model_dir, tmp_path):
+    """A folder whose processor switches the non-H&E check off is extracted that way: noise, which the
+    default check passes through, is stain-normalized by that folder's preprocessing."""
+    import shutil
+
+    from exaonepath_hf import ExaonePathImageProcessor
+
+    default = load_encoder(tiny_model_dir).default_preprocessing()
+    assert default.max_stain_angle == ExaonePathImageProcessor().max_stain_angle is not None
+    folder = tmp_path / "check-off"
+    shutil.copytree(tiny_model_dir, folder)
+    ExaonePathImageProcessor(max_stain_angle=None).save_pretrained(folder)
+    preprocessing = load_encoder(folder).default_preprocessing()
+    assert preprocessing.max_stain_angle is None and preprocessing.processor().max_stain_angle is None
+    assert _key(load_encoder(folder), preprocessing) != _key(load_encoder(tiny_model_dir), default)
+    noise = torch.randint(
+        0, 256, (1, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    assert not default.processor()(noise, return_tensors="pt")["stain_normalized"].any()  # grey: not H&E
+    assert preprocessing.processor()(noise, return_tensors="pt")["stain_normalized"].all()

@@ -14,7 +14,7 @@ import torch
 import torchvision.transforms as T
 import transformers
 from PIL import Image
-from test_stain_normalization import bench_stain, read_chw, release_macenko
+from test_stain_normalization import bench_stain, non_he_images, read_chw, release_macenko
 from torchstain.torch.normalizers import TorchMacenkoNormalizer
 from transformers import AutoImageProcessor, BatchFeature
 from transformers.image_processing_backends import TorchvisionBackend
@@ -22,7 +22,12 @@ from transformers.processing_utils import ImagesKwargs
 
 from exaonepath_hf.fit_stain_cli import main as fit_stain_main
 from exaonepath_hf.image_processing_exaonepath import ExaonePathImageProcessor, _on_device
-from exaonepath_hf.stain_normalization import DEFAULT_STAIN_REFERENCE, MacenkoNormalizer, StainReference
+from exaonepath_hf.stain_normalization import (
+    DEFAULT_MAX_STAIN_ANGLE,
+    DEFAULT_STAIN_REFERENCE,
+    MacenkoNormalizer,
+    StainReference,
+)
 
 RELEASE_AFTER_MACENKO = T.Compose(
     [
@@ -281,7 +286,7 @@ def test_fit_save_and_load_keep_the_reference(shared_data, patch, tmp_path):
 
 
 def test_trust_remote_code_load_in_a_fresh_python_without_the_package(patch, tmp_path):
-    processor = ExaonePathImageProcessor(min_tissue_fraction=0.05)
+    processor = ExaonePathImageProcessor(min_tissue_fraction=0.05, max_stain_angle=None)
     processor.save_pretrained(tmp_path / "processor")
     Image.fromarray(np.asarray(patch)).save(tmp_path / "patch.png")
     expected = processor(patch, return_tensors="pt")["pixel_values"]
@@ -301,7 +306,7 @@ def test_trust_remote_code_load_in_a_fresh_python_without_the_package(patch, tmp
 
         processor = AutoImageProcessor.from_pretrained("processor", trust_remote_code=True)
         assert type(processor).__name__ == "ExaonePathImageProcessor", type(processor)
-        assert processor.min_tissue_fraction == 0.05
+        assert processor.min_tissue_fraction == 0.05 and processor.max_stain_angle is None
         output = processor(Image.open("patch.png"), return_tensors="pt")
         torch.save({"pixel_values": output["pixel_values"], "flags": output["stain_normalized"]}, "out.pt")
         """
@@ -443,3 +448,38 @@ def test_mixed_sizes_in_one_call_equal_each_image_alone(shared_data):
         alone = processor(image, return_tensors="pt")
         assert torch.equal(together["pixel_values"][index], alone["pixel_values"][0]), index
         assert together["stain_normalized"][index] == alone["stain_normalized"][0]
+
+
+def test_non_he_images_are_reported_and_left_unnormalized(patch):
+    images = [image.permute(1, 2, 0).numpy() for image in non_he_images()]
+    output = ExaonePathImageProcessor()([*images, patch], return_tensors="pt")
+    assert output["stain_normalized"].tolist() == [False] * len(images) + [True]
+    unchanged = ExaonePathImageProcessor(do_stain_normalize=False)(images, return_tensors="pt")
+    torch.testing.assert_close(output["pixel_values"][:-1], unchanged["pixel_values"], atol=1e-5, rtol=0)
+    # switched off: today's behaviour, every image recoloured like H&E; the H&E patch is the same either way
+    today = ExaonePathImageProcessor(max_stain_angle=None)([*images, patch], return_tensors="pt")
+    assert today["stain_normalized"].all()
+    assert torch.equal(today["pixel_values"][-1], output["pixel_values"][-1])
+    # per call: a number overrides the processor's setting, None keeps it
+    processor = ExaonePathImageProcessor()
+    assert processor(images, return_tensors="pt", max_stain_angle=90)["stain_normalized"].all()
+    assert not processor(images, return_tensors="pt", max_stain_angle=None)["stain_normalized"].any()
+
+
+def test_max_stain_angle_is_saved_reloaded_and_defaults_on_for_old_configs(tmp_path):
+    assert ExaonePathImageProcessor().max_stain_angle == DEFAULT_MAX_STAIN_ANGLE
+    config_file = tmp_path / "preprocessor_config.json"
+    for value in (None, 7.5, DEFAULT_MAX_STAIN_ANGLE):
+        ExaonePathImageProcessor(max_stain_angle=value).save_pretrained(tmp_path)
+        assert json.loads(config_file.read_text())["max_stain_angle"] == value
+        loaded = ExaonePathImageProcessor.from_pretrained(tmp_path)
+        assert loaded.max_stain_angle == value and loaded.stain_normalizer().max_stain_angle == value
+    # switched off when loading, as a user keeps the release's behaviour for a saved model
+    assert AutoImageProcessor.from_pretrained(tmp_path, max_stain_angle=None).max_stain_angle is None
+    # a config saved before the setting existed gets the check
+    config = json.loads(config_file.read_text())
+    del config["max_stain_angle"]
+    config_file.write_text(json.dumps(config))
+    assert ExaonePathImageProcessor.from_pretrained(tmp_path).max_stain_angle == DEFAULT_MAX_STAIN_ANGLE
+    with pytest.raises(ValueError, match="max_stain_angle must be an angle"):
+        ExaonePathImageProcessor(max_stain_angle=False)

@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchstain.torch.normalizers import TorchMacenkoNormalizer
 
 from exaonepath_hf.stain_engine import Buffers
 from exaonepath_hf.stain_normalization import (
+    DEFAULT_MAX_STAIN_ANGLE,
     DEFAULT_MIN_TISSUE_FRACTION,
     DEFAULT_STAIN_REFERENCE,
     MacenkoNormalizer,
@@ -27,6 +29,7 @@ from exaonepath_hf.stain_normalization import (
     _default_chunk_pixels,
     _order_statistics,
     _order_statistics_by_torch,
+    decompose_stains,
     normalize_chunk,
 )
 
@@ -59,6 +62,16 @@ def tissue_fraction(image: torch.Tensor, io=240.0, beta=0.15) -> float:
     """Independent: the fraction of pixels whose optical density is >= beta in every channel (numpy, float64)."""
     od = -np.log((image.numpy().astype(np.float64) + 1) / io)
     return float((od >= beta).all(axis=0).mean())
+
+
+def stain_angle_float64(image: torch.Tensor, io=240.0, beta=0.15) -> float:
+    """Independent: degrees by which the mean optical density of the tissue pixels lies above the plane of the
+    HEnorm hematoxylin and eosin vectors, on the side of the grey axis (numpy, float64)."""
+    od = -np.log((image.reshape(3, -1).numpy().astype(np.float64) + 1) / io)
+    mean = od[:, (od >= beta).all(axis=0)].mean(axis=1)
+    normal = np.cross(*np.array(HENORM_STAINS).T)
+    normal *= np.sign(normal.sum()) / np.linalg.norm(normal)
+    return float(np.degrees(np.arcsin(mean @ normal / np.linalg.norm(mean))))
 
 
 def release_macenko(normalizer: TorchMacenkoNormalizer, image: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -182,8 +195,12 @@ def test_parity_with_release_on_real_patches(patches, target, release_results):
     for index, patch in enumerate(patches):
         release_normalized = release_results[index][1]
         if bool(output.normalized[index]) != release_normalized:
-            # the only allowed difference: the release normalizes a patch below the tissue threshold
-            assert release_normalized and tissue_fraction(patch) < DEFAULT_MIN_TISSUE_FRACTION, index
+            # the only allowed differences: the release normalizes a patch below the tissue threshold, or one that
+            # is not H&E (the patch set has pen marks from histolab's tiles)
+            below = tissue_fraction(patch) < DEFAULT_MIN_TISSUE_FRACTION
+            assert release_normalized and (below or stain_angle_float64(patch) > DEFAULT_MAX_STAIN_ANGLE), (
+                index
+            )
             continue
         if not release_normalized:
             assert torch.equal(output.images[index], patch.float() / 255)
@@ -214,7 +231,8 @@ def test_leading_eigenvector_with_mixed_signs_matches_release():
     assert (vectors[:, -1] > 0).any() and (vectors[:, -1] < 0).any()
     image = np.clip(240 * np.exp(-od) - 1, 0, 255).round().astype(np.uint8)
     image = torch.from_numpy(image.T.reshape(3, 64, 64).copy())
-    ours = MacenkoNormalizer().normalize(image)
+    # its mean OD is grey, which the stain-angle check (not the release) refuses
+    ours = MacenkoNormalizer(max_stain_angle=None).normalize(image)
     release, release_normalized = release_macenko(TorchMacenkoNormalizer(), image)
     assert bool(ours.normalized[0]) and release_normalized
     difference = ((ours.images * 255).int() - (release * 255).int()).abs()
@@ -222,7 +240,7 @@ def test_leading_eigenvector_with_mixed_signs_matches_release():
 
 
 def test_release_fallback_decisions_at_zero_threshold(patches, target, release_results):
-    normalizer = MacenkoNormalizer(min_tissue_fraction=0)
+    normalizer = MacenkoNormalizer(min_tissue_fraction=0, max_stain_angle=None)
     normalizer.fit(target)
     output = normalizer.normalize(torch.stack(patches))
     assert output.normalized.tolist() == [normalized for _, normalized in release_results]
@@ -459,7 +477,7 @@ def test_normalize_chunk_writes_into_out_and_equals_the_normalizer(patches):
     assert torch.equal(result.normalized, expected.normalized)
     fresh = normalize_chunk(batch)  # default reference, new output and scratch memory
     torch.testing.assert_close(fresh.images, expected.images, atol=0, rtol=0)
-    settings = {"io": 250.0, "alpha": 2.0, "beta": 0.2, "min_tissue_fraction": 0.0}
+    settings = {"io": 250.0, "alpha": 2.0, "beta": 0.2, "min_tissue_fraction": 0.0, "max_stain_angle": None}
     custom = MacenkoNormalizer(**settings).normalize(batch)
     torch.testing.assert_close(normalize_chunk(batch, **settings).images, custom.images, atol=0, rtol=0)
     with pytest.raises(ValueError, match="out must be a contiguous float32"):
@@ -523,10 +541,11 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_normalizer_pickles_and_copies_without_its_buffers(patches):
     batch = torch.stack(patches[:4])
-    normalizer = MacenkoNormalizer(min_tissue_fraction=0.02)
+    normalizer = MacenkoNormalizer(min_tissue_fraction=0.02, max_stain_angle=7.5)
     expected = normalizer.normalize(batch)
     for copied in (pickle.loads(pickle.dumps(normalizer)), copy.deepcopy(normalizer)):
         assert copied.cached_bytes() == 0 and copied.min_tissue_fraction == 0.02
+        assert copied.max_stain_angle == 7.5
         torch.testing.assert_close(copied.normalize(batch).images, expected.images, atol=0, rtol=0)
     assert normalizer.cached_bytes() > 0
 
@@ -709,3 +728,193 @@ def test_groups_of_mixed_sizes_in_one_call_equal_one_call_each(patches, shared_d
     listed = normalizer.normalize([image for group in groups for image in group])
     flat = [image for result in together for image in result.images.unbind(0)]
     assert all(torch.equal(a, b) for a, b in zip(listed.images, flat, strict=True))
+
+
+# ---------------------------------------------------------------------------------------- the stain-angle check
+# Optical densities of Ruifrok and Johnston (scikit-image's rgb_from_hed): hematoxylin and DAB, the two stains of
+# H-DAB immunohistochemistry; and a neutral black ink
+IHC_HEMATOXYLIN, IHC_DAB, BLACK_INK = (0.65, 0.70, 0.29), (0.27, 0.57, 0.78), (0.58, 0.58, 0.56)
+# histolab's pen marks on empty glass (real non-H&E images of the shared data)
+PEN_ON_GLASS = ("tiles/no-tissue-green-pen.png", "tiles/no-tissue-line.png")
+# the real H&E images of the shared data: whole images and their 224x224 grid crops (histolab's tiles without
+# the pen-marked, IHC and empty ones), and the grid crops of the CMU-1 slide
+HE_FOLDERS = (
+    "crc-val-he-7k-samples",
+    "he-images",
+    "macenko-reference",
+    "stain-templates",
+    "tcga-tiles",
+    "tiles",
+)
+NOT_HE_TILES = ("pen", "ihc", "no-tissue", "almost-white")
+
+
+def _stain_column(vector) -> torch.Tensor:
+    column = torch.tensor(vector, dtype=torch.float64)
+    return (column / column.norm())[:, None, None]
+
+
+def _blobs(generator: torch.Generator, size: int, cells: int, fraction: float) -> torch.Tensor:
+    """[size, size] in 0..1: smooth random blobs (about ``cells`` across) over about ``fraction`` of the image."""
+    noise = torch.rand((1, 1, cells, cells), generator=generator, dtype=torch.float64)
+    field = F.interpolate(noise, size=(size, size), mode="bicubic")[0, 0]
+    low = field.quantile(1 - fraction)
+    return ((field - low) / (field.max() - low)).clamp(min=0)
+
+
+def _transmitted(optical_density: torch.Tensor) -> torch.Tensor:
+    """Beer-Lambert: the uint8 image of white light through optical densities [3, H, W]."""
+    return (255 * torch.exp(-optical_density)).round().clamp(0, 255).to(torch.uint8)
+
+
+def ihc_image(seed: int, size: int = 224) -> torch.Tensor:
+    """H-DAB immunohistochemistry: hematoxylin-stained nuclei and DAB-brown regions on glass."""
+    generator = torch.Generator().manual_seed(seed)
+    nuclei, dab = _blobs(generator, size, 40, 0.25), 1.5 * _blobs(generator, size, 16, 0.4)
+    return _transmitted(_stain_column(IHC_HEMATOXYLIN) * nuclei + _stain_column(IHC_DAB) * dab + 0.03)
+
+
+def ink_strokes_image(seed: int, ink=BLACK_INK, size: int = 224) -> torch.Tensor:
+    """Pen strokes of varying density across empty glass."""
+    generator = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(*[torch.arange(size, dtype=torch.float64) - size / 2] * 2, indexing="ij")
+    density = torch.zeros((size, size), dtype=torch.float64)
+    for angle, offset, width in torch.rand((4, 3), generator=generator, dtype=torch.float64).tolist():
+        angle, offset, width = angle * math.pi, (offset - 0.5) * 120, 6 + 8 * width
+        distance = (xs * math.sin(angle) - ys * math.cos(angle) - offset).abs()
+        density += (width - distance).clamp(0, 1) * (0.8 + 0.8 * _blobs(generator, size, 6, 1.0))
+    return _transmitted(_stain_column(ink) * density + 0.03)
+
+
+def dark_fluorescence_image(seed: int, size: int = 224) -> torch.Tensor:
+    """Fluorescence-like: a near-black background, blue (DAPI-like) nuclei and green cytoplasm."""
+    generator = torch.Generator().manual_seed(seed)
+    nuclei, cytoplasm = _blobs(generator, size, 40, 0.2), _blobs(generator, size, 16, 0.4)
+    image = 8 + torch.stack(
+        [20 * nuclei + 10 * cytoplasm, 30 * nuclei + 160 * cytoplasm, 200 * nuclei + 20 * cytoplasm]
+    )
+    return image.round().clamp(0, 255).to(torch.uint8)
+
+
+def uniform_noise_image(seed: int, size: int = 224) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator)
+
+
+def non_he_images() -> list[torch.Tensor]:
+    """Constructed images that are not H&E, each of which the release normalizes (recolours like H&E)."""
+    return [
+        *(ihc_image(seed) for seed in range(2)),
+        *(ink_strokes_image(seed) for seed in range(2)),
+        dark_fluorescence_image(0),
+        uniform_noise_image(0),
+    ]
+
+
+def real_he_images(data) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The whole real H&E images of the shared data, and their 224x224 grid crops with the CMU-1 slide's."""
+    import tifffile  # tiffslide's dependency
+
+    whole = []
+    for folder in HE_FOLDERS:
+        for path in sorted((data / folder).rglob("*")):
+            names_h_and_e = not path.stem.startswith("norm") and not any(
+                key in path.name for key in NOT_HE_TILES
+            )
+            if path.suffix.lower() in (".png", ".jpg", ".tif") and names_h_and_e:
+                whole.append(read_chw(path))
+    slide = torch.from_numpy(tifffile.imread(data / "wsi" / "CMU-1-Small-Region.svs", key=0)[..., :3].copy())
+    crops = [
+        image[:, top : top + 224, left : left + 224]
+        for image in [*whole, slide.permute(2, 0, 1)]
+        for top in range(0, image.shape[1] - 223, 224)
+        for left in range(0, image.shape[2] - 223, 224)
+    ]
+    return whole, torch.stack(crops)
+
+
+def test_non_he_images_fall_back_unchanged_and_are_counted(patches):
+    images = non_he_images()
+    batch = torch.stack([*images, *patches[:2]])
+    # today's behaviour and the release's: every one is normalized, i.e. recoloured to look like H&E
+    assert all(release_macenko(TorchMacenkoNormalizer(), image)[1] for image in images)
+    assert MacenkoNormalizer(max_stain_angle=None).normalize(batch).normalized.all()
+    output = MacenkoNormalizer().normalize(batch)
+    assert output.normalized.tolist() == [False] * len(images) + [True, True]
+    assert output.num_fallbacks == len(images)
+    assert torch.isfinite(output.images).all()
+    for index, image in enumerate(images):
+        assert torch.equal(output.images[index], image.float() / 255)
+    # the H&E neighbours are normalized as they are alone
+    assert torch.equal(output.images[-2:], MacenkoNormalizer().normalize(torch.stack(patches[:2])).images)
+    # lists and mixed sizes take the same decision
+    listed = MacenkoNormalizer().normalize([*images, patches[0][:, :200]])
+    assert listed.normalized.tolist() == [False] * len(images) + [True]
+    # with a margin: the constructed images lie well above the threshold (see DEFAULT_MAX_STAIN_ANGLE)
+    assert min(stain_angle_float64(image) for image in images) > DEFAULT_MAX_STAIN_ANGLE + 1.5
+
+
+def test_real_pen_marks_on_glass_fall_back(shared_data):
+    crops = torch.stack([read_chw(shared_data / name)[:, :224, :224] for name in PEN_ON_GLASS])
+    assert MacenkoNormalizer(max_stain_angle=None).normalize(crops).normalized.all()
+    output = MacenkoNormalizer().normalize(crops)
+    assert not output.normalized.any() and torch.equal(output.images, crops.float() / 255)
+
+
+def test_real_he_images_are_all_still_normalized_and_bit_identical(shared_data):
+    whole, crops = real_he_images(shared_data)
+    checked, unchecked = MacenkoNormalizer(), MacenkoNormalizer(max_stain_angle=None)
+    normalized = 0
+    for images in (whole, crops):
+        with_check, without = checked.normalize(images), unchecked.normalize(images)
+        assert torch.equal(with_check.normalized, without.normalized)
+        assert all(torch.equal(a, b) for a, b in zip(with_check.images, without.images, strict=True))
+        normalized += int(without.normalized.sum())
+        # with a margin: real H&E lies well below the threshold (see DEFAULT_MAX_STAIN_ANGLE)
+        angles = [
+            stain_angle_float64(image) for image, ok in zip(images, without.normalized, strict=True) if ok
+        ]
+        assert max(angles) < DEFAULT_MAX_STAIN_ANGLE - 3
+    assert len(whole) >= 60 and normalized >= 350  # the comparison covers the data
+
+
+def test_stain_angle_equals_an_independent_derivation(patches):
+    images = [*patches[:24], *non_he_images()]
+    decomposition = decompose_stains(torch.stack(images))
+    expected = torch.tensor([stain_angle_float64(image) for image in images], dtype=torch.float32)
+    torch.testing.assert_close(decomposition.stain_angle, expected, atol=1e-3, rtol=0)
+    # an image without tissue gets a finite angle (it falls back for want of tissue anyway)
+    white = decompose_stains(torch.full((1, 3, 16, 16), 250, dtype=torch.uint8))
+    assert torch.isfinite(white.stain_angle).all()
+    # the grey axis lies 12.8 degrees above the H&E plane (DEFAULT_MAX_STAIN_ANGLE's comment)
+    grey = decompose_stains(torch.full((1, 3, 16, 16), 100, dtype=torch.uint8))
+    assert round(float(grey.stain_angle[0]), 1) == 12.8
+
+
+@pytest.mark.parametrize("value", [False, True, -1.0, 91, math.nan, "10"])
+def test_max_stain_angle_must_be_an_angle_or_none(value):
+    with pytest.raises(ValueError, match="max_stain_angle must be an angle"):
+        MacenkoNormalizer(max_stain_angle=value)
+
+
+def test_max_stain_angle_is_a_threshold_on_the_stain_angle(patches):
+    images = torch.stack([*non_he_images(), *patches[:8]])
+    angles = decompose_stains(images).stain_angle
+    for threshold in (0.0, 4.0, 12.7, 90.0):
+        output = MacenkoNormalizer(max_stain_angle=threshold).normalize(images)
+        unchecked = MacenkoNormalizer(max_stain_angle=None).normalize(images).normalized
+        assert torch.equal(output.normalized, unchecked & (angles <= threshold)), threshold
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_stain_angle_check_on_cuda_matches_cpu(patches):
+    batch = torch.stack([*non_he_images(), *patches[:32]])
+    cpu, gpu = MacenkoNormalizer().normalize(batch), MacenkoNormalizer().normalize(batch.cuda())
+    assert torch.equal(gpu.normalized.cpu(), cpu.normalized) and cpu.num_fallbacks >= len(non_he_images())
+    torch.testing.assert_close(gpu.images.cpu(), cpu.images, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        decompose_stains(batch.cuda()).stain_angle.cpu(),
+        decompose_stains(batch).stain_angle,
+        atol=1e-3,
+        rtol=0,
+    )

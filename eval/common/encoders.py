@@ -66,6 +66,7 @@ class Preprocessing:
     stain_alpha: float = ExaonePathImageProcessor.stain_alpha
     stain_beta: float = ExaonePathImageProcessor.stain_beta
     min_tissue_fraction: float = ExaonePathImageProcessor.min_tissue_fraction
+    max_stain_angle: float | None = ExaonePathImageProcessor.max_stain_angle
 
     @property
     def resolved_reference(self) -> StainReference:
@@ -84,6 +85,7 @@ class Preprocessing:
             stain_alpha=self.stain_alpha,
             stain_beta=self.stain_beta,
             min_tissue_fraction=self.min_tissue_fraction,
+            max_stain_angle=self.max_stain_angle,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,6 +238,7 @@ def _own_preprocessing(source: str, revision: str | None) -> dict[str, Any]:
         "stain_alpha": float(processor.stain_alpha),
         "stain_beta": float(processor.stain_beta),
         "min_tissue_fraction": float(processor.min_tissue_fraction),
+        "max_stain_angle": processor.max_stain_angle,
     }
 
 

@@ -85,6 +85,16 @@ class FeatureSet:
     def __len__(self) -> int:
         return int(self.features.shape[0])
 
+    def extraction_record(self, stain_normalize: bool) -> dict[str, Any]:
+        """What a run record says about this extraction: timings, counts, images left out, and the images the
+        processor passed through without Macenko (no tissue, not H&E) when it was on."""
+        return {
+            **self.stats,
+            "num_features": len(self),
+            "failed_images": len(self.failed),
+            "stain_fallbacks": int((~self.stain_normalized).sum()) if stain_normalize else 0,
+        }
+
 
 def cache_key(
     encoder: Encoder,

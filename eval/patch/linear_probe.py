@@ -140,18 +140,6 @@ def probe_configs(
     return configs
 
 
-def _extraction_record(features: dict[str, FeatureSet], stain_normalize: bool) -> dict[str, Any]:
-    return {
-        split: {
-            **fs.stats,
-            "num_features": len(fs),
-            "failed_images": len(fs.failed),
-            "stain_fallbacks": int((~fs.stain_normalized).sum()) if stain_normalize else 0,
-        }
-        for split, fs in features.items()
-    }
-
-
 def _print_summary(task: TaskData, protocol: str, summary: dict[str, Any]) -> None:
     print(
         f"{task.spec.display_name} [{protocol}] "
@@ -194,7 +182,9 @@ def probe_task(
             },
             "model": {**encoder.identity(), "label": model_label},
             "preprocessing": preprocessing.to_dict(),
-            "extraction": _extraction_record(features, preprocessing.stain_normalize),
+            "extraction": {
+                split: fs.extraction_record(preprocessing.stain_normalize) for split, fs in features.items()
+            },
             "probe": {
                 **config.to_dict(),
                 "model_selection": f"best validation {config.selection_metric} over evaluations every "

@@ -114,7 +114,7 @@ def _extract_all(
                 "model_source": str(source),
                 "model_identity": encoder.identity(),
                 "preprocessing": preprocessing.to_dict(),
-                "extraction": {**features.stats, "failed_images": len(features.failed)},
+                "extraction": features.extraction_record(preprocessing.stain_normalize),
             }
             extracted.append((name, setting, details, features))
     return extracted
