@@ -40,9 +40,8 @@ class ProcessorEncoder(nn.Module):
     def forward(self, images: torch.Tensor | list) -> torch.Tensor:
         parameter = next(self.model.parameters())
         if isinstance(images, torch.Tensor):
-            images = images.as_subclass(
-                torch.Tensor
-            )  # frameworks hand tv_tensors; the processor wants tensors
+            # frameworks hand tv_tensors; the processor wants plain tensors
+            images = images.as_subclass(torch.Tensor)
             if images.is_floating_point() and images.numel() and images.min() < 0:
                 raise ValueError(
                     "the images are mean/std-normalized; give the EXAONEPath backbone raw pixels (uint8, or float "
