@@ -37,7 +37,7 @@ from transformers.image_utils import PILImageResampling
 
 from .atomic_io import atomic_directory
 from .configuration_exaonepath import ExaonePathConfig
-from .hub import require_hub
+from .hub import network_errors, require_hub
 from .image_processing_exaonepath import ExaonePathImageProcessor
 from .modeling_exaonepath import ExaonePathModel
 
@@ -477,14 +477,13 @@ def push_folder_to_hub(
     A failed upload (offline, no network, no or wrong token, no permission) raises ValueError in one line
     saying how to upload the folder later, instead of the hub client's traceback.
     """
-    import httpx
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
-    except (httpx.HTTPError, OSError) as error:  # the hub client's errors derive from these two
+    except network_errors() as error:
         reason = " ".join(str(error).split())  # its messages span lines (request ids, hints)
         raise ValueError(
             f"uploading {folder} to {repo_id} failed ({type(error).__name__}: {reason}); the folder is complete: "

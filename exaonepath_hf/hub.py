@@ -8,19 +8,32 @@ apart first.
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
+from types import ModuleType
 
-__all__ = ["check_model_source", "hub_unreachable_reason", "require_hub"]
+__all__ = ["check_model_source", "http_client", "hub_unreachable_reason", "network_errors", "require_hub"]
 
 #: `NAME` or `ORG/NAME` as the hub spells repository ids.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _PROBE_TIMEOUT_S = 10.0
 
 
+def http_client() -> ModuleType:
+    """The HTTP library the hub client runs on: httpx for huggingface_hub 1.x, httpx2 for 2.x."""
+    from huggingface_hub.utils import get_session
+
+    return importlib.import_module(type(get_session()).__module__.partition(".")[0])
+
+
+def network_errors() -> tuple[type[Exception], ...]:
+    """What a hub call raises when the network or the hub fails; the hub client's own errors derive from these."""
+    return (http_client().HTTPError, OSError)
+
+
 def hub_unreachable_reason() -> str | None:
     """Why the hub cannot be used from here (offline mode, no connection), or None when it answers."""
-    import httpx
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
@@ -28,7 +41,7 @@ def hub_unreachable_reason() -> str | None:
         return "HF_HUB_OFFLINE is set"
     try:
         get_session().head(constants.ENDPOINT, timeout=_PROBE_TIMEOUT_S)
-    except (httpx.HTTPError, OSError) as error:
+    except network_errors() as error:
         return f"{constants.ENDPOINT} cannot be reached ({error})"
     return None
 

@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 from unittest import mock
 
-import httpx
 import numpy as np
 import pytest
 import timm
@@ -21,6 +20,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from exaonepath_hf import ExaonePathConfig, ExaonePathImageProcessor, ExaonePathModel
 from exaonepath_hf.convert import CheckpointMismatchError, load_backbone, push_folder_to_hub
 from exaonepath_hf.convert_cli import main as convert_main
+from exaonepath_hf.hub import http_client
 
 RELEASE_HUB_CONFIG = {
     "img_size": [224],
@@ -279,7 +279,8 @@ def unauthorized() -> Exception:
     from huggingface_hub.errors import HfHubHTTPError
 
     url = "https://huggingface.co/api/repos/create"
-    response = httpx.Response(401, request=httpx.Request("POST", url))
+    http = http_client()
+    response = http.Response(401, request=http.Request("POST", url))
     return HfHubHTTPError(
         f"401 Client Error: Unauthorized for url: {url}\n(Request ID: x)", response=response
     )
@@ -287,7 +288,7 @@ def unauthorized() -> Exception:
 
 @pytest.mark.parametrize(
     "failure",
-    [lambda: httpx.ConnectError("[Errno -2] Name or service not known"), unauthorized],
+    [lambda: http_client().ConnectError("[Errno -2] Name or service not known"), unauthorized],
     ids=["network", "unauthorized"],
 )
 def test_failed_upload_is_one_line_and_keeps_the_folder(tmp_path, capsys, monkeypatch, failure):
