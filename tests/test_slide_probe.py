@@ -123,7 +123,7 @@ def test_slide_probes_of_two_tasks_keep_both_records(tmp_path):
     assert all(report.count(f"| {name} | abmil | slide | 1 | ") == 1 for name in ("msi", "subtype"))
 
 
-def test_clam_pt_bags_train_the_probe(tmp_path):
+def test_clam_pt_bags_train_the_probe(tmp_path, capsys):
     """CLAM's `pt_files/<slide_id>.pt` bags (one float tensor each, no coordinates) are slides with features:
     the cohort's bags, moved from TRIDENT's .h5 layout into CLAM's, train the head on the planted signal."""
     rows = synthetic_cohort(tmp_path)
@@ -139,6 +139,11 @@ def test_clam_pt_bags_train_the_probe(tmp_path):
     record = json.loads((out / "slides.abmil.slide_record.json").read_text())
     assert sum(split["slides"] for split in record["data"]["sizes"].values()) == 40
     assert record["test"]["balanced_accuracy"]["mean"] >= 0.8  # planted signal; chance is 0.5
+    # heatmaps need coordinates, which .pt bags lack: refused in one line before any training
+    drawn = tmp_path / "drawn"
+    heatmaps = ["--head", "abmil", "--heatmaps", "--slides", str(tmp_path), *FAST]
+    assert main([*argv[:-1], str(drawn), *heatmaps]) == 2
+    assert "CLAM .pt bags have none" in capsys.readouterr().err and not drawn.exists()
 
 
 def test_cli_rejects_bad_input(tmp_path, capsys):

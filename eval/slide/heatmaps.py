@@ -109,6 +109,26 @@ def _write_top_patches(
     return top
 
 
+def require_drawable(bags: Sequence[Bag]) -> None:
+    """Raises ValueError naming the slides whose bags cannot be drawn: a heatmap needs each patch's level-0
+    coordinates and size, which CLAM's .pt bags do not carry."""
+    undrawable = [
+        segment.slide_id
+        for bag in bags
+        for segment in bag.segments
+        if segment.coords is None or not segment.attributes.get("patch_size_level0")
+    ]
+    if undrawable:
+        shown = ", ".join(undrawable[:5]) + (
+            f" and {len(undrawable) - 5} more" if len(undrawable) > 5 else ""
+        )
+        raise ValueError(
+            f"heatmaps need each patch's level-0 coordinates and patch_size_level0, which the bags of {shown} "
+            "lack (CLAM .pt bags have none): use CLAM's h5_files/ or bags from exaonepath-extract, or leave out "
+            "--heatmaps"
+        )
+
+
 def write_heatmaps(
     head: nn.Module, bags: Sequence[Bag], settings: HeatmapSettings, out_dir: Path
 ) -> dict[str, Any]:
@@ -118,6 +138,7 @@ def write_heatmaps(
     A bag pooled over a patient's slides has one attention distribution over all of them; each slide's
     heatmap shows its part (ranked within the slide). Slides not found in `settings.slides_dir` are listed
     in the returned summary and skipped."""
+    require_drawable(bags)
     slides_dir = Path(settings.slides_dir)
     if not slides_dir.is_dir():
         raise FileNotFoundError(f"slides folder not found: {slides_dir} (--slides)")
@@ -132,13 +153,7 @@ def write_heatmaps(
             continue
         if bag.bag_id not in attention_of:
             attention_of = {bag.bag_id: _attention(head, bag)}  # a bag's slides are consecutive
-        side = segment.attributes.get("patch_size_level0")
-        if not side:
-            raise ValueError(
-                f"{segment.slide_id}: its feature file has no patch_size_level0 attribute on coords; "
-                "heatmaps need the patch size in level-0 pixels (exaonepath-extract and TRIDENT write it)"
-            )
-        side = int(side)
+        side = int(segment.attributes["patch_size_level0"])
         attention = attention_of[bag.bag_id][segment.start : segment.stop]
         with open_slide(paths[segment.slide_id], settings.backend) as reader:
             view, view_scale = read_downsampled(

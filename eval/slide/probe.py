@@ -29,7 +29,7 @@ from ..common.metrics import METRIC_KEYS, METRIC_PATH, load_metric
 from ..common.metrics.pathology_metrics import classification_metrics
 from ..common.records import environment, slugify, summarize_seeds, summary_cell
 from .data import Bag, SlideDataset, load_bags, load_slide_dataset
-from .heatmaps import write_heatmaps
+from .heatmaps import require_drawable, write_heatmaps
 from .mil import BagCollator, build_head
 from .settings import HeadTrainingConfig, SlideProbeSettings
 
@@ -482,6 +482,8 @@ def run_slide_probe(settings: SlideProbeSettings, accelerator: Accelerator | Non
     config = settings.training
     dataset: SlideDataset = load_slide_dataset(settings.features, settings.labels, settings.data)
     bags = _split_bags(dataset)
+    if settings.heatmaps is not None:  # before training: a run should not end on bags it cannot draw
+        require_drawable(bags["test"])
     runs = _train_and_test(bags, config, len(dataset.class_names), accelerator)
     if not accelerator.is_main_process:
         return None
