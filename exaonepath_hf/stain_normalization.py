@@ -634,9 +634,8 @@ class MacenkoNormalizer:
       to normalize other stains (e.g. with a reference fitted to an IHC target).
 
     ``min_tissue_fraction=0, max_stain_angle=None`` therefore reproduces the release's decisions exactly, and its
-    outputs to float32
-    rounding (except where the tissue covariance is rank-deficient, e.g. 2 tissue pixels: the stain plane is
-    then arbitrary in both implementations).
+    outputs to float32 rounding (except where the tissue covariance is rank-deficient, e.g. 2 tissue pixels: the
+    stain plane is then arbitrary in both implementations).
     """
 
     def __init__(
